@@ -1,0 +1,1 @@
+"""CLIP loading and the residual-stream hook site."""

@@ -1,0 +1,206 @@
+"""The run configuration schema: one TOML file describes a whole pipeline run.
+
+Every knob is a typed field with its default and a one-line description; ``configs/seed.toml``
+reproduces the study and ``configs/demo.toml`` runs offline in minutes. Unknown keys are errors,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clipscope.errors import ClipScopeError
+
+DatasetName = Literal["food101", "cifar10", "cifar100", "imagefolder", "synthetic"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which CLIP, which weights, and where the SAE reads from it."""
+
+    name: str = Field("ViT-B-32", description="open_clip architecture name.")
+    pretrained: str = Field(
+        "laion2b_s34b_b79k",
+        description="open_clip pretrained tag, or 'none' for random-initialised weights "
+        "(allowed, but flagged as such on every artifact and page).",
+    )
+    weights_file: Path | None = Field(
+        None,
+        description="Local open_clip weights file (.bin/.pt/.safetensors); used instead of "
+        "downloading the pretrained tag.",
+    )
+    init_seed: int = Field(0, description="Torch seed of the random initialisation when pretrained = 'none'.")
+    layer: int = Field(
+        10, ge=0, description="0-based residual block whose output is hooked (10 = the 11th of 12)."
+    )
+    tokens: Literal["cls", "patches", "all"] = Field(
+        "cls", description="Which token positions become SAE inputs: CLS only, the patches, or all."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast precision of the CLIP forward pass (bf16/fp16 only on GPU)."
+    )
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights_file is None and self.pretrained.lower() == "none"
+
+
+class DatasetSpec(_Strict):
+    """A set of images: which dataset, which split, and which subset of it."""
+
+    name: DatasetName = Field("synthetic", description="Dataset kind.")
+    split: str = Field("train", description="'train' or 'test' ('test' is Food-101's and CIFAR's evaluation split).")
+    root: Path | None = Field(
+        None,
+        description="Folder of the data; default <data_dir>/datasets/<name>. Required for imagefolder.",
+    )
+    subsample: int | None = Field(
+        None, ge=1, description="Keep a seeded random subset of this many images (sorted by index)."
+    )
+    limit: int | None = Field(None, ge=1, description="Keep only the first this many images (after subsample).")
+    seed: int = Field(0, description="Seed of the subsample (and of the synthetic generator).")
+    synthetic_size: int = Field(
+        2000, ge=1, description="synthetic only: number of images in the split."
+    )
+    image_size: int = Field(224, ge=16, description="synthetic only: side of the generated images in pixels.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DatasetSpec":
+        if self.name == "imagefolder" and self.root is None:
+            raise ValueError("dataset 'imagefolder' needs root = '<folder of images>'")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {self.split!r}")
+        return self
+
+
+class ExtractConfig(_Strict):
+    """How activations are extracted into the cache."""
+
+    batch_size: int = Field(128, ge=1, description="Images per CLIP forward pass.")
+    flush_every: int = Field(
+        2048, ge=1, description="Images between durable progress records (the resume granularity)."
+    )
+
+
+class SAEConfig(_Strict):
+    """The sparse autoencoder's shape."""
+
+    d_sae: int = Field(49152, ge=1, description="Number of latents (dictionary size; 64 x 768 in the study).")
+    k: int = Field(500, ge=1, description="Latents kept per input by TopK.")
+    use_b_dec: bool | None = Field(
+        None,
+        description="Learn a pre-encoder bias b_dec (subtracted before encoding, added after "
+        "decoding); default: off for the seed recipe, on for topk.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "SAEConfig":
+        if self.k > self.d_sae:
+            raise ValueError(f"k = {self.k} exceeds d_sae = {self.d_sae}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """How the SAE is trained; fields marked 'seed' or 'topk' apply to that recipe only."""
+
+    recipe: Literal["seed", "topk"] = Field("topk", description="'seed' = the study to the letter; 'topk' = current practice.")
+    epochs: float = Field(15, gt=0, description="Passes over the training activations.")
+    batch_size: int = Field(64, ge=1, description="Activation vectors per step.")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Adam learning rate; default seed 1e-3 (the report gives none: Adam's default), "
+        "topk 2e-4 / sqrt(d_sae / 2^14) (Gao et al. 2024 scaling).",
+    )
+    seed: int = Field(0, description="Seed of the initialisation and of the data order.")
+    l1_start: float = Field(1e-6, ge=0, description="seed: L1 coefficient at step 0.")
+    l1_end: float = Field(0.01, ge=0, description="seed: L1 coefficient after the warm-up.")
+    l1_warmup_steps: int = Field(12000, ge=0, description="seed: steps of the linear L1 warm-up.")
+    b_dec_init: Literal["mean", "median", "zeros"] = Field(
+        "mean", description="topk: initial b_dec: data mean, geometric median, or zeros."
+    )
+    auxk_coef: float = Field(1 / 32, ge=0, description="topk: weight of the AuxK loss on dead latents.")
+    auxk_k: int | None = Field(None, ge=1, description="topk: latents AuxK may use; default d_in / 2.")
+    dead_after: int | None = Field(
+        None,
+        ge=1,
+        description="Samples without firing after which a latent counts as dead; default "
+        "min(10M, training samples / 10), so short runs get a proportionate threshold.",
+    )
+    lr_warmup_steps: int | None = Field(
+        None, ge=0, description="topk: linear LR warm-up steps; default min(1000, 5 % of the steps)."
+    )
+    lr_decay_fraction: float = Field(
+        0.2, ge=0, le=1, description="topk: final fraction of steps over which the LR decays linearly to 0."
+    )
+    holdout_fraction: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Share of the training images held out for metrics when no eval_data is given.",
+    )
+    eval_data: DatasetSpec | None = Field(
+        None, description="Separate image set for held-out metrics (then no training image is held out)."
+    )
+    eval_max_samples: int = Field(20000, ge=1, description="At most this many held-out vectors per metrics pass.")
+    eval_every: int = Field(1000, ge=1, description="Steps between held-out EVR measurements on the curve.")
+    log_every: int = Field(100, ge=1, description="Steps between training-curve points (console + database).")
+    checkpoint_every: int = Field(1000, ge=1, description="Steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    resident: bool = Field(
+        True, description="Load all training activations onto the training device when they fit."
+    )
+
+
+class RunConfig(_Strict):
+    """A whole pipeline run."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the SAE (part of its folder name).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="CLIP and the hook site.")
+    data: DatasetSpec = Field(default_factory=DatasetSpec, description="Training images.")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction settings.")
+    sae: SAEConfig = Field(default_factory=SAEConfig, description="SAE shape.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
+
+    @property
+    def use_b_dec(self) -> bool:
+        if self.sae.use_b_dec is not None:
+            return self.sae.use_b_dec
+        return self.train.recipe == "topk"
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run config; errors name the file and the offending key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ClipScopeError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ClipScopeError(f"Config file {path} is not valid TOML: {exc}.") from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ClipScopeError(f"Config {source} is invalid: {problems}.") from None
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """A short hex digest of a JSON-able object, independent of key order."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

@@ -1,0 +1,5 @@
+"""The one exception type users see: a message that says what went wrong and what to do."""
+
+
+class ClipScopeError(Exception):
+    """A failure caused by input or environment, reported to the user as one clear sentence."""

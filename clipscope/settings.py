@@ -1,0 +1,68 @@
+"""Process-wide settings, read once from ``CLIPSCOPE_*`` environment variables (or a ``.env`` file).
+
+Run parameters (model, dataset, SAE size, recipe) live in the TOML run config instead
+(:mod:`clipscope.config`); settings are about *where* things live and *what machine* runs them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Environment-level settings. Every field maps to ``CLIPSCOPE_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CLIPSCOPE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="Root of everything ClipScope writes: datasets, model weights, activation "
+        "caches, SAE runs and (by default) the SQLite database.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the database; default sqlite:///<data_dir>/clipscope.db. "
+        "Use postgresql+psycopg://user:pass@host/db for PostgreSQL.",
+    )
+    device: str = Field(
+        default="auto",
+        description="Torch device for CLIP and the SAE: 'auto' (cuda when available, else cpu), "
+        "'cpu', 'cuda' or 'cuda:N'.",
+    )
+    allow_downloads: bool = Field(
+        default=True,
+        description="Whether torchvision datasets may be downloaded when missing. "
+        "When false, a missing file fails at once with the path to put it at.",
+    )
+    num_workers: int = Field(
+        default=2,
+        description="Image-decoding worker processes for extraction (0 decodes in the main process).",
+    )
+    progress: bool = Field(
+        default=True, description="Show progress bars on the console."
+    )
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'clipscope.db').resolve()}"
+
+    def resolved_device(self) -> str:
+        """The concrete torch device string for ``device='auto'``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The settings of this process (cached; tests call ``get_settings.cache_clear()``)."""
+    return Settings()

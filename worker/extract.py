@@ -1,0 +1,135 @@
+"""Stage 1: run CLIP to the hooked block over a dataset and fill an activation cache."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from clipscope.activation_cache import ActivationCache, cache_dir_for
+from clipscope.clip.hooks import residual_at, token_slice, tokens_per_image
+from clipscope.clip.loading import LoadedClip, load_clip, weights_identity
+from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
+from worker.context import Context
+from worker.datasets import build_dataset
+
+log = logging.getLogger(__name__)
+
+
+class _Preprocessed(Dataset):
+    """Decodes and preprocesses images in DataLoader workers, from position ``start`` on."""
+
+    def __init__(self, dataset, transform, start: int):
+        self.dataset, self.transform, self.start = dataset, transform, start
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+    def __getitem__(self, j: int):
+        image, label = self.dataset[self.start + j]
+        return self.transform(image), label
+
+
+@dataclass
+class ExtractResult:
+    cache: ActivationCache
+    extracted: int  # images processed by this call (0 when the cache was reused)
+
+
+def cache_key(model: ModelConfig, dataset_identity: dict, split: str) -> dict:
+    return {
+        "model": model.name,
+        "weights": weights_identity(model),
+        "layer": model.layer,
+        "tokens": model.tokens,
+        "precision": model.precision,
+        "preprocess": preprocess_descriptor(model),
+        "dataset": dataset_identity,
+        "split": split,
+    }
+
+
+def autocast(device: str, precision: str):
+    if precision == "fp32" or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def extract(
+    ctx: Context,
+    model_cfg: ModelConfig,
+    spec: DatasetSpec,
+    extract_cfg: ExtractConfig,
+    clip: LoadedClip | None = None,
+) -> ExtractResult:
+    """Extract (or resume, or reuse) the activation cache of ``spec`` at ``model_cfg``'s hook site."""
+    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
+    descriptor = preprocess_descriptor(model_cfg)
+    key = cache_key(model_cfg, dataset.identity(), spec.split)
+    width, n_positions = _tower_shape(model_cfg)
+    if not 0 <= model_cfg.layer < _n_layers(model_cfg):
+        raise ValueError(f"model.layer {model_cfg.layer} is outside 0..{_n_layers(model_cfg) - 1} for {model_cfg.name}")
+    cache = ActivationCache.create_or_open(
+        ctx.layout.activations,
+        key,
+        n_images=len(dataset),
+        tokens_per_image=tokens_per_image(model_cfg.tokens, n_positions),
+        d=width,
+        indices=dataset.indices,
+    )
+    if cache.complete:
+        log.info("activation cache %s is complete (%d images): reused", cache.path.name, cache.n_images)
+        return ExtractResult(cache, 0)
+    start = cache.n_done
+    clip = clip or load_clip(model_cfg, ctx.device, cache_dir=ctx.layout.models)
+    loader = DataLoader(
+        _Preprocessed(dataset, build_transform(descriptor), start),
+        batch_size=extract_cfg.batch_size,
+        num_workers=ctx.settings.num_workers,
+        pin_memory=ctx.device.startswith("cuda"),
+        persistent_workers=False,
+    )
+    writer = cache.writer()
+    select = token_slice(model_cfg.tokens)
+    since_commit = 0
+    bar = tqdm(total=cache.n_images, initial=start, unit="img", desc="extract", disable=not ctx.settings.progress)
+    with torch.inference_mode(), bar:
+        for images, labels in loader:
+            images = images.to(ctx.device, non_blocking=True)
+            with autocast(ctx.device, model_cfg.precision):
+                resid = residual_at(clip.visual, images, model_cfg.layer)[:, select]
+            writer.write(resid.to(torch.float16).cpu().numpy(), labels.numpy().astype(np.int64))
+            since_commit += len(images)
+            if since_commit >= extract_cfg.flush_every:
+                writer.commit()
+                since_commit = 0
+            bar.update(len(images))
+    writer.commit()
+    return ExtractResult(cache, cache.n_images - start)
+
+
+def _tower_shape(model_cfg: ModelConfig) -> tuple[int, int]:
+    """(width, token positions) of the vision tower, read from open_clip's model config."""
+    import open_clip
+
+    vision = (open_clip.get_model_config(model_cfg.name) or {}).get("vision_cfg", {})
+    grid = vision.get("image_size", 224) // vision.get("patch_size", 32)
+    return int(vision.get("width", 768)), grid * grid + 1
+
+
+def _n_layers(model_cfg: ModelConfig) -> int:
+    import open_clip
+
+    return int((open_clip.get_model_config(model_cfg.name) or {}).get("vision_cfg", {}).get("layers", 12))
+
+
+def cache_is_complete(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> bool:
+    """Whether ``spec``'s cache at this hook site is already complete (then CLIP need not load)."""
+    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
+    path = cache_dir_for(ctx.layout.activations, cache_key(model_cfg, dataset.identity(), spec.split))
+    return (path / "metadata.json").is_file() and ActivationCache.open(path).complete

@@ -1,0 +1,80 @@
+"""The stages in order, each idempotent: a finished stage is reused, a partial one resumed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from clipscope.activation_cache import ActivationCache
+from clipscope.clip.loading import LoadedClip, load_clip
+from clipscope.config import RunConfig
+from worker.context import Context
+from worker.extract import extract
+from worker.train.loop import TrainResult, train
+
+log = logging.getLogger("clipscope")
+
+
+@contextmanager
+def stage(name: str) -> Iterator[dict]:
+    """Log the stage's start, then what it reported and how long it took."""
+    report: dict = {"did": ""}
+    log.info("== %s", name)
+    started = time.perf_counter()
+    yield report
+    log.info("== %s: %s (%.1f s)", name, report["did"], time.perf_counter() - started)
+
+
+@dataclass
+class Caches:
+    train: ActivationCache
+    eval: ActivationCache | None
+
+
+class _LazyClip:
+    """Loads CLIP on first use, so fully cached runs never touch the weights."""
+
+    def __init__(self, ctx: Context, cfg: RunConfig):
+        self.ctx, self.cfg, self.clip = ctx, cfg, None
+
+    def get(self) -> LoadedClip:
+        if self.clip is None:
+            self.clip = load_clip(self.cfg.model, self.ctx.device, cache_dir=self.ctx.layout.models)
+        return self.clip
+
+
+def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
+    with stage("extract") as report:
+        from worker.extract import cache_is_complete
+
+        lazy = _LazyClip(ctx, cfg)
+        specs = [cfg.data] + ([cfg.train.eval_data] if cfg.train.eval_data else [])
+        caches, parts = [], []
+        for spec in specs:
+            clip = None if cache_is_complete(ctx, cfg.model, spec) else lazy.get()
+            result = extract(ctx, cfg.model, spec, cfg.extract, clip=clip)
+            caches.append(result.cache)
+            verb = f"extracted {result.extracted}" if result.extracted else "reused"
+            parts.append(f"{spec.name}/{spec.split}: {verb} ({result.cache.n_images} images -> {result.cache.path.name})")
+        report["did"] = "; ".join(parts)
+    return Caches(caches[0], caches[1] if len(caches) > 1 else None)
+
+
+def run_train(ctx: Context, cfg: RunConfig, caches: Caches | None = None) -> TrainResult:
+    caches = caches or run_extract(ctx, cfg)
+    with stage("train") as report:
+        result = train(ctx, cfg, caches.train, caches.eval)
+        m = result.metrics
+        verb = f"trained {result.trained_steps} steps" if result.trained_steps else "reused"
+        report["did"] = (
+            f"{verb}: {result.sae_key}, held-out EVR {m.get('evr', float('nan')):.4f}, L0 {m.get('l0', float('nan')):.1f}, "
+            f"dead {100 * m.get('dead_fraction', float('nan')):.2f}% -> {result.sae_dir}"
+        )
+    return result
+
+
+def run_all(ctx: Context, cfg: RunConfig) -> TrainResult:
+    return run_train(ctx, cfg, run_extract(ctx, cfg))

@@ -1,0 +1,1 @@
+"""SAE training: data order, the two recipes, checkpoints and the loop."""
