@@ -1,0 +1,3 @@
+from clipscope_cli.main import main
+
+main()

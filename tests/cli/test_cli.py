@@ -1,0 +1,81 @@
+"""The console command, end to end on random-initialised CLIP and synthetic images."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from clipscope.db.models import Sae, SaeStatus, TrainingPoint
+from clipscope.db.session import session_scope
+from clipscope.settings import get_settings
+from clipscope_cli.main import app
+
+CONFIG = """
+name = "cli"
+[model]
+pretrained = "none"
+layer = 10
+[data]
+name = "synthetic"
+synthetic_size = 24
+image_size = 64
+[extract]
+batch_size = 8
+[sae]
+d_sae = 256
+k = 8
+[train]
+recipe = "topk"
+epochs = 3
+batch_size = 8
+holdout_fraction = 0.25
+log_every = 2
+eval_every = 4
+"""
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSCOPE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CLIPSCOPE_NUM_WORKERS", "0")
+    monkeypatch.setenv("CLIPSCOPE_DEVICE", "cpu")
+    monkeypatch.setenv("CLIPSCOPE_PROGRESS", "false")
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_synthetic_extract_then_train_through_the_cli(env, caplog):
+    caplog.set_level("INFO")
+    (env / "run.toml").write_text(CONFIG)
+    runner = CliRunner()
+    out = runner.invoke(app, ["extract", str(env / "run.toml")])
+    assert out.exit_code == 0, out.output
+    assert "synthetic/train: extracted 24" in caplog.text
+    out = runner.invoke(app, ["train", str(env / "run.toml")])
+    assert out.exit_code == 0, out.output
+    assert "synthetic/train: reused" in caplog.text and "trained 9 steps" in caplog.text
+    url = get_settings().resolved_database_url
+    with session_scope(url) as s:
+        sae = s.scalar(select(Sae))
+        assert sae.status == SaeStatus.TRAINED and sae.random_weights and sae.pretrained == "none"
+        assert sae.metrics["l0"] <= 8
+        assert len(s.scalars(select(TrainingPoint)).all()) == 5
+    sae_dir = env / "data" / "saes" / sae.key / "sae"
+    assert (sae_dir / "cfg.json").is_file() and (sae_dir / "sae_weights.safetensors").is_file()
+    caplog.clear()
+    out = runner.invoke(app, ["run", str(env / "run.toml")])
+    assert out.exit_code == 0, out.output
+    assert "== train: reused" in caplog.text
+
+
+def test_bad_config_exits_2_with_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sae]\nd_sae = 4\nk = 9\n')
+    proc = subprocess.run([sys.executable, "-m", "clipscope_cli", "train", str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Config") and "exceeds d_sae" in proc.stderr
+    assert "Traceback" not in proc.stderr

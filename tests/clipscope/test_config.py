@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from clipscope.config import RunConfig, load_config, parse_config
+from clipscope.errors import ClipScopeError
+from worker.train.data import EpochOrder
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_seed_config_is_the_study_to_the_letter():
+    cfg = load_config(CONFIGS / "seed.toml")
+    assert (cfg.model.name, cfg.model.pretrained, cfg.model.layer, cfg.model.tokens) == ("ViT-B-32", "laion2b_s34b_b79k", 10, "cls")
+    assert (cfg.data.name, cfg.data.split, cfg.data.subsample, cfg.data.limit) == ("food101", "train", None, None)
+    assert (cfg.sae.d_sae, cfg.sae.k, cfg.use_b_dec) == (49152, 500, False)
+    t = cfg.train
+    assert (t.recipe, t.epochs, t.batch_size, t.l1_start, t.l1_end, t.l1_warmup_steps) == ("seed", 15, 64, 1e-6, 0.01, 12000)
+    assert t.eval_data is not None and t.eval_data.split == "test"  # all 75,750 training images train
+    assert EpochOrder(75_750, t.batch_size, t.epochs, 0, "cpu").total_steps == 17_760
+
+
+def test_unknown_keys_and_bad_values_are_errors_naming_the_key():
+    with pytest.raises(ClipScopeError, match="sae.kk"):
+        parse_config({"sae": {"kk": 3}})
+    with pytest.raises(ClipScopeError, match="exceeds d_sae"):
+        parse_config({"sae": {"d_sae": 4, "k": 5}})
+    with pytest.raises(ClipScopeError, match="model.tokens"):
+        parse_config({"model": {"tokens": "every"}})
+    with pytest.raises(ClipScopeError, match="imagefolder"):
+        parse_config({"data": {"name": "imagefolder"}})
+
+
+def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ClipScopeError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("name = ")
+    with pytest.raises(ClipScopeError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_b_dec_defaults_follow_the_recipe():
+    assert parse_config({"train": {"recipe": "seed"}}).use_b_dec is False
+    assert parse_config({"train": {"recipe": "topk"}}).use_b_dec is True
+    assert parse_config({"train": {"recipe": "seed"}, "sae": {"use_b_dec": True}}).use_b_dec is True

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from clipscope.activation_cache import ActivationCache
+from clipscope.clip.hooks import residual_at
+from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
+from worker.datasets import build_dataset
+from worker.extract import extract
+
+MODEL = ModelConfig(pretrained="none", layer=3, tokens="cls")
+SPEC = DatasetSpec(name="synthetic", synthetic_size=10, image_size=64)
+SMALL = ExtractConfig(batch_size=4, flush_every=4)
+
+
+def test_cache_holds_fp16_hooked_activations_and_metadata(ctx, random_clip):
+    result = extract(ctx, MODEL, SPEC, SMALL, clip=random_clip)
+    cache = result.cache
+    assert result.extracted == 10 and cache.complete
+    acts = cache.activations()
+    assert acts.dtype == np.float16 and acts.shape == (10, 1, 768)
+    assert cache.meta["key"]["weights"] == {"source": "random", "init_seed": 0}
+    assert cache.meta["key"]["layer"] == 3
+    ds = build_dataset(SPEC, ctx.layout.datasets)
+    image = build_transform(preprocess_descriptor(MODEL))(ds[7][0])[None]
+    with torch.no_grad():
+        expected = residual_at(random_clip.visual, image, 3)[0, 0]
+    np.testing.assert_allclose(acts[7, 0].astype(np.float32), expected.numpy(), rtol=2e-3, atol=2e-3)
+    assert list(cache.labels()) == [ds[i][1] for i in range(10)]
+
+
+def test_a_complete_cache_is_reused_without_clip(ctx, random_clip):
+    first = extract(ctx, MODEL, SPEC, SMALL, clip=random_clip)
+    second = extract(ctx, MODEL, SPEC, SMALL, clip=None)  # would have to load CLIP if it extracted
+    assert second.extracted == 0 and second.cache.path == first.cache.path
+
+
+def test_another_layer_or_token_mode_gets_another_cache(ctx, random_clip):
+    a = extract(ctx, MODEL, SPEC, SMALL, clip=random_clip).cache
+    b = extract(ctx, MODEL.model_copy(update={"layer": 2}), SPEC, SMALL, clip=random_clip).cache
+    c = extract(ctx, MODEL.model_copy(update={"tokens": "patches"}), SPEC, SMALL, clip=random_clip).cache
+    assert len({a.path, b.path, c.path}) == 3
+    assert c.activations().shape == (10, 49, 768)
+
+
+def test_a_killed_extraction_resumes_and_ends_equal_to_an_uninterrupted_one(ctx, tmp_path, random_clip, monkeypatch):
+    from tests.conftest import make_context
+    from worker.datasets.synthetic import SyntheticShapes
+
+    reference = extract(make_context(tmp_path / "ref"), MODEL, SPEC, SMALL, clip=random_clip).cache
+    original = SyntheticShapes.__getitem__
+    seen = []
+
+    def dies_at_image_6(self, index):
+        if index == 6:
+            raise KeyboardInterrupt("killed")
+        seen.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", dies_at_image_6)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ctx, MODEL, SPEC, SMALL, clip=random_clip)
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", lambda self, i: (seen.append(i), original(self, i))[1])
+    partial = ActivationCache.open(ctx.layout.activations / reference.path.name)
+    assert not partial.complete and partial.n_done == 4  # one committed batch of 4; the 5th image batch died
+    seen.clear()
+    result = extract(ctx, MODEL, SPEC, SMALL, clip=random_clip)
+    assert result.extracted == 6 and seen == list(range(4, 10))
+    np.testing.assert_array_equal(result.cache.activations(), reference.activations())
+    np.testing.assert_array_equal(result.cache.labels(), reference.labels())
