@@ -50,6 +50,14 @@ def train(config: Path = ConfigArg) -> None:
 
 
 @app.command()
+def evaluate(config: Path = ConfigArg) -> None:
+    """Zero-shot accuracy clean vs with the SAE spliced in (training first if needed); prints the table."""
+    from worker.pipeline import run_evaluate
+
+    run_evaluate(_setup(), load_config(config))
+
+
+@app.command()
 def run(config: Path = ConfigArg) -> None:
     """Run every stage of the pipeline in order; finished stages are reused."""
     from worker.pipeline import run_all

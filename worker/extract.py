@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache, cache_dir_for
@@ -15,24 +13,11 @@ from clipscope.clip.hooks import residual_at, token_slice, tokens_per_image
 from clipscope.clip.loading import LoadedClip, load_clip, weights_identity
 from clipscope.clip.preprocess import build_transform, preprocess_descriptor
 from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
+from worker.batches import autocast, image_loader
 from worker.context import Context
 from worker.datasets import build_dataset
 
 log = logging.getLogger(__name__)
-
-
-class _Preprocessed(Dataset):
-    """Decodes and preprocesses images in DataLoader workers, from position ``start`` on."""
-
-    def __init__(self, dataset, transform, start: int):
-        self.dataset, self.transform, self.start = dataset, transform, start
-
-    def __len__(self) -> int:
-        return len(self.dataset) - self.start
-
-    def __getitem__(self, j: int):
-        image, label = self.dataset[self.start + j]
-        return self.transform(image), label
 
 
 @dataclass
@@ -52,12 +37,6 @@ def cache_key(model: ModelConfig, dataset_identity: dict, split: str) -> dict:
         "dataset": dataset_identity,
         "split": split,
     }
-
-
-def autocast(device: str, precision: str):
-    if precision == "fp32" or not device.startswith("cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def extract(
@@ -87,13 +66,7 @@ def extract(
         return ExtractResult(cache, 0)
     start = cache.n_done
     clip = clip or load_clip(model_cfg, ctx.device, cache_dir=ctx.layout.models)
-    loader = DataLoader(
-        _Preprocessed(dataset, build_transform(descriptor), start),
-        batch_size=extract_cfg.batch_size,
-        num_workers=ctx.settings.num_workers,
-        pin_memory=ctx.device.startswith("cuda"),
-        persistent_workers=False,
-    )
+    loader = image_loader(dataset, build_transform(descriptor), extract_cfg.batch_size, ctx.settings.num_workers, ctx.device, start)
     writer = cache.writer()
     select = token_slice(model_cfg.tokens)
     since_commit = 0

@@ -11,7 +11,9 @@ from typing import Iterator
 from clipscope.activation_cache import ActivationCache
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.config import RunConfig
+from clipscope.sae.io import load_sae
 from worker.context import Context
+from worker.evaluate import EvalResult, evaluate, format_table
 from worker.extract import extract
 from worker.train.loop import TrainResult, train
 
@@ -76,5 +78,22 @@ def run_train(ctx: Context, cfg: RunConfig, caches: Caches | None = None) -> Tra
     return result
 
 
+def run_evaluate(ctx: Context, cfg: RunConfig, caches: Caches | None = None, trained: TrainResult | None = None) -> list[EvalResult]:
+    caches = caches or run_extract(ctx, cfg)
+    trained = trained or run_train(ctx, cfg, caches)
+    with stage("evaluate") as report:
+        sae, _ = load_sae(trained.sae_dir, ctx.device)
+        results = evaluate(ctx, cfg, trained.sae_key, sae, caches.train, _LazyClip(ctx, cfg).get)
+        print(format_table(results), flush=True)
+        report["did"] = "; ".join(
+            f"{r.dataset}/{r.split} {'reused' if r.reused else 'evaluated'} ({r.n} images, splice check {r.max_error_splice_diff:.1e})"
+            for r in results
+        )
+    return results
+
+
 def run_all(ctx: Context, cfg: RunConfig) -> TrainResult:
-    return run_train(ctx, cfg, run_extract(ctx, cfg))
+    caches = run_extract(ctx, cfg)
+    trained = run_train(ctx, cfg, caches)
+    run_evaluate(ctx, cfg, caches, trained)
+    return trained

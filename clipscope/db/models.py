@@ -51,6 +51,7 @@ class Sae(Base):
     curve: Mapped[list["TrainingPoint"]] = relationship(
         back_populates="sae", cascade="all, delete-orphan", order_by="TrainingPoint.step"
     )
+    evaluations: Mapped[list["Evaluation"]] = relationship(back_populates="sae", cascade="all, delete-orphan")
 
 
 class TrainingPoint(Base):
@@ -73,3 +74,28 @@ class TrainingPoint(Base):
     extra: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="Recipe-specific terms (L1 coefficient, AuxK loss).")
 
     sae: Mapped[Sae] = relationship(back_populates="curve")
+
+
+class Evaluation(Base):
+    """Zero-shot accuracy of CLIP on one labelled image set under one splice condition."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        UniqueConstraint("sae_id", "dataset_key", "templates", "condition", name="uq_evaluations_run_condition"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    dataset: Mapped[str] = mapped_column(String(32), doc="Dataset name (cifar10, cifar100, synthetic, imagefolder, food101).")
+    split: Mapped[str] = mapped_column(String(16))
+    dataset_key: Mapped[str] = mapped_column(String(32), doc="Hash of the dataset's identity (subset, root).")
+    n: Mapped[int] = mapped_column(Integer, doc="Images evaluated.")
+    templates: Mapped[str] = mapped_column(String(512), doc="Prompt template set name.")
+    n_templates: Mapped[int] = mapped_column(Integer)
+    condition: Mapped[str] = mapped_column(String(16), doc="clean | spliced | spliced_error | mean_ablation.")
+    top1: Mapped[float] = mapped_column(Float)
+    top5: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="Splice check, precision, seconds.")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    sae: Mapped[Sae] = relationship(back_populates="evaluations")

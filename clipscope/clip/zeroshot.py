@@ -1,0 +1,64 @@
+"""Zero-shot classifiers from class names and prompt templates, and top-k accuracy."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# The 18 templates CLIP (Radford et al. 2021) used for CIFAR-10 and CIFAR-100.
+CLIP_CIFAR_TEMPLATES = tuple(
+    f"a {quality}photo of {article} {size}{{}}."
+    for article in ("a", "the")
+    for quality, size in (
+        ("", ""),
+        ("blurry ", ""),
+        ("black and white ", ""),
+        ("low contrast ", ""),
+        ("high contrast ", ""),
+        ("bad ", ""),
+        ("good ", ""),
+        ("", "small "),
+        ("", "big "),
+    )
+)
+
+
+def template_set(spec: str | Sequence[str]) -> tuple[str, list[str]]:
+    """(name, templates) for a named set or an explicit list of ``{}`` templates."""
+    if not isinstance(spec, str):
+        templates = list(spec)
+        if not templates or any("{}" not in t for t in templates):
+            raise ValueError("every prompt template needs a '{}' for the class name")
+        return "custom:" + "|".join(templates), templates
+    if spec == "clip_cifar":
+        return spec, list(CLIP_CIFAR_TEMPLATES)
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    sets = {"openai_imagenet": OPENAI_IMAGENET_TEMPLATES, "simple_imagenet": SIMPLE_IMAGENET_TEMPLATES}
+    if spec not in sets:
+        raise ValueError(f"unknown template set {spec!r}; known: clip_cifar, {', '.join(sets)}")
+    return spec, [t("{}") for t in sets[spec]]
+
+
+@torch.no_grad()
+def build_classifier(model, model_name: str, class_names: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
+    """``[embed_dim, n_classes]`` unit-norm class embeddings (mean over templates), open_clip's builder."""
+    import open_clip
+
+    return open_clip.build_zero_shot_classifier(
+        model, tokenizer=open_clip.get_tokenizer(model_name), classnames=list(class_names), templates=list(templates), device=device
+    )
+
+
+def zero_shot_logits(model, image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """Logits with the model's own learned temperature: ``exp(logit_scale) * cos(image, class)``."""
+    feats = image_features / image_features.norm(dim=-1, keepdim=True)
+    return model.logit_scale.exp() * feats @ classifier
+
+
+def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """How many rows have their label among the top-k logits, for each k (capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return {k: int(hits[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks}

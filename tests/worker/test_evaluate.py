@@ -1,0 +1,83 @@
+import pickle
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from clipscope.config import DatasetSpec, parse_config
+from clipscope.db.models import Evaluation, Sae
+from clipscope.db.session import session_scope
+from clipscope.sae.io import load_sae
+from tests.clipscope.test_splice import perfect_sae
+from tests.conftest import array_cache
+from worker.datasets import build_dataset
+from worker.evaluate import evaluate, evaluate_dataset, format_table, training_mean
+from worker.train.loop import train
+
+
+def write_cifar10(root, n_train=10, n_test=6, seed=0):
+    """A tiny CIFAR-10 in torchvision's extracted on-disk format (cifar-10-batches-py)."""
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    truth = {}
+    for fname, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, size=n)]
+        with open(base / fname, "wb") as fh:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": fname.encode()}, fh)
+        truth[fname] = (data, labels)
+    with open(base / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": names, "num_cases_per_batch": n_train}, fh)
+    return truth, names
+
+
+def test_cifar_is_read_from_torchvisions_on_disk_format(tmp_path):
+    truth, names = write_cifar10(tmp_path / "cifar10")
+    test = build_dataset(DatasetSpec(name="cifar10", split="test"), tmp_path, allow_download=False)
+    train = build_dataset(DatasetSpec(name="cifar10", split="train"), tmp_path, allow_download=False)
+    assert len(test) == 6 and len(train) == 50 and test.classes == names
+    data, labels = truth["test_batch"]
+    image, label = test[4]
+    assert image.size == (32, 32) and label == labels[4]
+    assert np.array_equal(np.asarray(image), data[4].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert train[12][1] == truth["data_batch_2"][1][2]
+
+
+def _cfg(datasets):
+    return parse_config(
+        {"name": "ev", "model": {"pretrained": "none", "layer": 10}, "evaluate": {"datasets": datasets, "batch_size": 4, "templates": ["a photo of a {}."]}}
+    )
+
+
+def test_a_perfect_sae_scores_the_clean_accuracy_on_every_set(ctx, random_clip, tmp_path):
+    write_cifar10(ctx.layout.datasets / "cifar10")
+    cfg = _cfg([{"name": "cifar10", "split": "test"}, {"name": "synthetic", "split": "test", "synthetic_size": 8, "image_size": 64}])
+    mean = torch.zeros(1, 768)
+    for spec in cfg.evaluate.datasets:
+        result = evaluate_dataset(ctx, cfg, random_clip, perfect_sae(768), mean, spec)
+        assert result.accuracy["spliced"] == result.accuracy["clean"] == result.accuracy["spliced_error"]
+        assert result.max_error_splice_diff <= 1e-4 and result.n == (6 if spec.name == "cifar10" else 8)
+
+
+def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, random_clip):
+    cfg = _cfg([{"name": "synthetic", "split": "test", "synthetic_size": 8, "image_size": 64}])
+    cache = array_cache(ctx.layout.activations, np.random.default_rng(0).normal(size=(64, 768)))
+    small = cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"d_sae": 64, "k": 4}),
+                                   "train": cfg.train.model_copy(update={"epochs": 1, "batch_size": 32})})
+    trained = train(ctx, small, cache)
+    sae, _ = load_sae(trained.sae_dir)
+    calls = []
+    first = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
+    assert not first[0].reused and calls == [1]
+    with session_scope(ctx.database_url) as s:
+        rows = s.scalars(select(Evaluation).join(Sae).where(Sae.key == trained.sae_key)).all()
+        assert sorted(r.condition for r in rows) == ["clean", "mean_ablation", "spliced", "spliced_error"]
+        assert all(r.n == 8 and r.dataset == "synthetic" and r.n_templates == 1 for r in rows)
+    again = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
+    assert again[0].reused and calls == [1] and again[0].accuracy == first[0].accuracy
+    table = format_table(first)
+    assert "clean" in table and "drop pp" in table and "synthetic/test" in table
+    mean = training_mean(cache)
+    torch.testing.assert_close(mean[0], torch.from_numpy(cache.activations()[:, 0].astype(np.float64).mean(0)).float())

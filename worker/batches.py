@@ -1,0 +1,39 @@
+"""Batches of preprocessed images for the CLIP stages, and the autocast they run under."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class PreprocessedImages(Dataset):
+    """Decodes and preprocesses images (in DataLoader workers), from position ``start`` on."""
+
+    def __init__(self, dataset, transform, start: int = 0):
+        self.dataset, self.transform, self.start = dataset, transform, start
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+    def __getitem__(self, j: int):
+        image, label = self.dataset[self.start + j]
+        return self.transform(image), label
+
+
+def image_loader(dataset, transform, batch_size: int, num_workers: int, device: str, start: int = 0) -> DataLoader:
+    """In-order batches of ``(images [B,3,H,W], labels [B])``."""
+    return DataLoader(
+        PreprocessedImages(dataset, transform, start),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.startswith("cuda"),
+    )
+
+
+def autocast(device: str, precision: str):
+    """Mixed precision on CUDA when asked for; fp32 everywhere else."""
+    if precision == "fp32" or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

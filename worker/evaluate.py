@@ -1,0 +1,142 @@
+"""Stage 3: zero-shot accuracy of CLIP, clean and with the SAE spliced in, into the database."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sqlalchemy import delete, select
+from tqdm import tqdm
+
+from clipscope.activation_cache import ActivationCache
+from clipscope.clip.loading import LoadedClip
+from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.clip.zeroshot import build_classifier, correct_at_k, template_set, zero_shot_logits
+from clipscope.config import DatasetSpec, RunConfig, stable_hash
+from clipscope.db.models import Evaluation, Sae
+from clipscope.db.session import session_scope
+from clipscope.sae.model import TopKSAE
+from clipscope.splice import CONDITIONS, check_error_splice, spliced_features
+from worker.batches import autocast, image_loader
+from worker.context import Context
+from worker.datasets import build_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    dataset: str
+    split: str
+    n: int
+    templates: str
+    accuracy: dict[str, tuple[float, float]]  # condition -> (top1, top5), fractions
+    max_error_splice_diff: float
+    reused: bool = False
+
+
+def training_mean(cache: ActivationCache, chunk: int = 4096) -> torch.Tensor:
+    """Per-position mean ``[tokens_per_image, d]`` of the SAE's training activations (float64 sums)."""
+    acts = cache.activations()
+    total = np.zeros((cache.tokens_per_image, cache.d), dtype=np.float64)
+    for start in range(0, cache.n_images, chunk):
+        total += acts[start : start + chunk].astype(np.float64).sum(axis=0)
+    return torch.from_numpy(total / cache.n_images).float()
+
+
+def evaluate_dataset(
+    ctx: Context, cfg: RunConfig, clip: LoadedClip, sae: TopKSAE, mean: torch.Tensor, spec: DatasetSpec
+) -> EvalResult:
+    """Accuracy under every condition on one labelled set, with the spliced+error check on every batch."""
+    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
+    name, templates = template_set(cfg.evaluate.templates)
+    if not dataset.classes:
+        raise ValueError(f"{spec.name} has no class names: zero-shot evaluation needs a labelled set")
+    classifier = build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device)
+    transform = build_transform(preprocess_descriptor(cfg.model))
+    loader = image_loader(dataset, transform, cfg.evaluate.batch_size, ctx.settings.num_workers, ctx.device)
+    correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
+    n, worst = 0, 0.0
+    bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)
+    with torch.inference_mode(), bar:
+        for images, labels in loader:
+            keep = labels >= 0
+            images, labels = images[keep].to(ctx.device), labels[keep].to(ctx.device)
+            if len(labels) == 0:
+                continue
+            with autocast(ctx.device, cfg.evaluate.precision):
+                feats = spliced_features(clip.visual, sae, images, cfg.model.layer, cfg.model.tokens, CONDITIONS, mean)
+            logits = {c: zero_shot_logits(clip.model, f.float(), classifier) for c, f in feats.items()}
+            worst = max(worst, check_error_splice(logits["clean"], logits["spliced_error"]))
+            for c, lg in logits.items():
+                for k, hits in correct_at_k(lg, labels).items():
+                    correct[c][k] += hits
+            n += len(labels)
+            bar.update(len(keep))
+    if n == 0:
+        raise ValueError(f"{spec.name}/{spec.split} has no labelled images")
+    accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
+    return EvalResult(spec.name, spec.split, n, name, accuracy, worst)
+
+
+def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cache: ActivationCache, clip_getter) -> list[EvalResult]:
+    """Evaluate every configured set not yet evaluated for this SAE; rows replace older ones of the same key."""
+    url = ctx.database_url
+    results: list[EvalResult] = []
+    mean = None
+    template_name, templates = template_set(cfg.evaluate.templates)
+    with session_scope(url) as s:
+        sae_id = s.scalar(select(Sae.id).where(Sae.key == sae_key))
+    for spec in cfg.evaluate.datasets:
+        dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
+        dataset_key = stable_hash(dataset.identity())
+        with session_scope(url) as s:
+            rows = s.scalars(
+                select(Evaluation).where(
+                    Evaluation.sae_id == sae_id, Evaluation.dataset_key == dataset_key, Evaluation.templates == template_name
+                )
+            ).all()
+            if {r.condition for r in rows} == set(CONDITIONS):
+                acc = {r.condition: (r.top1, r.top5) for r in rows}
+                results.append(EvalResult(spec.name, spec.split, rows[0].n, template_name, acc, rows[0].details["splice_check"], reused=True))
+                continue
+        if mean is None:
+            mean = training_mean(train_cache).to(ctx.device)
+        started = time.perf_counter()
+        result = evaluate_dataset(ctx, cfg, clip_getter(), sae.to(ctx.device), mean, spec)
+        seconds = time.perf_counter() - started
+        with session_scope(url) as s:
+            s.execute(
+                delete(Evaluation).where(
+                    Evaluation.sae_id == sae_id, Evaluation.dataset_key == dataset_key, Evaluation.templates == template_name
+                )
+            )
+            for condition, (top1, top5) in result.accuracy.items():
+                s.add(
+                    Evaluation(
+                        sae_id=sae_id, dataset=spec.name, split=spec.split, dataset_key=dataset_key, n=result.n,
+                        templates=template_name, n_templates=len(templates), condition=condition, top1=top1, top5=top5,
+                        details={"splice_check": result.max_error_splice_diff, "precision": cfg.evaluate.precision, "seconds": seconds},
+                    )
+                )
+        results.append(result)
+    return results
+
+
+def format_table(results: list[EvalResult]) -> str:
+    """The study's table: clean vs spliced top-1, the drop in pp and relative %, plus the other conditions."""
+    head = f"{'dataset':<18} {'n':>6} {'clean':>7} {'spliced':>8} {'drop pp':>8} {'drop %':>7} {'+error':>7} {'mean-abl':>8} {'top-5 clean/spliced':>20}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        clean, spliced = r.accuracy["clean"][0], r.accuracy["spliced"][0]
+        drop = 100 * (clean - spliced)
+        rel = 100 * (clean - spliced) / clean if clean else float("nan")
+        lines.append(
+            f"{r.dataset + '/' + r.split:<18} {r.n:>6} {100 * clean:>6.2f}% {100 * spliced:>7.2f}% {drop:>8.2f} {rel:>6.1f}% "
+            f"{100 * r.accuracy['spliced_error'][0]:>6.2f}% {100 * r.accuracy['mean_ablation'][0]:>7.2f}% "
+            f"{100 * r.accuracy['clean'][1]:>9.2f}% / {100 * r.accuracy['spliced'][1]:.2f}%"
+        )
+    return "\n".join(lines)
