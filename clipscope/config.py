@@ -157,7 +157,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(1000, ge=1, description="Steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     resident: bool = Field(
-        True, description="Load all training activations onto the training device when they fit."
+        True,
+        description="Copy all training activations (fp16) to the training device once; false gathers "
+        "each batch from the memory-mapped cache instead.",
     )
 
 

@@ -34,6 +34,14 @@ batch_size = 8
 holdout_fraction = 0.25
 log_every = 2
 eval_every = 4
+[evaluate]
+batch_size = 8
+templates = ["a photo of a {}."]
+[[evaluate.datasets]]
+name = "synthetic"
+split = "test"
+synthetic_size = 10
+image_size = 64
 """
 
 
@@ -70,6 +78,8 @@ def test_synthetic_extract_then_train_through_the_cli(env, caplog):
     out = runner.invoke(app, ["run", str(env / "run.toml")])
     assert out.exit_code == 0, out.output
     assert "== train: reused" in caplog.text
+    assert "synthetic/test evaluated (10 images" in caplog.text
+    assert "clean  spliced  drop pp" in out.output
 
 
 def test_bad_config_exits_2_with_one_clear_line(tmp_path):
