@@ -183,6 +183,27 @@ class EvaluateConfig(_Strict):
     )
 
 
+class PrecomputeConfig(_Strict):
+    """Per-feature statistics, examples and neighbours written to the database for the explorer."""
+
+    data: DatasetSpec | None = Field(
+        None,
+        description="Images to rank features over; default: a seeded 5,000-image subsample of the training "
+        "dataset, as in the study.",
+    )
+    default_subsample: int = Field(5000, ge=1, description="Size of the default subsample of the training dataset.")
+    top_k: int = Field(12, ge=1, description="Top examples kept per feature (the study's 4 x 3 collage).")
+    intervals: int = Field(5, ge=0, description="Equal-width activation intervals in (0, max] sampled below the top.")
+    per_interval: int = Field(4, ge=1, description="Examples sampled from each interval.")
+    histogram_bins: int = Field(24, ge=2, description="Log-spaced histogram bins from max / histogram_range to max.")
+    histogram_range: float = Field(1000.0, gt=1, description="Ratio between the histogram's last and first edge.")
+    dense_threshold: float = Field(0.1, gt=0, le=1, description="Features firing on more than this share of images are flagged dense.")
+    neighbours: int = Field(10, ge=0, description="Nearest features by decoder cosine similarity.")
+    thumbnail_size: int = Field(160, ge=16, description="Side of the square WebP thumbnails (centre crop, as CLIP sees the image).")
+    batch_size: int = Field(512, ge=1, description="Activation vectors encoded per batch (bounds the memory).")
+    seed: int = Field(0, description="Seed of the interval sampling.")
+
+
 class RunConfig(_Strict):
     """A whole pipeline run."""
 
@@ -193,6 +214,14 @@ class RunConfig(_Strict):
     sae: SAEConfig = Field(default_factory=SAEConfig, description="SAE shape.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Zero-shot evaluation.")
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig, description="Feature precompute for the explorer.")
+
+    @property
+    def precompute_data(self) -> DatasetSpec:
+        """The precompute image set: as configured, or the training set subsampled."""
+        if self.precompute.data is not None:
+            return self.precompute.data
+        return self.data.model_copy(update={"subsample": self.precompute.default_subsample, "limit": None})
 
     @property
     def use_b_dec(self) -> bool:

@@ -58,6 +58,14 @@ def evaluate(config: Path = ConfigArg) -> None:
 
 
 @app.command()
+def precompute(config: Path = ConfigArg) -> None:
+    """Per-feature statistics, top and interval examples, neighbours and thumbnails into the database."""
+    from worker.pipeline import run_precompute
+
+    run_precompute(_setup(), load_config(config))
+
+
+@app.command()
 def run(config: Path = ConfigArg) -> None:
     """Run every stage of the pipeline in order; finished stages are reused."""
     from worker.pipeline import run_all

@@ -48,3 +48,93 @@ def array_cache(root: Path, acts: np.ndarray, name: str = "planted") -> Activati
     writer.write(acts.astype(np.float16)[:, None, :], np.zeros(n, dtype=np.int64))
     writer.commit()
     return cache
+
+
+def _pg_binary(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL cluster on a Unix socket, started as a non-root user when run as root.
+
+    Missing server binaries skip the PostgreSQL tests locally but fail them in CI (CI=true).
+    """
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
+    if not initdb or not pg_ctl:
+        message = "PostgreSQL server binaries (initdb, pg_ctl) not found"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run the PostgreSQL tests")
+        pytest.skip(message)
+    base = Path(tempfile.mkdtemp(prefix="clipscope-pg-", dir="/tmp"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(base, "nobody", "nogroup" if _group_exists("nogroup") else "nobody")
+        base.chmod(0o700)
+        run_as = ["runuser", "-u", "nobody", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = base / "data"
+    subprocess.run(run_as + [initdb, "-D", str(data), "-A", "trust", "-U", "clipscope", "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
+    opts = f"-k {base} -p {port} -c listen_addresses='' -c fsync=off -c full_page_writes=off"
+    subprocess.run(run_as + [pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "log"), "-w", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://clipscope@/{{db}}?host={base}&port={port}"
+    finally:
+        subprocess.run(run_as + [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _group_exists(name: str) -> bool:
+    import grp
+
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A fresh, migrated, empty database on each engine."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from clipscope.db import migrate
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+    else:
+        template = request.getfixturevalue("postgres_server")
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(template.format(db="postgres"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        url = template.format(db=name)
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def db_ctx(tmp_path, db_url) -> Context:
+    """A context whose database is ``db_url`` (SQLite or PostgreSQL)."""
+    return Context(
+        Settings(data_dir=tmp_path / "data", database_url=db_url, device="cpu", num_workers=0, progress=False, allow_downloads=False)
+    )

@@ -14,7 +14,9 @@ from clipscope.config import RunConfig
 from clipscope.sae.io import load_sae
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
+from worker.datasets import build_dataset
 from worker.extract import extract
+from worker.precompute.stage import PrecomputeResult, precompute
 from worker.train.loop import TrainResult, train
 
 log = logging.getLogger("clipscope")
@@ -34,6 +36,7 @@ def stage(name: str) -> Iterator[dict]:
 class Caches:
     train: ActivationCache
     eval: ActivationCache | None
+    precompute: ActivationCache
 
 
 class _LazyClip:
@@ -53,16 +56,23 @@ def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
         from worker.extract import cache_is_complete
 
         lazy = _LazyClip(ctx, cfg)
-        specs = [cfg.data] + ([cfg.train.eval_data] if cfg.train.eval_data else [])
-        caches, parts = [], []
-        for spec in specs:
+        specs = {"train": cfg.data, "eval": cfg.train.eval_data, "precompute": cfg.precompute_data}
+        caches: dict[str, ActivationCache | None] = {}
+        parts, done = [], {}
+        for role, spec in specs.items():
+            if spec is None:
+                caches[role] = None
+                continue
+            if spec in done:  # the same image set serves two roles
+                caches[role] = done[spec]
+                continue
             clip = None if cache_is_complete(ctx, cfg.model, spec) else lazy.get()
             result = extract(ctx, cfg.model, spec, cfg.extract, clip=clip)
-            caches.append(result.cache)
+            caches[role] = done[spec] = result.cache
             verb = f"extracted {result.extracted}" if result.extracted else "reused"
-            parts.append(f"{spec.name}/{spec.split}: {verb} ({result.cache.n_images} images -> {result.cache.path.name})")
+            parts.append(f"{role} {spec.name}/{spec.split}: {verb} ({result.cache.n_images} images -> {result.cache.path.name})")
         report["did"] = "; ".join(parts)
-    return Caches(caches[0], caches[1] if len(caches) > 1 else None)
+    return Caches(caches["train"], caches["eval"], caches["precompute"])
 
 
 def run_train(ctx: Context, cfg: RunConfig, caches: Caches | None = None) -> TrainResult:
@@ -92,8 +102,24 @@ def run_evaluate(ctx: Context, cfg: RunConfig, caches: Caches | None = None, tra
     return results
 
 
+def run_precompute(ctx: Context, cfg: RunConfig, caches: Caches | None = None, trained: TrainResult | None = None) -> PrecomputeResult:
+    caches = caches or run_extract(ctx, cfg)
+    trained = trained or run_train(ctx, cfg, caches)
+    with stage("precompute") as report:
+        sae, _ = load_sae(trained.sae_dir, ctx.device)
+        dataset = build_dataset(cfg.precompute_data, ctx.layout.datasets, ctx.settings.allow_downloads)
+        result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute)
+        verb = "reused" if result.reused else "committed"
+        report["did"] = (
+            f"{verb}: {result.n_features} features over {result.n_images} images, {result.n_examples} examples, "
+            f"{result.n_thumbnails} thumbnails; SAE {trained.sae_key} is ready"
+        )
+    return result
+
+
 def run_all(ctx: Context, cfg: RunConfig) -> TrainResult:
     caches = run_extract(ctx, cfg)
     trained = run_train(ctx, cfg, caches)
     run_evaluate(ctx, cfg, caches, trained)
+    run_precompute(ctx, cfg, caches, trained)
     return trained

@@ -5,7 +5,20 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -45,6 +58,9 @@ class Sae(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON, doc="The full run config.")
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Weights source, dataset identity, cache names.")
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="Final held-out metrics.")
+    precompute: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, nullable=True, doc="What the committed precompute covered (image set, counts, key, seconds)."
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -99,3 +115,98 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     sae: Mapped[Sae] = relationship(back_populates="evaluations")
+
+
+class Image(Base):
+    """An image some feature example points at; shared by every SAE over the same dataset."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("dataset_key", "index", name="uq_images_dataset_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(32))
+    split: Mapped[str] = mapped_column(String(16))
+    dataset_key: Mapped[str] = mapped_column(String(32), doc="Hash of the base dataset's identity.")
+    index: Mapped[int] = mapped_column(Integer, doc="Index of the image in its dataset.")
+    label: Mapped[int] = mapped_column(Integer, doc="Class index, -1 when unlabelled.")
+    class_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True, doc="sha256 of the decoded RGB pixels and size.")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    thumbnail: Mapped[str] = mapped_column(String(256), doc="WebP thumbnail path relative to the data dir.")
+
+
+class Feature(Base):
+    """Per-feature statistics over the precompute image set."""
+
+    __tablename__ = "features"
+    __table_args__ = (
+        Index("ix_features_sae_frequency", "sae_id", "frequency"),
+        Index("ix_features_sae_max", "sae_id", "max_activation"),
+        Index("ix_features_sae_flags", "sae_id", "is_dead", "is_dense"),
+    )
+
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n_active: Mapped[int] = mapped_column(Integer, doc="Images on which the feature fires (> 0).")
+    frequency: Mapped[float] = mapped_column(Float, doc="n_active / images.")
+    mean_active: Mapped[float] = mapped_column(Float, doc="Mean activation over the images where it fires.")
+    max_activation: Mapped[float] = mapped_column(Float)
+    is_dead: Mapped[bool] = mapped_column(Boolean, doc="Never fires on the precompute set.")
+    is_dense: Mapped[bool] = mapped_column(Boolean, doc="Fires on more than precompute.dense_threshold of images.")
+    histogram: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Log-spaced bins: edges, counts, and 'below' the first edge.")
+    intervals: Mapped[list[Any]] = mapped_column(JSON, doc="[{lo, hi, count, share}] of the activation intervals sampled.")
+    neighbours: Mapped[list[Any]] = mapped_column(JSON, doc="[[feature, cosine], ...] nearest by decoder direction.")
+
+
+class FeatureExample(Base):
+    """One image of a feature's top examples (bucket -1) or of an interval sample (bucket = interval)."""
+
+    __tablename__ = "feature_examples"
+    __table_args__ = (
+        ForeignKeyConstraint(["sae_id", "feature"], ["features.sae_id", "features.idx"], ondelete="CASCADE"),
+        UniqueConstraint("sae_id", "feature", "bucket", "rank", name="uq_feature_examples_slot"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(Integer)
+    feature: Mapped[int] = mapped_column(Integer)
+    bucket: Mapped[int] = mapped_column(Integer, doc="-1 = top examples; 0.. = activation interval, lowest first.")
+    rank: Mapped[int] = mapped_column(Integer, doc="0 = highest activation (top) or first sample (interval).")
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    activation: Mapped[float] = mapped_column(Float)
+
+
+class Label(Base):
+    """The current label of a feature (the newest revision); never written by the pipeline."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("sae_id", "feature", name="uq_labels_feature"),
+        Index("ix_labels_sae_category", "sae_id", "category"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"))
+    feature: Mapped[int] = mapped_column(Integer)
+    revision: Mapped[int] = mapped_column(Integer, doc="Number of the revision this row mirrors (1 = first).")
+    text: Mapped[str] = mapped_column(Text)
+    category: Mapped[str] = mapped_column(String(16), doc="semantic | visual | noise | unclear.")
+    author: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LabelRevision(Base):
+    """Append-only history of label edits."""
+
+    __tablename__ = "label_revisions"
+    __table_args__ = (UniqueConstraint("sae_id", "feature", "revision", name="uq_label_revisions_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    feature: Mapped[int] = mapped_column(Integer)
+    revision: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    category: Mapped[str] = mapped_column(String(16))
+    author: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -44,7 +44,7 @@ class Selection:
         return {
             **self.base.identity(),
             "split": self.spec.split,
-            "subsample": self.spec.subsample,
+            "subsample": self.spec.subsample if self.spec.subsample is not None and self.spec.subsample < len(self.base) else None,
             "limit": self.spec.limit,
             "seed": self.spec.seed,
         }

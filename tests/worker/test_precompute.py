@@ -1,0 +1,175 @@
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from clipscope.config import DatasetSpec, PrecomputeConfig, parse_config
+from clipscope.db.models import Feature, FeatureExample, Image, Label, LabelRevision, Sae, SaeStatus
+from clipscope.db.session import session_scope
+from clipscope.sae.io import load_sae
+from tests.conftest import array_cache
+from worker.datasets import build_dataset
+from worker.precompute.accumulate import GroupTopK, per_image_entries
+from worker.precompute.neighbours import decoder_neighbours
+from worker.precompute.stage import precompute
+from worker.train.loop import train
+
+N, D, D_SAE, K = 240, 16, 40, 6
+PC = PrecomputeConfig(top_k=12, intervals=3, per_interval=2, histogram_bins=8, histogram_range=100.0, neighbours=5,
+                      thumbnail_size=32, batch_size=50, dense_threshold=0.3)
+
+
+def test_group_topk_streamed_in_chunks_equals_a_full_sort():
+    rng = np.random.default_rng(0)
+    groups = torch.from_numpy(rng.integers(0, 7, 500))
+    scores = torch.from_numpy(rng.random(500))
+    acc = GroupTopK(7, 4)
+    for lo in range(0, 500, 37):
+        sl = slice(lo, lo + 37)
+        acc.update(groups[sl], scores[sl], torch.arange(500)[sl], scores[sl].float())
+    for g in range(7):
+        mine = (groups == g).nonzero().flatten()
+        best = mine[scores[mine].argsort(descending=True)[:4]]
+        assert acc.payload[g].tolist() == best.tolist()
+
+
+def test_an_images_activation_is_its_maximum_over_tokens():
+    indices = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1]])  # 2 images x 2 tokens, k = 2
+    values = torch.tensor([[1.0, 2.0], [5.0, 0.0], [0.5, 0.25], [0.0, 0.0]])
+    img, feat, val = per_image_entries(indices, values, torch.tensor([10, 11]), 2, 4)
+    got = sorted(zip(img.tolist(), feat.tolist(), val.tolist()))
+    assert got == [(10, 0, 1.0), (10, 1, 5.0), (11, 0, 0.5), (11, 2, 0.25)]
+
+
+def test_neighbours_equal_brute_force_cosines():
+    w = torch.randn(30, 8)
+    idx, cos = decoder_neighbours(w, 4, chunk=7)
+    unit = torch.nn.functional.normalize(w, dim=1)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-2)
+    torch.testing.assert_close(cos, sims.topk(4, dim=1).values)
+    assert idx.tolist() == sims.topk(4, dim=1).indices.tolist()
+
+
+@pytest.fixture
+def trained(db_ctx):
+    """A small trained SAE over random activations of N synthetic images, and its dataset."""
+    rng = np.random.default_rng(1)
+    acts = rng.normal(size=(N, D)) + rng.gamma(1.0, 1.0, size=(N, D))
+    cache = array_cache(db_ctx.layout.activations, acts)
+    cfg = parse_config({"name": "pc", "sae": {"d_sae": D_SAE, "k": K}, "train": {"epochs": 2, "batch_size": 32, "holdout_fraction": 0.1}})
+    result = train(db_ctx, cfg, cache)
+    sae, _ = load_sae(result.sae_dir)
+    dataset = build_dataset(DatasetSpec(name="synthetic", synthetic_size=N, image_size=48), db_ctx.layout.datasets)
+    return db_ctx, result.sae_key, sae, cache, dataset, acts
+
+
+def _dense_codes(sae, cache):
+    """Dense codes of the cached fp16 activations, encoded in the stage's batches (bit-identical values)."""
+    x = torch.from_numpy(np.asarray(cache.activations()[:, 0], dtype=np.float32))
+    with torch.no_grad():
+        return torch.cat([sae.encode(x[i : i + PC.batch_size]).to_dense() for i in range(0, len(x), PC.batch_size)]).numpy()
+
+
+def _rows(url, sae_key):
+    with session_scope(url) as s:
+        sae_id = s.scalar(select(Sae.id).where(Sae.key == sae_key))
+        feats = s.execute(select(Feature).where(Feature.sae_id == sae_id).order_by(Feature.idx)).scalars().all()
+        examples = s.execute(
+            select(FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank, Image.index, FeatureExample.activation)
+            .join(Image, Image.id == FeatureExample.image_id)
+            .where(FeatureExample.sae_id == sae_id)
+            .order_by(FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
+        ).all()
+        feat_rows = [(f.idx, f.n_active, f.frequency, f.mean_active, f.max_activation, f.is_dead, f.is_dense, f.histogram, f.intervals, f.neighbours) for f in feats]
+        n_images = s.scalar(select(func.count()).select_from(Image))
+        return feat_rows, [tuple(e) for e in examples], n_images
+
+
+def test_top_examples_and_statistics_equal_brute_force(trained):
+    ctx, key, sae, cache, dataset, acts = trained
+    result = precompute(ctx, key, sae, cache, dataset, PC)
+    assert not result.reused and result.n_features == D_SAE and result.n_images == N
+    z = _dense_codes(sae, cache)  # [N, D_SAE]
+    feats, examples, _ = _rows(ctx.database_url, key)
+    for f, n_active, freq, mean_active, maximum, dead, dense, hist, intervals, _ in feats:
+        col = z[:, f]
+        fired = col[col > 0]
+        assert n_active == len(fired) and freq == pytest.approx(len(fired) / N)
+        assert dead == (len(fired) == 0) and dense == (len(fired) / N > PC.dense_threshold)
+        if len(fired) == 0:
+            continue
+        assert maximum == pytest.approx(fired.max(), rel=1e-6)
+        assert mean_active == pytest.approx(fired.astype(np.float64).mean(), rel=1e-6)
+        top = [(e[3], e[4]) for e in examples if e[0] == f and e[1] == -1]
+        order = np.argsort(-col, kind="stable")[: min(12, len(fired))]
+        assert [i for i, _ in top] == dataset.indices[order].tolist()
+        np.testing.assert_allclose([a for _, a in top], col[order], rtol=1e-6)
+        edges = np.geomspace(fired.max() / 100, fired.max(), 9)
+        np.testing.assert_allclose(hist["edges"], edges, rtol=1e-5)
+        expected_counts, _ = np.histogram(fired.astype(np.float64)[fired >= edges[0]], bins=edges)
+        assert hist["counts"] == expected_counts.tolist() and hist["below"] == int((fired < edges[0]).sum())
+        bounds = np.linspace(0, fired.max(), 4)
+        in_interval = np.clip(np.ceil(fired / (fired.max() / 3)) - 1, 0, 2)
+        assert [iv["count"] for iv in intervals] == [int((in_interval == b).sum()) for b in range(3)]
+        assert sum(iv["share"] for iv in intervals) == pytest.approx(1.0)
+        np.testing.assert_allclose([iv["hi"] for iv in intervals], bounds[1:], rtol=1e-5)
+        top_images = {i for i, _ in top}
+        for e in (e for e in examples if e[0] == f and e[1] >= 0):
+            lo, hi = intervals[e[1]]["lo"], intervals[e[1]]["hi"]
+            assert lo < e[4] <= hi * (1 + 1e-6) and e[3] not in top_images
+
+
+def test_a_second_run_changes_nothing_and_labels_survive(trained):
+    ctx, key, sae, cache, dataset, _ = trained
+    url = ctx.database_url
+    precompute(ctx, key, sae, cache, dataset, PC)
+    before = _rows(url, key)
+    with session_scope(url) as s:
+        sae_id = s.scalar(select(Sae.id).where(Sae.key == key))
+        s.add(Label(sae_id=sae_id, feature=3, revision=1, text="red things", category="semantic", author="ann"))
+        s.add(LabelRevision(sae_id=sae_id, feature=3, revision=1, text="red things", category="semantic", author="ann"))
+    assert precompute(ctx, key, sae, cache, dataset, PC).reused
+    forced = precompute(ctx, key, sae, cache, dataset, PC, force=True)
+    assert not forced.reused
+    assert _rows(url, key) == before  # same rows, no duplicates (images included)
+    with session_scope(url) as s:
+        assert [(lab.text, lab.revision) for lab in s.scalars(select(Label))] == [("red things", 1)]
+        assert s.scalar(select(func.count()).select_from(LabelRevision)) == 1
+
+
+def test_the_sae_is_ready_only_once_the_precompute_committed(trained, monkeypatch):
+    ctx, key, sae, cache, dataset, _ = trained
+    url = ctx.database_url
+    import worker.precompute.stage as stage
+
+    real = stage._example_rows
+
+    def broken(*args, **kwargs):
+        yield from list(real(*args, **kwargs))[:5]
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(stage, "_example_rows", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        precompute(ctx, key, sae, cache, dataset, PC)
+    with session_scope(url) as s:
+        assert s.scalar(select(Sae.status).where(Sae.key == key)) == SaeStatus.TRAINED
+        assert s.scalar(select(func.count()).select_from(Feature)) == 0
+    monkeypatch.setattr(stage, "_example_rows", real)
+    precompute(ctx, key, sae, cache, dataset, PC)
+    with session_scope(url) as s:
+        assert s.scalar(select(Sae.status).where(Sae.key == key)) == SaeStatus.READY
+
+
+def test_thumbnails_are_stored_once_by_content_hash(trained):
+    ctx, key, sae, cache, dataset, _ = trained
+    result = precompute(ctx, key, sae, cache, dataset, PC)
+    files = list((ctx.layout.root / "thumbnails").rglob("*.webp"))
+    assert len(files) == result.n_thumbnails
+    with session_scope(ctx.database_url) as s:
+        hashes = s.scalars(select(Image.content_hash)).all()
+    assert len(hashes) == len(set(hashes)) == result.n_thumbnails
+    from PIL import Image as PILImage
+
+    with PILImage.open(files[0]) as im:
+        assert im.format == "WEBP" and im.size == (32, 32)

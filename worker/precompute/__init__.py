@@ -1,0 +1,1 @@
+"""Stage 4: per-feature statistics, top and interval examples, neighbours and thumbnails into the database."""

@@ -1,0 +1,97 @@
+"""Streaming accumulators over sparse (image, feature, activation) entries.
+
+Memory is bounded by the number of features times the slots kept, never by images x features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class GroupTopK:
+    """For each of ``n_groups`` groups, the ``k`` entries with the highest score seen so far.
+
+    Each entry carries an int64 ``payload`` (an image row) and a float ``value``. Ties between
+    equal scores go to the entry seen first, so results are deterministic.
+    """
+
+    def __init__(self, n_groups: int, k: int, device: str | torch.device = "cpu"):
+        self.k = k
+        self.scores = torch.full((n_groups, k), float("-inf"), dtype=torch.float64, device=device)
+        self.payload = torch.full((n_groups, k), -1, dtype=torch.long, device=device)
+        self.values = torch.zeros((n_groups, k), dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def update(self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor, values: torch.Tensor) -> None:
+        if groups.numel() == 0:
+            return
+        k = self.k
+        touched = torch.unique(groups)
+        all_g = torch.cat([touched.repeat_interleave(k), groups])
+        all_s = torch.cat([self.scores[touched].flatten(), scores.double()])
+        all_p = torch.cat([self.payload[touched].flatten(), payload])
+        all_v = torch.cat([self.values[touched].flatten(), values.float()])
+        order = torch.argsort(all_s, descending=True, stable=True)
+        order = order[torch.argsort(all_g[order], stable=True)]
+        g_sorted = all_g[order]
+        first = torch.searchsorted(g_sorted, g_sorted, side="left")
+        rank = torch.arange(len(g_sorted), device=g_sorted.device) - first
+        keep = rank < k
+        sel, g_keep, r_keep = order[keep], g_sorted[keep], rank[keep]
+        self.scores[g_keep, r_keep] = all_s[sel]
+        self.payload[g_keep, r_keep] = all_p[sel]
+        self.values[g_keep, r_keep] = all_v[sel]
+
+
+class FeatureStats:
+    """Per-feature firing count, activation sum and maximum."""
+
+    def __init__(self, d_sae: int, device: str | torch.device = "cpu"):
+        self.count = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.total = torch.zeros(d_sae, dtype=torch.float64, device=device)
+        self.max = torch.zeros(d_sae, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, values: torch.Tensor) -> None:
+        self.count.index_add_(0, features, torch.ones_like(features))
+        self.total.index_add_(0, features, values.double())
+        self.max.scatter_reduce_(0, features, values.float(), reduce="amax")
+
+
+def per_image_entries(indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, tokens_per_image: int, d_sae: int):
+    """Sparse codes of ``len(rows) * tokens_per_image`` vectors -> firing entries per image.
+
+    An image's activation of a feature is its maximum over the image's tokens. Returns
+    ``(image_rows, features, values)`` with values > 0, one entry per (image, feature).
+    """
+    img = rows.repeat_interleave(tokens_per_image)[:, None].expand_as(indices)
+    fired = values > 0
+    img, feat, val = img[fired], indices[fired], values[fired]
+    if tokens_per_image == 1:
+        return img, feat, val
+    key = img * d_sae + feat
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    best = torch.zeros(len(uniq), dtype=val.dtype, device=val.device).scatter_reduce_(0, inverse, val, reduce="amax", include_self=False)
+    return uniq // d_sae, uniq % d_sae, best
+
+
+def sample_priority(image_rows: np.ndarray, features: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic pseudo-random priority per (image, feature): keeping the k highest is a seeded uniform sample."""
+    x = (image_rows.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (features.astype(np.uint64) + np.uint64(seed) * np.uint64(0xBF58476D1CE4E5B9))
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def log_histogram(features: torch.Tensor, values: torch.Tensor, maxima: torch.Tensor, bins: int, ratio: float):
+    """Bin index per entry in log-spaced bins from ``max / ratio`` to ``max`` (-1 = below the first edge)."""
+    lo = maxima[features].double() / ratio
+    values = values.double()
+    pos = torch.log(values / lo) / np.log(ratio) * bins
+    idx = pos.floor().long().clamp(max=bins - 1)
+    return torch.where(values < lo, torch.full_like(idx, -1), idx)

@@ -1,0 +1,228 @@
+"""Stage 4: stream an image set through the SAE and commit every feature's page data in one transaction.
+
+Pass 1 encodes the activation cache batch by batch, accumulating per-feature counts, sums,
+maxima and the top examples, and spills the sparse firing entries to disk. Pass 2 reads the
+spilled entries back to build log-spaced histograms (which need each feature's maximum) and the
+interval samples. Memory is bounded by the batch and by (features x slots kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sqlalchemy import delete, insert, select
+from tqdm import tqdm
+
+from clipscope.activation_cache import ActivationCache
+from clipscope.config import PrecomputeConfig, stable_hash
+from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
+from clipscope.db.session import session_scope
+from clipscope.sae.model import TopKSAE
+from clipscope.thumbnails import ensure_thumbnail
+from worker.context import Context
+from worker.precompute.accumulate import FeatureStats, GroupTopK, log_histogram, per_image_entries, sample_priority
+from worker.precompute.neighbours import decoder_neighbours
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeResult:
+    n_images: int
+    n_features: int
+    n_examples: int
+    n_thumbnails: int
+    reused: bool
+    seconds: float
+
+
+@dataclass
+class FeatureTables:
+    """Everything computed, as tensors on the CPU (what ``write`` turns into rows)."""
+
+    n_images: int
+    stats: FeatureStats
+    top: GroupTopK
+    samples: GroupTopK
+    hist_counts: torch.Tensor  # [d_sae, bins]
+    hist_below: torch.Tensor  # [d_sae]
+    interval_counts: torch.Tensor  # [d_sae, intervals]
+    neighbour_idx: torch.Tensor
+    neighbour_cos: torch.Tensor
+
+
+@torch.no_grad()
+def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_dir: Path, device: str, progress: bool = False) -> FeatureTables:
+    """Both passes over ``cache``; deterministic for a given SAE, cache and config."""
+    n, t, d_sae = cache.n_images, cache.tokens_per_image, sae.d_sae
+    acts = cache.activations()
+    stats = FeatureStats(d_sae, device)
+    top = GroupTopK(d_sae, pc.top_k, device)
+    per_batch = max(1, pc.batch_size // t)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    chunks: list[Path] = []
+    for start in tqdm(range(0, n, per_batch), desc="precompute", unit="batch", disable=not progress):
+        end = min(n, start + per_batch)
+        x = torch.from_numpy(np.asarray(acts[start:end], dtype=np.float32).reshape(-1, cache.d)).to(device)
+        code = sae.encode(x)
+        rows = torch.arange(start, end, device=device)
+        img, feat, val = per_image_entries(code.indices, code.values, rows, t, d_sae)
+        stats.update(feat, val)
+        top.update(feat, val, img, val)
+        path = spill_dir / f"entries_{len(chunks):06d}.npz"
+        np.savez(path, img=img.cpu().numpy().astype(np.int32), feat=feat.cpu().numpy().astype(np.int32), val=val.float().cpu().numpy())
+        chunks.append(path)
+
+    bins, n_int = pc.histogram_bins, pc.intervals
+    hist = torch.zeros(d_sae * bins, dtype=torch.long, device=device)
+    below = torch.zeros(d_sae, dtype=torch.long, device=device)
+    int_counts = torch.zeros(d_sae * max(n_int, 1), dtype=torch.long, device=device)
+    samples = GroupTopK(d_sae * max(n_int, 1), pc.per_interval, device)
+    top_keys = torch.sort((torch.arange(d_sae, device=device)[:, None] * n + top.payload)[top.payload >= 0]).values
+    for path in chunks:
+        with np.load(path) as z:
+            img = torch.from_numpy(z["img"].astype(np.int64)).to(device)
+            feat = torch.from_numpy(z["feat"].astype(np.int64)).to(device)
+            val = torch.from_numpy(z["val"]).to(device)
+        b = log_histogram(feat, val, stats.max, bins, pc.histogram_range)
+        below.index_add_(0, feat[b < 0], torch.ones_like(feat[b < 0]))
+        hist.index_add_(0, (feat * bins + b)[b >= 0], torch.ones_like(feat[b >= 0]))
+        if n_int:
+            width = stats.max[feat] / n_int
+            ib = (torch.ceil(val / width).long() - 1).clamp(0, n_int - 1)
+            group = feat * n_int + ib
+            int_counts.index_add_(0, group, torch.ones_like(group))
+            not_top = ~torch.isin(feat * n + img, top_keys)
+            prio = torch.from_numpy(sample_priority(img.cpu().numpy(), feat.cpu().numpy(), pc.seed)).to(device)
+            samples.update(group[not_top], prio[not_top], img[not_top], val[not_top])
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    nb_idx, nb_cos = decoder_neighbours(sae.W_dec, pc.neighbours) if pc.neighbours else (torch.empty(d_sae, 0), torch.empty(d_sae, 0))
+    cpu = lambda x: x.cpu()  # noqa: E731
+    for acc in (stats, top, samples):
+        for name, value in vars(acc).items():
+            if isinstance(value, torch.Tensor):
+                setattr(acc, name, cpu(value))
+    return FeatureTables(
+        n, stats, top, samples, cpu(hist.view(d_sae, bins)), cpu(below), cpu(int_counts.view(d_sae, -1)), cpu(nb_idx), cpu(nb_cos)
+    )
+
+
+def precompute_key(sae_key: str, cache: ActivationCache, pc: PrecomputeConfig) -> str:
+    return stable_hash({"sae": sae_key, "cache": cache.path.name, "config": pc.model_dump(mode="json")})
+
+
+def precompute(
+    ctx: Context, sae_key: str, sae: TopKSAE, cache: ActivationCache, dataset, pc: PrecomputeConfig, force: bool = False
+) -> PrecomputeResult:
+    """Compute and commit; a finished precompute with the same key is reused unless ``force``."""
+    url, started = ctx.database_url, time.perf_counter()
+    key = precompute_key(sae_key, cache, pc)
+    with session_scope(url) as s:
+        row = s.scalar(select(Sae).where(Sae.key == sae_key))
+        if row is None or row.status not in (SaeStatus.TRAINED, SaeStatus.READY):
+            raise ValueError(f"SAE {sae_key} is not trained yet")
+        if not force and row.status == SaeStatus.READY and (row.precompute or {}).get("key") == key:
+            p = row.precompute
+            return PrecomputeResult(p["n_images"], p["n_features"], p["n_examples"], p["n_thumbnails"], True, 0.0)
+        sae_id = row.id
+    tables = compute(sae.to(ctx.device).eval(), cache, pc, ctx.layout.root / "tmp" / f"precompute-{key}", ctx.device, ctx.settings.progress)
+    return write(ctx, sae_id, key, tables, cache, dataset, pc, started)
+
+
+def _interval_bounds(maximum: float, n_int: int) -> list[tuple[float, float]]:
+    width = maximum / n_int if n_int else 0.0
+    return [(i * width, (i + 1) * width) for i in range(n_int)]
+
+
+def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: ActivationCache, dataset, pc: PrecomputeConfig, started: float) -> PrecomputeResult:
+    """Thumbnails first (idempotent files), then one transaction: images, features, examples, status."""
+    d_sae = tb.stats.count.shape[0]
+    n_int = pc.intervals
+    used_rows = sorted({int(r) for r in torch.cat([tb.top.payload.flatten(), tb.samples.payload.flatten()]).tolist() if r >= 0})
+    base_key = stable_hash(dataset.base.identity())
+    dataset_indices = cache.indices()
+    labels = cache.labels()
+    thumbs: dict[int, dict] = {}
+    for row in used_rows:
+        image, _ = dataset[row]
+        digest, rel = ensure_thumbnail(ctx.layout.root, image, pc.thumbnail_size)
+        label = int(labels[row])
+        thumbs[row] = {
+            "dataset": dataset.spec.name, "split": dataset.spec.split, "dataset_key": base_key, "index": int(dataset_indices[row]),
+            "label": label, "class_name": dataset.classes[label] if 0 <= label < len(dataset.classes) else None,
+            "content_hash": digest, "width": image.width, "height": image.height, "thumbnail": rel,
+        }
+    count, total, maxima = tb.stats.count.tolist(), tb.stats.total.tolist(), tb.stats.max.tolist()
+    hist, below, icounts = tb.hist_counts.tolist(), tb.hist_below.tolist(), tb.interval_counts.tolist()
+    nb_idx, nb_cos = tb.neighbour_idx.tolist(), tb.neighbour_cos.tolist()
+    ratio = pc.histogram_range
+    features = []
+    for f in range(d_sae):
+        m = maxima[f]
+        edges = [float(m / ratio * ratio ** (i / pc.histogram_bins)) for i in range(pc.histogram_bins + 1)] if m > 0 else []
+        shares = [c / count[f] if count[f] else 0.0 for c in icounts[f][:n_int]]
+        features.append({
+            "sae_id": sae_id, "idx": f, "n_active": count[f], "frequency": count[f] / tb.n_images,
+            "mean_active": total[f] / count[f] if count[f] else 0.0, "max_activation": m,
+            "is_dead": count[f] == 0, "is_dense": count[f] / tb.n_images > pc.dense_threshold,
+            "histogram": {"edges": edges, "counts": hist[f] if m > 0 else [], "below": below[f]},
+            "intervals": [{"lo": lo, "hi": hi, "count": icounts[f][i], "share": shares[i]} for i, (lo, hi) in enumerate(_interval_bounds(m, n_int))] if m > 0 else [],
+            "neighbours": [[nb_idx[f][j], round(nb_cos[f][j], 6)] for j in range(len(nb_idx[f]))],
+        })
+    with session_scope(ctx.database_url) as s:
+        image_ids = _upsert_images(s, list(thumbs.values()))
+        row_to_id = {row: image_ids[(info["dataset_key"], info["index"])] for row, info in thumbs.items()}
+        s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
+        s.execute(delete(Feature).where(Feature.sae_id == sae_id))
+        s.execute(insert(Feature), features)
+        examples = list(_example_rows(sae_id, tb, row_to_id, n_int, pc.per_interval))
+        for start in range(0, len(examples), 50_000):
+            s.execute(insert(FeatureExample), examples[start : start + 50_000])
+        sae = s.get(Sae, sae_id)
+        seconds = time.perf_counter() - started
+        sae.precompute = {
+            "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "n_images": tb.n_images,
+            "n_features": d_sae, "n_examples": len(examples), "n_thumbnails": len(thumbs), "seconds": seconds,
+        }
+        sae.status = SaeStatus.READY
+    return PrecomputeResult(tb.n_images, d_sae, len(examples), len(thumbs), False, seconds)
+
+
+def _example_rows(sae_id: int, tb: FeatureTables, row_to_id: dict[int, int], n_int: int, per_interval: int):
+    top_p, top_v = tb.top.payload.tolist(), tb.top.values.tolist()
+    for f, (rows, vals) in enumerate(zip(top_p, top_v)):
+        for rank, (r, v) in enumerate((r, v) for r, v in zip(rows, vals) if r >= 0):
+            yield {"sae_id": sae_id, "feature": f, "bucket": -1, "rank": rank, "image_id": row_to_id[r], "activation": v}
+    if not n_int:
+        return
+    s_p = tb.samples.payload.view(-1, n_int, per_interval).tolist()
+    s_v = tb.samples.values.view(-1, n_int, per_interval).tolist()
+    for f in range(len(s_p)):
+        for b in range(n_int):
+            picked = sorted(((v, r) for r, v in zip(s_p[f][b], s_v[f][b]) if r >= 0), reverse=True)
+            for rank, (v, r) in enumerate(picked):
+                yield {"sae_id": sae_id, "feature": f, "bucket": b, "rank": rank, "image_id": row_to_id[r], "activation": v}
+
+
+def _upsert_images(session, infos: list[dict]) -> dict[tuple[str, int], int]:
+    """Insert the images not yet known; return ids keyed by (dataset_key, index)."""
+    ids: dict[tuple[str, int], int] = {}
+    by_key: dict[str, list[int]] = {}
+    for info in infos:
+        by_key.setdefault(info["dataset_key"], []).append(info["index"])
+    for dkey, indices in by_key.items():
+        for start in range(0, len(indices), 500):
+            chunk = indices[start : start + 500]
+            for img_id, idx in session.execute(select(Image.id, Image.index).where(Image.dataset_key == dkey, Image.index.in_(chunk))):
+                ids[(dkey, idx)] = img_id
+    missing = [Image(**info) for info in infos if (info["dataset_key"], info["index"]) not in ids]
+    session.add_all(missing)
+    session.flush()
+    ids.update({(image.dataset_key, image.index): image.id for image in missing})
+    return ids
