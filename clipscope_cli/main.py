@@ -74,11 +74,92 @@ def run(config: Path = ConfigArg) -> None:
 
 
 @app.command()
-def demo(config: Path = typer.Option(CONFIGS_DIR / "demo.toml", help="Config of the demo run.")) -> None:
-    """The offline demo: synthetic images, random-initialised CLIP, a small SAE, SQLite under the data dir."""
+def demo(
+    config: Path = typer.Option(CONFIGS_DIR / "demo.toml", help="Config of the demo run."),
+    serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Serve the explorer when the pipeline is done."),
+    host: str = typer.Option("127.0.0.1", help="Interface to serve on."),
+    port: int = typer.Option(8000, help="Port to serve on."),
+) -> None:
+    """The offline demo: synthetic images, random-initialised CLIP, a small SAE, SQLite under the data dir; then serve."""
     from worker.pipeline import run_all
 
-    run_all(_setup(), load_config(config))
+    ctx = _setup()
+    run_all(ctx, load_config(config))
+    if serve_after:
+        serve(host=host, port=port, workers=1)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, help="Port."),
+    workers: int = typer.Option(1, help="Uvicorn worker processes."),
+) -> None:
+    """Serve the feature explorer and the JSON API (the database must be migrated: `clipscope db upgrade`)."""
+    import uvicorn
+
+    from backend.app import create_app
+
+    _setup()
+    create_app()  # fail here, with a clear message, if the database is not ready
+    typer.echo(f"ClipScope explorer: http://{host}:{port}/", err=True)
+    uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
+
+
+@app.command("export")
+def export_labels(
+    sae: str = typer.Argument(..., help="SAE key (its folder name under <data_dir>/saes)."),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    output: Path = typer.Option(None, "--output", "-o", help="File to write (default: standard output)."),
+) -> None:
+    """Export every label revision of an SAE (JSONL or CSV)."""
+    from backend.services import labels
+
+    with _sae_session(sae) as (session, row):
+        rows = labels.export_rows(session, row)
+        text = labels.to_jsonl(rows) if fmt == "jsonl" else labels.to_csv(rows)
+    if output:
+        output.write_text(text)
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command("import")
+def import_labels(
+    sae: str = typer.Argument(..., help="SAE key."),
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSONL or CSV export."),
+    fmt: str = typer.Option(None, "--format", help="jsonl or csv (default: from the file extension)."),
+) -> None:
+    """Import labels: appends revisions, skips ones already present, never overwrites."""
+    from backend.services import labels
+
+    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+    with _sae_session(sae) as (session, row):
+        try:
+            result = labels.import_rows(session, row, labels.parse_export(path.read_text(encoding="utf-8-sig"), fmt))
+        except labels.LabelError as exc:
+            raise ClipScopeError(f"{path}: {exc}") from None
+    typer.echo(f"added {result['added']} revisions, skipped {result['skipped']} already present")
+
+
+def _sae_session(key: str):
+    from contextlib import contextmanager
+
+    from sqlalchemy import select
+
+    from clipscope.db.models import Sae
+    from clipscope.db.session import session_scope
+
+    @contextmanager
+    def scope():
+        ctx = _setup()
+        with session_scope(ctx.database_url) as session:
+            row = session.scalar(select(Sae).where(Sae.key == key))
+            if row is None:
+                raise ClipScopeError(f"No SAE {key!r} in {ctx.database_url}.")
+            yield session, row
+
+    return scope()
 
 
 @db_app.command("upgrade")

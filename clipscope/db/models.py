@@ -184,6 +184,7 @@ class Label(Base):
     __table_args__ = (
         UniqueConstraint("sae_id", "feature", name="uq_labels_feature"),
         Index("ix_labels_sae_category", "sae_id", "category"),
+        Index("ix_labels_sae_text", "sae_id", "text"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

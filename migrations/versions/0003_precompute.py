@@ -84,6 +84,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('labels', schema=None) as batch_op:
         batch_op.create_index('ix_labels_sae_category', ['sae_id', 'category'], unique=False)
+        batch_op.create_index('ix_labels_sae_text', ['sae_id', 'text'], unique=False)
 
     op.create_table('feature_examples',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -115,6 +116,7 @@ def downgrade() -> None:
 
     op.drop_table('feature_examples')
     with op.batch_alter_table('labels', schema=None) as batch_op:
+        batch_op.drop_index('ix_labels_sae_text')
         batch_op.drop_index('ix_labels_sae_category')
 
     op.drop_table('labels')

@@ -89,3 +89,24 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: Config") and "exceeds d_sae" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_labels_export_and_import_through_the_cli(env, tmp_path):
+    (env / "run.toml").write_text(CONFIG)
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(env / "run.toml")]).exit_code == 0
+    url = get_settings().resolved_database_url
+    with session_scope(url) as s:
+        from backend.services.labels import save_label
+
+        sae = s.scalar(select(Sae))
+        save_label(s, sae, 1, "first", "semantic", "ann", 0)
+        key = sae.key
+    out = runner.invoke(app, ["export", key, "--format", "csv", "-o", str(tmp_path / "l.csv")])
+    assert out.exit_code == 0, out.output
+    assert "first" in (tmp_path / "l.csv").read_text()
+    (tmp_path / "new.jsonl").write_text('{"feature": 2, "text": "second", "category": "noise", "author": "bob"}\n')
+    out = runner.invoke(app, ["import", key, str(tmp_path / "new.jsonl")])
+    assert out.exit_code == 0 and "added 1" in out.output
+    out = runner.invoke(app, ["export", key])
+    assert '"text": "second"' in out.output and '"text": "first"' in out.output

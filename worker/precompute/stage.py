@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,17 +182,18 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
         s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
         s.execute(delete(Feature).where(Feature.sae_id == sae_id))
         s.execute(insert(Feature), features)
-        examples = list(_example_rows(sae_id, tb, row_to_id, n_int, pc.per_interval))
-        for start in range(0, len(examples), 50_000):
-            s.execute(insert(FeatureExample), examples[start : start + 50_000])
+        rows, n_examples = _example_rows(sae_id, tb, row_to_id, n_int, pc.per_interval), 0
+        while chunk := list(islice(rows, 50_000)):  # bounded memory for millions of examples
+            s.execute(insert(FeatureExample), chunk)
+            n_examples += len(chunk)
         sae = s.get(Sae, sae_id)
         seconds = time.perf_counter() - started
         sae.precompute = {
             "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "n_images": tb.n_images,
-            "n_features": d_sae, "n_examples": len(examples), "n_thumbnails": len(thumbs), "seconds": seconds,
+            "n_features": d_sae, "n_examples": n_examples, "n_thumbnails": len(thumbs), "seconds": seconds,
         }
         sae.status = SaeStatus.READY
-    return PrecomputeResult(tb.n_images, d_sae, len(examples), len(thumbs), False, seconds)
+    return PrecomputeResult(tb.n_images, d_sae, n_examples, len(thumbs), False, seconds)
 
 
 def _example_rows(sae_id: int, tb: FeatureTables, row_to_id: dict[int, int], n_int: int, per_interval: int):

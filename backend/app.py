@@ -1,0 +1,50 @@
+"""The application factory: ``create_app(settings)`` builds a configured FastAPI app (tests build their own)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+import clipscope
+from backend import charts
+from backend.services.analyze import Analyzer
+from backend.services.features import CATEGORY_NAMES
+from clipscope.db import migrate
+from clipscope.settings import Settings, get_settings
+
+FRONTEND = Path(__file__).resolve().parents[1] / "frontend"
+HTMX = "vendor/htmx-2.0.11.min.js"
+
+
+def create_app(settings: Settings | None = None, check_schema: bool = True) -> FastAPI:
+    """Build the app. The database must already be migrated (``clipscope db upgrade``): the web never migrates."""
+    settings = settings or get_settings()
+    url = settings.resolved_database_url
+    if check_schema:
+        migrate.require_current(url)
+    app = FastAPI(
+        title="ClipScope",
+        version=clipscope.__version__,
+        description="Sparse-autoencoder features of CLIP ViT-B/32: SAEs, features, labels and live analysis.",
+    )
+    app.state.settings = settings
+    app.state.database_url = url
+    app.state.analyzer = Analyzer(settings.data_dir, settings.resolved_device())
+    templates = Jinja2Templates(directory=str(FRONTEND / "templates"))
+    templates.env.globals.update(
+        version=clipscope.__version__, htmx=HTMX, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
+    )
+    app.state.templates = templates
+    app.mount("/static", StaticFiles(directory=str(FRONTEND / "static")), name="static")
+    thumbs = Path(settings.data_dir) / "thumbnails"
+    thumbs.mkdir(parents=True, exist_ok=True)
+    app.mount("/thumbnails", StaticFiles(directory=str(thumbs)), name="thumbnails")
+
+    from backend.routes import api, pages
+
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    return app

@@ -1,0 +1,73 @@
+"""Small server-rendered SVG charts (no JavaScript charting library to vendor or load)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from markupsafe import Markup, escape
+
+
+def line_chart(
+    xs: Sequence[float], series: dict[str, Sequence[float | None]], width: int = 560, height: int = 200, y_label: str = ""
+) -> Markup:
+    """Lines over a shared x axis; ``None`` values are gaps. Each series gets its own colour and legend entry."""
+    colours = ["#2563eb", "#dc2626", "#059669", "#d97706"]
+    pad_l, pad_r, pad_t, pad_b = 48, 10, 10, 34
+    values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
+    if not xs or not values:
+        return Markup('<p class="muted">No data yet.</p>')
+    x0, x1 = min(xs), max(xs) or 1
+    y0, y1 = min(values), max(values)
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    sx = lambda x: pad_l + (x - x0) / ((x1 - x0) or 1) * (width - pad_l - pad_r)  # noqa: E731
+    sy = lambda y: pad_t + (y1 - y) / (y1 - y0) * (height - pad_t - pad_b)  # noqa: E731
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)}">']
+    for frac in (0, 0.5, 1):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    parts.append(f'<text x="{pad_l}" y="{height - 4}">{x0:g}</text><text x="{width - pad_r}" y="{height - 4}" text-anchor="end">{x1:g}</text>')
+    for i, (name, ys) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        segments, current = [], []
+        for x, y in zip(xs, ys):
+            if y is None or not math.isfinite(y):
+                if current:
+                    segments.append(current)
+                current = []
+            else:
+                current.append(f"{sx(x):.1f},{sy(y):.1f}")
+        if current:
+            segments.append(current)
+        for seg in segments:
+            if len(seg) == 1:
+                cx, cy = seg[0].split(",")
+                parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{colour}"/>')
+            else:
+                parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" points="{" ".join(seg)}"/>')
+        parts.append(f'<text x="{pad_l + 8 + 130 * i}" y="{height - 18}" fill="{colour}">■ {escape(name)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, width: int = 560, height: int = 160) -> Markup:
+    """Bars over log-spaced bins; the count below the first edge is shown as text."""
+    if not counts:
+        return Markup('<p class="muted">Never fires on the precompute images.</p>')
+    pad_l, pad_b, pad_t = 40, 30, 8
+    top = max(max(counts), 1)
+    bw = (width - pad_l - 8) / len(counts)
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="activation histogram">']
+    for i, c in enumerate(counts):
+        h = (height - pad_b - pad_t) * c / top
+        parts.append(
+            f'<rect x="{pad_l + i * bw:.1f}" y="{height - pad_b - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" class="bar">'
+            f"<title>{edges[i]:.3g} – {edges[i + 1]:.3g}: {c}</title></rect>"
+        )
+    parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top}</text>')
+    parts.append(f'<text x="{pad_l}" y="{height - 12}">{edges[0]:.3g}</text>')
+    parts.append(f'<text x="{width - 8}" y="{height - 12}" text-anchor="end">{edges[-1]:.3g} (log scale)</text>')
+    parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">{below} below</text></svg>')
+    return Markup("".join(parts))

@@ -1,0 +1,38 @@
+"""Every FastAPI dependency in one place: settings, database sessions, the SAE named in the URL."""
+
+from __future__ import annotations
+
+from typing import Annotated, Iterator
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from clipscope.db.models import Sae
+from clipscope.db.session import session_scope
+from clipscope.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request, committed when the handler returns without error."""
+    with session_scope(request.app.state.database_url) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_sae(sae: str, session: SessionDep) -> Sae:
+    """The SAE named by its key in the path; 404 when unknown."""
+    row = session.scalar(select(Sae).where(Sae.key == sae))
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"No SAE {sae!r}.")
+    return row
+
+
+SaeDep = Annotated[Sae, Depends(get_sae)]

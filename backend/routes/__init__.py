@@ -1,0 +1,1 @@
+"""HTTP routes: ``pages`` (HTML, kept out of the OpenAPI schema) and ``api`` (JSON under /api)."""

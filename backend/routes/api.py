@@ -1,0 +1,116 @@
+"""The JSON API under /api (described by /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from backend.deps import SaeDep, SessionDep
+from backend.routes.common import require_feature, require_ready
+from backend.services import labels as label_service
+from backend.services.analyze import BadImage, decode_image, rank_features
+from backend.services.features import FeatureQuery, feature_detail, list_features
+from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
+
+router = APIRouter(prefix="/api", tags=["api"])
+MAX_UPLOAD = 20 * 1024 * 1024
+
+
+class LabelIn(BaseModel):
+    text: str = Field(..., max_length=label_service.MAX_TEXT, description="What the feature responds to.")
+    category: Literal["semantic", "visual", "noise", "unclear"] = Field(..., description="Kind of feature.")
+    author: str = Field(..., max_length=128, description="Who labels.")
+    base_revision: int = Field(0, ge=0, description="Revision the editor started from (0 = unlabelled); a stale one is a conflict.")
+
+
+@router.get("/saes", summary="All SAEs with their metrics")
+def api_saes(session: SessionDep) -> list[dict[str, Any]]:
+    return [sae_summary(s) for s in list_saes(session)]
+
+
+@router.get("/saes/{sae}", summary="One SAE with its training curve and evaluation table")
+def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
+    return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id)}
+
+
+@router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
+def api_features(sae: SaeDep, session: SessionDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
+    require_ready(sae)
+    rows, total = list_features(session, sae, query)
+    return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
+
+
+@router.get("/saes/{sae}/features/{idx}", summary="Everything about one feature")
+def api_feature(sae: SaeDep, idx: int, session: SessionDep) -> dict[str, Any]:
+    require_ready(sae)
+    require_feature(sae, idx)
+    detail = feature_detail(session, sae, idx)
+    if detail is None:
+        raise HTTPException(404, f"Feature {idx} has no precomputed data.")
+    return {**detail, "history": label_service.history(session, sae, idx)}
+
+
+@router.get("/saes/{sae}/features/{idx}/labels", summary="Label history, newest first")
+def api_label_history(sae: SaeDep, idx: int, session: SessionDep) -> list[dict[str, Any]]:
+    require_feature(sae, idx)
+    return label_service.history(session, sae, idx)
+
+
+@router.post("/saes/{sae}/features/{idx}/labels", status_code=201, summary="Save a label (appends a revision)",
+             responses={409: {"description": "Someone saved a newer revision: both versions are returned"}})
+def api_save_label(sae: SaeDep, idx: int, body: LabelIn, session: SessionDep) -> dict[str, Any]:
+    require_feature(sae, idx)
+    try:
+        rev = label_service.save_label(session, sae, idx, body.text, body.category, body.author, body.base_revision)
+    except label_service.LabelConflict as conflict:
+        session.rollback()
+        return JSONResponse(status_code=409, content={"detail": "conflict", "current": conflict.current, "proposed": conflict.proposed})
+    except label_service.LabelError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return label_service.revision_dict(rev)
+
+
+@router.get("/saes/{sae}/labels.jsonl", response_class=PlainTextResponse, summary="Export every label revision as JSON lines")
+def api_export_jsonl(sae: SaeDep, session: SessionDep):
+    body = label_service.to_jsonl(label_service.export_rows(session, sae))
+    return PlainTextResponse(body, media_type="application/x-ndjson", headers={"Content-Disposition": f'attachment; filename="{sae.key}-labels.jsonl"'})
+
+
+@router.get("/saes/{sae}/labels.csv", response_class=PlainTextResponse, summary="Export every label revision as CSV")
+def api_export_csv(sae: SaeDep, session: SessionDep):
+    body = label_service.to_csv(label_service.export_rows(session, sae))
+    return PlainTextResponse(body, media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{sae.key}-labels.csv"'})
+
+
+@router.post("/saes/{sae}/labels/import", summary="Import an export (JSONL or CSV); appends revisions, never overwrites")
+async def api_import(sae: SaeDep, session: SessionDep, file: UploadFile = File(...), format: Literal["jsonl", "csv"] = "jsonl") -> dict[str, int]:
+    data = await file.read(MAX_UPLOAD + 1)
+    if len(data) > MAX_UPLOAD:
+        raise HTTPException(413, "The file is too large.")
+    try:
+        return label_service.import_rows(session, sae, label_service.parse_export(data.decode("utf-8-sig"), format))
+    except (label_service.LabelError, UnicodeDecodeError) as exc:
+        session.rollback()
+        raise HTTPException(422, str(exc)) from None
+
+
+async def read_upload(file: UploadFile) -> bytes:
+    data = await file.read(MAX_UPLOAD + 1)
+    if len(data) > MAX_UPLOAD:
+        raise HTTPException(413, f"The upload is larger than {MAX_UPLOAD // (1024 * 1024)} MB.")
+    return data
+
+
+@router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image")
+async def api_analyze(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500)) -> dict[str, Any]:
+    require_ready(sae)
+    try:
+        image = decode_image(await read_upload(file))
+    except BadImage as exc:
+        raise HTTPException(400, str(exc)) from None
+    acts = (await run_in_threadpool(request.app.state.analyzer.activations, sae, [image]))[0]
+    return rank_features(session, sae, acts, limit=limit)

@@ -1,0 +1,18 @@
+"""Helpers shared by the page and API routes."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+
+from clipscope.db.models import Sae, SaeStatus
+
+
+def require_ready(sae: Sae) -> None:
+    """Feature data exists only once the precompute committed; before that, say what state the SAE is in."""
+    if sae.status != SaeStatus.READY:
+        raise HTTPException(status_code=409, detail=f"SAE {sae.key} is not ready yet (status: {sae.status}); run `clipscope precompute`.")
+
+
+def require_feature(sae: Sae, idx: int) -> None:
+    if not 0 <= idx < sae.d_sae:
+        raise HTTPException(status_code=404, detail=f"Feature {idx} does not exist (0..{sae.d_sae - 1}).")

@@ -1,0 +1,126 @@
+"""HTML pages rendered from frontend/templates (kept out of the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from backend.deps import SaeDep, SessionDep
+from backend.routes.api import read_upload
+from backend.routes.common import require_feature, require_ready
+from backend.services import labels as label_service
+from backend.services.analyze import BadImage, decode_image, rank_features
+from backend.services.features import CATEGORIES, FeatureQuery, feature_detail, list_features, random_feature
+from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
+from clipscope.collage import cached_collage
+
+router = APIRouter(include_in_schema=False)
+
+
+def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    return request.app.state.templates.TemplateResponse(request, template, context, status_code=status_code)
+
+
+@router.get("/healthz")
+def healthz(session: SessionDep) -> dict[str, str]:
+    from sqlalchemy import text
+
+    session.execute(text("SELECT 1"))
+    return {"status": "ok"}
+
+
+@router.get("/", response_class=HTMLResponse)
+def overview(request: Request, session: SessionDep):
+    saes = [
+        {**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluation_table(session, s.id)}
+        for s in list_saes(session)
+    ]
+    return render(request, "overview.html", saes=saes)
+
+
+@router.get("/saes/{sae}/features", response_class=HTMLResponse)
+def features_page(request: Request, sae: SaeDep, session: SessionDep, query: Annotated[FeatureQuery, Query()]):
+    require_ready(sae)
+    rows, total = list_features(session, sae, query)
+    pages = max(1, -(-total // query.per_page))
+    params = query.model_dump(exclude_defaults=True, exclude={"page"})
+    return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
+                  params=params, categories=CATEGORIES)
+
+
+@router.get("/saes/{sae}/features/random")
+def random_page(sae: SaeDep, session: SessionDep):
+    require_ready(sae)
+    return RedirectResponse(f"/saes/{sae.key}/features/{random_feature(session, sae)}", status_code=303)
+
+
+def _feature_page(request: Request, sae, session, idx: int, status_code: int = 200, **extra):
+    require_ready(sae)
+    require_feature(sae, idx)
+    detail = feature_detail(session, sae, idx)
+    if detail is None:
+        raise HTTPException(404, f"Feature {idx} has no precomputed data.")
+    return render(request, "feature.html", status_code=status_code, sae=sae_summary(sae), f=detail,
+                  history=label_service.history(session, sae, idx), categories=CATEGORIES, **extra)
+
+
+@router.get("/saes/{sae}/features/{idx}", response_class=HTMLResponse)
+def feature_page(request: Request, sae: SaeDep, idx: int, session: SessionDep):
+    return _feature_page(request, sae, session, idx)
+
+
+@router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse)
+def save_label_form(
+    request: Request, sae: SaeDep, idx: int, session: SessionDep,
+    text: Annotated[str, Form()] = "", category: Annotated[str, Form()] = "unclear",
+    author: Annotated[str, Form()] = "", base_revision: Annotated[int, Form()] = 0,
+):
+    require_feature(sae, idx)
+    try:
+        label_service.save_label(session, sae, idx, text, category, author, base_revision)
+    except label_service.LabelConflict as conflict:
+        session.rollback()
+        return _feature_page(request, sae, session, idx, status_code=409, conflict=conflict)
+    except label_service.LabelError as exc:
+        session.rollback()
+        draft = {"text": text, "category": category, "author": author, "base_revision": base_revision}
+        return _feature_page(request, sae, session, idx, status_code=422, error=str(exc), draft=draft)
+    return RedirectResponse(f"/saes/{sae.key}/features/{idx}?saved=1", status_code=303)
+
+
+@router.get("/saes/{sae}/features/{idx}/collage.png")
+def collage(request: Request, sae: SaeDep, idx: int, session: SessionDep):
+    require_ready(sae)
+    require_feature(sae, idx)
+    detail = feature_detail(session, sae, idx)
+    if detail is None or not detail["top"]:
+        raise HTTPException(404, f"Feature {idx} has no top examples.")
+    data_dir = request.app.state.settings.data_dir
+    path = cached_collage(
+        data_dir / "collages" / sae.key,
+        [data_dir / e["thumbnail"].lstrip("/") for e in detail["top"]],
+        [e["activation"] for e in detail["top"]],
+        title=f"{sae.key} feature {idx}",
+    )
+    return FileResponse(path, media_type="image/png", filename=f"{sae.key}-feature-{idx}.png")
+
+
+@router.get("/saes/{sae}/analyze", response_class=HTMLResponse)
+def analyze_form(request: Request, sae: SaeDep):
+    require_ready(sae)
+    return render(request, "analyze.html", sae=sae_summary(sae), result=None)
+
+
+@router.post("/saes/{sae}/analyze", response_class=HTMLResponse)
+async def analyze_upload(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...)):
+    require_ready(sae)
+    try:
+        image = decode_image(await read_upload(file))
+    except BadImage as exc:
+        return render(request, "analyze.html", status_code=400, sae=sae_summary(sae), result=None, error=str(exc))
+    acts = (await run_in_threadpool(request.app.state.analyzer.activations, sae, [image]))[0]
+    result = rank_features(session, sae, acts)
+    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename)

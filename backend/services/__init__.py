@@ -1,0 +1,1 @@
+"""Query and command services behind both the pages and the JSON API."""

@@ -1,0 +1,112 @@
+"""Live analysis: run CLIP to the SAE's hook site and the SAE on an uploaded image."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from clipscope.clip.hooks import residual_at, token_slice
+from clipscope.clip.loading import LoadedClip, load_clip
+from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.config import ModelConfig
+from clipscope.db.models import Feature, Label, Sae
+from clipscope.sae.io import load_sae
+from clipscope.sae.model import TopKSAE
+
+from backend.services.features import label_dict, top_examples
+
+MAX_PIXELS = 40_000_000
+
+
+class BadImage(ValueError):
+    """The upload is not an image ClipScope can read (shown as a 4xx with this message)."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB image with EXIF orientation applied; refuses empty, corrupt and oversized images."""
+    if not data:
+        raise BadImage("The upload is empty.")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise Image.DecompressionBombError(img.size)
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except Image.DecompressionBombError:
+        raise BadImage(f"The image has more than {MAX_PIXELS:,} pixels.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"The upload is not a readable image ({type(exc).__name__}).") from None
+
+
+class _Loaded:
+    def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):
+        self.clip, self.sae, self.model_cfg = clip, sae, model_cfg
+        self.transform = build_transform(preprocess_descriptor(model_cfg))
+
+
+class Analyzer:
+    """Keeps the most recently used SAEs' CLIP and SAE in memory (loading is seconds; analysis is not)."""
+
+    def __init__(self, data_dir: Path, device: str, capacity: int = 2):
+        self.data_dir, self.device, self.capacity = Path(data_dir), device, capacity
+        self._cache: OrderedDict[str, _Loaded] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, sae: Sae) -> _Loaded:
+        with self._lock:
+            if sae.key in self._cache:
+                self._cache.move_to_end(sae.key)
+                return self._cache[sae.key]
+        model_cfg = ModelConfig.model_validate(sae.config["model"])
+        loaded = _Loaded(
+            load_clip(model_cfg, self.device, cache_dir=self.data_dir / "models"),
+            load_sae(self.data_dir / "saes" / sae.key / "sae", self.device)[0],
+            model_cfg,
+        )
+        with self._lock:
+            self._cache[sae.key] = loaded
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return loaded
+
+    @torch.inference_mode()
+    def activations(self, sae: Sae, images: list[Image.Image]) -> list[dict[int, float]]:
+        """Per image, ``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
+        loaded = self._get(sae)
+        batch = torch.stack([loaded.transform(img) for img in images]).to(self.device)
+        resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
+        b, t, d = resid.shape
+        code = loaded.sae.encode(resid.reshape(b * t, d).float())
+        out: list[dict[int, float]] = [{} for _ in range(b)]
+        for row, (idx, val) in enumerate(zip(code.indices.cpu().tolist(), code.values.cpu().tolist())):
+            acts = out[row // t]
+            for f, v in zip(idx, val):
+                if v > 0 and v > acts.get(f, 0.0):
+                    acts[f] = v
+        return out
+
+
+def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int = 30, strip: int = 6) -> dict[str, Any]:
+    """The firing features ranked by activation and by activation relative to the feature's own maximum."""
+    ids = list(acts)
+    stats = {f.idx: f for f in session.scalars(select(Feature).where(Feature.sae_id == sae.id, Feature.idx.in_(ids)))} if ids else {}
+    labels = {lab.feature: lab for lab in session.scalars(select(Label).where(Label.sae_id == sae.id, Label.feature.in_(ids)))} if ids else {}
+    entries = []
+    for f, a in acts.items():
+        mx = stats[f].max_activation if f in stats else 0.0
+        entries.append({"index": f, "activation": a, "relative": a / mx if mx > 0 else None, "max_activation": mx,
+                        "frequency": stats[f].frequency if f in stats else None, "label": label_dict(labels.get(f))})
+    by_act = sorted(entries, key=lambda e: (-e["activation"], e["index"]))[:limit]
+    by_rel = sorted((e for e in entries if e["relative"] is not None), key=lambda e: (-e["relative"], e["index"]))[:limit]
+    strips = top_examples(session, sae.id, sorted({e["index"] for e in by_act + by_rel}), limit=strip)
+    for e in by_act + by_rel:
+        e["examples"] = strips.get(e["index"], [])
+    return {"n_active": len(entries), "by_activation": by_act, "by_relative": by_rel}

@@ -1,0 +1,153 @@
+"""Labels: every edit appends a revision; a stale edit is refused as a conflict; bulk export and import."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from clipscope.db.models import Label, LabelRevision, Sae, utcnow
+
+CATEGORIES = ("semantic", "visual", "noise", "unclear")
+MAX_TEXT = 2000
+EXPORT_FIELDS = ("sae", "feature", "revision", "text", "category", "author", "created_at")
+
+
+class LabelError(ValueError):
+    """Invalid label input (shown to the user as a 422)."""
+
+
+@dataclass
+class LabelConflict(Exception):
+    """Someone saved a newer revision since the editor loaded ``base_revision``."""
+
+    current: dict[str, Any]
+    proposed: dict[str, Any]
+
+
+def validate(text: str, category: str, author: str) -> tuple[str, str, str]:
+    text, author = text.strip(), author.strip()
+    if not text:
+        raise LabelError("The label text is empty.")
+    if len(text) > MAX_TEXT:
+        raise LabelError(f"The label text is longer than {MAX_TEXT} characters.")
+    if category not in CATEGORIES:
+        raise LabelError(f"Category must be one of {', '.join(CATEGORIES)}.")
+    if not author or len(author) > 128:
+        raise LabelError("An author name (1 to 128 characters) is required.")
+    return text, category, author
+
+
+def revision_dict(r: LabelRevision | Label) -> dict[str, Any]:
+    when = getattr(r, "created_at", None) or getattr(r, "updated_at", None)
+    return {"revision": r.revision, "text": r.text, "category": r.category, "author": r.author, "created_at": when.isoformat() if when else None}
+
+
+def save_label(
+    session: Session, sae: Sae, feature: int, text: str, category: str, author: str, base_revision: int
+) -> LabelRevision:
+    """Append revision ``base_revision + 1``; ``base_revision`` is the revision the editor showed (0 = none).
+
+    The unique (sae, feature, revision) constraint makes two concurrent saves from the same base
+    collide in the database as well, so the loser is told even when both passed the check at once.
+    """
+    text, category, author = validate(text, category, author)
+    if not 0 <= feature < sae.d_sae:
+        raise LabelError(f"Feature {feature} does not exist (0..{sae.d_sae - 1}).")
+    current = session.scalar(select(Label).where(Label.sae_id == sae.id, Label.feature == feature).with_for_update())
+    current_revision = current.revision if current else 0
+    proposed = {"revision": base_revision + 1, "text": text, "category": category, "author": author}
+    if base_revision != current_revision:
+        raise LabelConflict(current=revision_dict(current) if current else {"revision": 0}, proposed=proposed)
+    now = utcnow()
+    rev = LabelRevision(sae_id=sae.id, feature=feature, revision=current_revision + 1, text=text, category=category, author=author, created_at=now)
+    session.add(rev)
+    if current is None:
+        session.add(Label(sae_id=sae.id, feature=feature, revision=rev.revision, text=text, category=category, author=author, updated_at=now))
+    else:
+        current.revision, current.text, current.category, current.author, current.updated_at = rev.revision, text, category, author, now
+    session.flush()
+    return rev
+
+
+def history(session: Session, sae: Sae, feature: int) -> list[dict[str, Any]]:
+    revs = session.scalars(
+        select(LabelRevision).where(LabelRevision.sae_id == sae.id, LabelRevision.feature == feature).order_by(LabelRevision.revision.desc())
+    )
+    return [revision_dict(r) for r in revs]
+
+
+def export_rows(session: Session, sae: Sae) -> Iterator[dict[str, Any]]:
+    """Every revision of every label of the SAE, oldest first (the full history round-trips)."""
+    revs = session.scalars(
+        select(LabelRevision).where(LabelRevision.sae_id == sae.id).order_by(LabelRevision.feature, LabelRevision.revision)
+    )
+    for r in revs:
+        yield {"sae": sae.key, "feature": r.feature, **revision_dict(r)}
+
+
+def to_jsonl(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def to_csv(rows: Iterable[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=EXPORT_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def parse_export(data: str, fmt: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL or CSV export; a malformed line is an error naming it."""
+    rows = []
+    if fmt == "jsonl":
+        for n, line in enumerate(data.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise LabelError(f"Line {n} is not JSON: {exc.msg}.") from None
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(data)))
+    else:
+        raise LabelError("Format must be jsonl or csv.")
+    return rows
+
+
+def import_rows(session: Session, sae: Sae, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Append imported revisions after the existing ones, in file order.
+
+    A row equal (text, category, author) to a revision the feature already has is skipped, so
+    importing an export again changes nothing. Nothing stored is overwritten or removed, and every
+    row is validated before anything is written.
+    """
+    checked = []
+    for n, row in enumerate(rows, 1):
+        try:
+            feature = int(row["feature"])
+            checked.append((feature, *validate(str(row["text"]), str(row["category"]), str(row["author"]))))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise LabelError(f"Row {n}: {exc}") from None
+        if not 0 <= feature < sae.d_sae:
+            raise LabelError(f"Row {n}: feature {feature} does not exist (0..{sae.d_sae - 1}).")
+    known = {
+        (r.feature, r.text, r.category, r.author)
+        for r in session.scalars(select(LabelRevision).where(LabelRevision.sae_id == sae.id))
+    }
+    added = skipped = 0
+    for entry in checked:
+        if entry in known:
+            skipped += 1
+            continue
+        feature, text, category, author = entry
+        current = session.scalar(select(Label).where(Label.sae_id == sae.id, Label.feature == feature))
+        save_label(session, sae, feature, text, category, author, current.revision if current else 0)
+        known.add(entry)
+        added += 1
+    return {"added": added, "skipped": skipped}

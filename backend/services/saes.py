@@ -1,0 +1,67 @@
+"""SAEs for the overview: metadata, metrics, training curve and evaluation table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from clipscope.db.models import Evaluation, Sae, SaeStatus, TrainingPoint
+
+
+def sae_summary(sae: Sae) -> dict[str, Any]:
+    return {
+        "key": sae.key,
+        "name": sae.name,
+        "status": sae.status,
+        "ready": sae.status == SaeStatus.READY,
+        "model": sae.model,
+        "pretrained": sae.pretrained,
+        "random_weights": sae.random_weights,
+        "layer": sae.layer,
+        "tokens": sae.tokens,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "recipe": sae.recipe,
+        "metrics": sae.metrics or {},
+        "precompute": sae.precompute or {},
+        "created_at": sae.created_at.isoformat() if sae.created_at else None,
+    }
+
+
+def list_saes(session: Session) -> list[Sae]:
+    return list(session.scalars(select(Sae).order_by(Sae.created_at.desc(), Sae.id.desc())))
+
+
+def training_curve(session: Session, sae_id: int) -> list[dict[str, Any]]:
+    points = session.scalars(select(TrainingPoint).where(TrainingPoint.sae_id == sae_id).order_by(TrainingPoint.step))
+    return [
+        {
+            "step": p.step, "samples": p.samples, "loss": p.loss, "mse": p.mse, "train_evr": p.train_evr,
+            "heldout_evr": p.heldout_evr, "l0": p.l0, "dead_fraction": p.dead_fraction, "lr": p.lr,
+        }
+        for p in points
+    ]
+
+
+def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
+    """One row per (dataset, templates): every condition's accuracy and the spliced drop."""
+    rows = session.scalars(select(Evaluation).where(Evaluation.sae_id == sae_id).order_by(Evaluation.dataset, Evaluation.split))
+    table: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        entry = table.setdefault(
+            (r.dataset, r.split, r.dataset_key, r.templates),
+            {"dataset": r.dataset, "split": r.split, "n": r.n, "templates": r.templates, "conditions": {}},
+        )
+        entry["conditions"][r.condition] = {"top1": r.top1, "top5": r.top5}
+    out = []
+    for entry in table.values():
+        c = entry["conditions"]
+        if "clean" in c and "spliced" in c:
+            clean, spliced = c["clean"]["top1"], c["spliced"]["top1"]
+            entry["drop_pp"] = 100 * (clean - spliced)
+            entry["drop_relative"] = (clean - spliced) / clean if clean else None
+        out.append(entry)
+    return out

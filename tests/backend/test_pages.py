@@ -1,0 +1,202 @@
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipscope.db.models import Sae, SaeStatus
+from clipscope.db.session import session_scope
+
+
+def test_overview_shows_each_sae_with_metrics_curve_and_evaluations(web):
+    client, key = web
+    page = client.get("/").text
+    assert key in page and "ViT-B-32" in page and "random-initialised CLIP" in page
+    for fact in ("block", "tokens", "64 latents, k = 8", "topk", "EVR", "L0", "MSE", "dead"):
+        assert fact in page
+    assert page.count("<svg") >= 2 and "held-out EVR" in page
+    assert "synthetic/test" in page and "mean-ablation" in page
+
+
+def test_every_page_of_a_random_weights_sae_carries_the_banner(web):
+    client, key = web
+    for url in (f"/saes/{key}/features", f"/saes/{key}/features/0", f"/saes/{key}/analyze"):
+        assert "random-initialised CLIP weights" in client.get(url).text, url
+
+
+def test_feature_list_pages_sorts_and_filters(web):
+    client, key = web
+    api = lambda **q: client.get(f"/api/saes/{key}/features", params=q).json()  # noqa: E731
+    first, second = api(per_page=10), api(per_page=10, page=2)
+    assert first["total"] == 64
+    assert [f["index"] for f in first["features"]] == list(range(10))
+    assert [f["index"] for f in second["features"]] == list(range(10, 20))
+    by_freq = api(sort="frequency", order="desc", per_page=64)["features"]
+    freqs = [f["frequency"] for f in by_freq]
+    assert freqs == sorted(freqs, reverse=True)
+    dead = api(dead="only", per_page=64)
+    assert all(f["is_dead"] for f in dead["features"]) and dead["total"] == sum(1 for f in by_freq if f["is_dead"])
+    assert api(dead="hide", per_page=64)["total"] == 64 - dead["total"]
+    band = api(min_freq=0.05, max_freq=0.5, per_page=64)["features"]
+    assert all(0.05 <= f["frequency"] <= 0.5 for f in band)
+    alive = next(f for f in by_freq if not f["is_dead"])
+    assert len(alive["examples"]) >= 1 and alive["examples"][0]["thumbnail"].startswith("/thumbnails/")
+    html = client.get(f"/saes/{key}/features?per_page=10&page=2&sort=frequency").text
+    assert 'rel="prev"' in html and 'rel="next"' in html and "page 2 of 7" in html
+
+
+def test_labels_filter_search_and_sort(web):
+    client, key = web
+    for idx, text, cat in ((3, "red circles", "semantic"), (5, "stripes_100%", "visual"), (7, "Red stars", "semantic")):
+        r = client.post(f"/api/saes/{key}/features/{idx}/labels", json={"text": text, "category": cat, "author": "ann"})
+        assert r.status_code == 201
+    api = lambda **q: client.get(f"/api/saes/{key}/features", params={"per_page": 64, **q}).json()  # noqa: E731
+    assert [f["index"] for f in api(labelled="yes")["features"]] == [3, 5, 7]
+    assert api(labelled="no")["total"] == 61
+    assert [f["index"] for f in api(q="RED")["features"]] == [3, 7]
+    assert [f["index"] for f in api(q="_100%")["features"]] == [5]  # LIKE wildcards are literal
+    assert [f["index"] for f in api(category="visual")["features"]] == [5]
+    assert [f["index"] for f in api(sort="label", labelled="yes")["features"]] == [3, 7, 5]
+    assert "red circles" in client.get(f"/saes/{key}/features?labelled=yes").text
+
+
+def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
+    client, key = web
+    detail = client.get(f"/api/saes/{key}/features", params={"sort": "frequency", "order": "desc", "per_page": 1}).json()["features"][0]
+    idx = detail["index"]
+    page = client.get(f"/saes/{key}/features/{idx}").text
+    assert f"Feature #{idx}" in page
+    assert page.count('class="thumbs collage"') == 1
+    assert "Activation histogram" in page and "<rect" in page
+    assert "Nearest features" in page and "Examples across activation intervals" in page
+    assert f'href="/saes/{key}/features/{idx + 1}"' in page and "random" in page
+    assert 'name="base_revision" value="0"' in page
+    data = client.get(f"/api/saes/{key}/features/{idx}").json()
+    assert len(data["top"]) <= 6 and len(data["neighbours"]) == 3
+    acts = [e["activation"] for e in data["top"]]
+    assert acts == sorted(acts, reverse=True)
+    png = client.get(f"/saes/{key}/features/{idx}/collage.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size[0] == 4 * 160
+    r = client.get(f"/saes/{key}/features/random", follow_redirects=False)
+    assert r.status_code == 303 and re.fullmatch(rf"/saes/{key}/features/\d+", r.headers["location"])
+    assert client.get(f"/saes/{key}/features/64").status_code == 404
+    assert client.get("/saes/nope/features/1").status_code == 404
+
+
+def test_saving_a_label_appends_revisions_shown_as_history(web):
+    client, key = web
+    r = client.post(f"/saes/{key}/features/2/label", data={"text": "blue", "category": "semantic", "author": "ann", "base_revision": 0}, follow_redirects=False)
+    assert r.status_code == 303
+    r = client.post(f"/saes/{key}/features/2/label", data={"text": "blue squares", "category": "visual", "author": "bob", "base_revision": 1})
+    assert r.status_code == 200 and "Saved." in r.text
+    history = client.get(f"/api/saes/{key}/features/2/labels").json()
+    assert [(h["revision"], h["text"], h["author"]) for h in history] == [(2, "blue squares", "bob"), (1, "blue", "ann")]
+    assert "blue squares" in r.text and "r1" in r.text and 'name="base_revision" value="2"' in r.text
+
+
+def test_a_concurrent_edit_is_a_conflict_that_shows_both_versions_and_loses_nothing(web):
+    client, key = web
+    client.post(f"/api/saes/{key}/features/4/labels", json={"text": "dots", "category": "visual", "author": "ann"})
+    # bob opened the editor at revision 1; ann saves revision 2 first
+    assert client.post(f"/api/saes/{key}/features/4/labels", json={"text": "polka dots", "category": "visual", "author": "ann", "base_revision": 1}).status_code == 201
+    api = client.post(f"/api/saes/{key}/features/4/labels", json={"text": "noise", "category": "noise", "author": "bob", "base_revision": 1})
+    assert api.status_code == 409
+    assert api.json()["current"]["text"] == "polka dots" and api.json()["proposed"]["text"] == "noise"
+    page = client.post(f"/saes/{key}/features/4/label", data={"text": "noise", "category": "noise", "author": "bob", "base_revision": 1})
+    assert page.status_code == 409 and "polka dots" in page.text and "noise" in page.text and "Nothing was overwritten" in page.text
+    assert 'name="base_revision" value="2"' in page.text  # saving again from the conflict view is deliberate
+    assert [h["text"] for h in client.get(f"/api/saes/{key}/features/4/labels").json()] == ["polka dots", "dots"]
+
+
+def test_invalid_labels_are_refused_with_a_message(web):
+    client, key = web
+    r = client.post(f"/saes/{key}/features/1/label", data={"text": "  ", "category": "semantic", "author": "ann", "base_revision": 0})
+    assert r.status_code == 422 and "empty" in r.text
+    r = client.post(f"/api/saes/{key}/features/1/labels", json={"text": "x", "category": "bogus", "author": "ann"})
+    assert r.status_code == 422
+    assert client.get(f"/api/saes/{key}/features/1/labels").json() == []
+
+
+def test_labels_export_as_jsonl_and_csv_and_import_back(web):
+    client, key = web
+    for text in ("one", "two"):
+        base = len(client.get(f"/api/saes/{key}/features/9/labels").json())
+        client.post(f"/api/saes/{key}/features/9/labels", json={"text": text, "category": "unclear", "author": "ann", "base_revision": base})
+    jsonl = client.get(f"/api/saes/{key}/labels.jsonl")
+    lines = [l for l in jsonl.text.splitlines() if l]
+    assert len(lines) == 2 and '"text": "one"' in lines[0]
+    csv_text = client.get(f"/api/saes/{key}/labels.csv").text
+    assert csv_text.splitlines()[0] == "sae,feature,revision,text,category,author,created_at" and len(csv_text.splitlines()) == 3
+    again = client.post(f"/api/saes/{key}/labels/import", files={"file": ("l.jsonl", jsonl.content)})
+    assert again.json() == {"added": 0, "skipped": 2}
+    edited = csv_text.replace("two", "three")
+    r = client.post(f"/api/saes/{key}/labels/import?format=csv", files={"file": ("l.csv", edited.encode())})
+    assert r.json() == {"added": 1, "skipped": 1}
+    assert [h["text"] for h in client.get(f"/api/saes/{key}/features/9/labels").json()] == ["three", "two", "one"]
+    bad = client.post(f"/api/saes/{key}/labels/import", files={"file": ("l.jsonl", b'{"feature": 9}\nnot json\n')})
+    assert bad.status_code == 422
+
+
+def _png(seed=0, size=(96, 80)):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(web, web_data):
+    client, key = web
+    settings, _ = web_data
+    r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
+    assert r.status_code == 200
+    body = r.json()
+    acts = [e["activation"] for e in body["by_activation"]]
+    assert acts == sorted(acts, reverse=True) and 0 < body["n_active"] <= 8
+    rel = [e["relative"] for e in body["by_relative"]]
+    assert rel == sorted(rel, reverse=True)
+    from clipscope.clip.hooks import residual_at
+    from clipscope.clip.loading import load_clip
+    from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+    from clipscope.config import ModelConfig
+    from clipscope.sae.io import load_sae
+
+    cfg = ModelConfig(pretrained="none", layer=10)
+    clip = load_clip(cfg)
+    sae, _ = load_sae(settings.data_dir / "saes" / key / "sae")
+    image = build_transform(preprocess_descriptor(cfg))(Image.open(io.BytesIO(_png())).convert("RGB"))[None]
+    with torch.no_grad():
+        code = sae.encode(residual_at(clip.visual, image, 10)[:, 0])
+    expected = sorted(((v, i) for i, v in zip(code.indices[0].tolist(), code.values[0].tolist()) if v > 0), reverse=True)
+    assert [e["index"] for e in body["by_activation"]] == [i for _, i in expected]
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
+    assert page.status_code == 200 and "features fire on" in page.text and "of its max" in page.text
+
+
+@pytest.mark.parametrize("payload", [b"", b"not an image at all", _png()[:60]])
+def test_analyze_refuses_what_is_not_an_image_with_a_clear_4xx(web, payload):
+    client, key = web
+    r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")})
+    assert r.status_code == 400 and ("empty" in r.json()["detail"] or "not a readable image" in r.json()["detail"])
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")})
+    assert page.status_code == 400 and 'role="alert"' in page.text
+
+
+def test_openapi_describes_the_api_only_and_healthz_answers(web):
+    client, _ = web
+    paths = client.get("/openapi.json").json()["paths"]
+    assert all(p.startswith("/api/") for p in paths)
+    assert "/api/saes/{sae}/features/{idx}/labels" in paths and "/api/saes/{sae}/analyze" in paths
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_an_sae_that_is_not_ready_has_no_feature_pages(web, web_data):
+    client, key = web
+    url = client.app.state.database_url
+    with session_scope(url) as s:
+        s.query(Sae).filter(Sae.key == key).update({"status": SaeStatus.TRAINED})
+    assert client.get(f"/saes/{key}/features").status_code == 409
+    assert client.get(f"/api/saes/{key}/features/0").status_code == 409
+    assert "trained" in client.get("/").text

@@ -1,0 +1,65 @@
+"""The explorer in a real browser: browse, filter, label, analyze. Screenshots land in artifacts/screenshots/."""
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_path):
+    base, key = server
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+
+    page.goto(base + "/")
+    assert page.locator(f"#sae-{key}").is_visible()
+    assert page.get_by_text("random-initialised CLIP weights").first.is_visible()
+    shot(page, "1-overview")
+
+    page.click(f"#sae-{key} h2 a")
+    page.wait_for_url(f"**/saes/{key}/features")
+    assert page.locator(".feature-row").count() == 50
+    page.click("a[rel=next]")
+    page.wait_for_url("**page=2**")
+    assert page.locator(".feature-row .idx").first.inner_text() == "#50"
+    page.select_option("select[name=sort]", "frequency")
+    page.select_option("select[name=order]", "desc")
+    page.select_option("select[name=dead]", "hide")
+    page.click("form.filters button")
+    page.wait_for_url("**dead=hide**")
+    freqs = page.locator(".feature-row .meta .small").all_inner_texts()
+    assert freqs and not any("dead" in t for t in freqs)
+    shot(page, "2-feature-list")
+
+    first = page.locator(".feature-row .idx").first
+    idx = first.inner_text().lstrip("#")
+    first.click()
+    page.wait_for_url(f"**/features/{idx}")
+    assert page.locator(".thumbs.collage img").count() >= 1
+    page.fill("textarea[name=text]", "blue things <script>alert(1)</script>")
+    page.select_option("select[name=category]", "semantic")
+    page.fill("input[name=author]", "e2e")
+    page.click("form.label-form button")
+    page.wait_for_url("**saved=1")
+    assert page.get_by_role("status").inner_text() == "Saved."
+    assert "blue things <script>alert(1)</script>" in page.locator(".history").inner_text()
+    shot(page, "3-feature")
+
+    page.goto(f"{base}/saes/{key}/features?labelled=yes")
+    rows = page.locator(".feature-row")
+    assert rows.count() == 1 and "blue things" in rows.first.inner_text()
+    shot(page, "4-labelled-list")
+
+    image = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(image)
+    page.goto(f"{base}/saes/{key}/analyze")
+    page.set_input_files("input[type=file]", str(image))
+    page.click("#analyze-form button")
+    page.wait_for_selector(".analyze-by_activation .feature-row")
+    assert page.locator(".analyze-by_activation .feature-row").count() >= 1
+    assert "features fire on" in page.content()
+    shot(page, "5-analyze")
+
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone.goto(f"{base}/saes/{key}/features/{idx}")
+    assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
+    shot(phone, "6-feature-phone")
