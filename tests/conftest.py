@@ -138,3 +138,20 @@ def db_ctx(tmp_path, db_url) -> Context:
     return Context(
         Settings(data_dir=tmp_path / "data", database_url=db_url, device="cpu", num_workers=0, progress=False, allow_downloads=False)
     )
+
+
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI (CI=true) a skipped test is a failure: the PostgreSQL and browser tests must run there."""
+    import os
+
+    if os.environ.get("CI") and _skipped and session.exitstatus == 0:
+        session.config.get_terminal_writer().line(f"CI: {len(_skipped)} test(s) skipped, which CI does not allow: {_skipped}", red=True)
+        session.exitstatus = 1

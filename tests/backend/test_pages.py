@@ -200,3 +200,35 @@ def test_an_sae_that_is_not_ready_has_no_feature_pages(web, web_data):
     assert client.get(f"/saes/{key}/features").status_code == 409
     assert client.get(f"/api/saes/{key}/features/0").status_code == 409
     assert "trained" in client.get("/").text
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"sort": "frequency", "order": "desc"}, {"sort": "max"}, {"dead": "hide", "dense": "hide"}, {"min_freq": 0.1}, {"labelled": "yes"}],
+    ids=["index", "frequency", "max", "flags", "min_freq", "labelled"],
+)
+def test_feature_list_queries_use_an_index(web, params):
+    """Every statement the list issues is answered through an index (no full scan of features or examples)."""
+    from sqlalchemy import event
+
+    client, key = web
+    engine = __import__("clipscope.db.session", fromlist=["get_engine"]).get_engine(client.app.state.database_url)
+    statements = []
+    listener = lambda conn, cursor, stmt, params, ctx, many: statements.append((stmt, params))  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        assert client.get(f"/api/saes/{key}/features", params=params).status_code == 200
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    checked = 0
+    with engine.connect() as conn:
+        for stmt, p in statements:
+            if "FROM features" not in stmt and "FROM feature_examples" not in stmt:
+                continue
+            plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt, p)]
+            for line in plan:
+                for table in ("features", "feature_examples"):
+                    if line.startswith(f"SCAN {table}") and "USING" not in line:
+                        raise AssertionError(f"full scan of {table}: {line}\n{stmt}")
+            checked += 1
+    assert checked >= 2
