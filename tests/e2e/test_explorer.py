@@ -38,11 +38,17 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.fill("textarea[name=text]", "blue things <script>alert(1)</script>")
     page.select_option("select[name=category]", "semantic")
     page.fill("input[name=author]", "e2e")
-    page.click("form.label-form button")
-    page.wait_for_url("**saved=1")
+    page.click("form.label-form button")  # htmx swaps the editor in place; without JS the form posts and redirects
+    page.wait_for_selector("#label-editor .history")
     assert page.get_by_role("status").inner_text() == "Saved."
     assert "blue things <script>alert(1)</script>" in page.locator(".history").inner_text()
+    assert page.locator("#label-editor").count() == 1 and page.locator("h1").count() == 1  # swapped, not nested
     shot(page, "3-feature")
+    page.fill("textarea[name=text]", "")
+    page.evaluate("document.querySelector('textarea[name=text]').removeAttribute('required')")
+    page.click("form.label-form button")
+    page.wait_for_selector("#label-editor .error")
+    assert "empty" in page.locator("#label-editor .error").inner_text()
 
     page.goto(f"{base}/saes/{key}/features?labelled=yes")
     rows = page.locator(".feature-row")
