@@ -19,6 +19,7 @@ from clipscope.storage import atomic_dir, atomic_write_json, read_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+SAE_LENS_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 def sae_lens_cfg(sae: TopKSAE, meta: dict[str, Any]) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def sae_lens_cfg(sae: TopKSAE, meta: dict[str, Any]) -> dict[str, Any]:
 
 def write_sae_files(sae: TopKSAE, folder: Path, meta: dict[str, Any]) -> None:
     """Write the two files into an existing folder (callers make it atomic)."""
-    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in SAE_LENS_TENSORS}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     atomic_write_json(folder / CFG_FILE, sae_lens_cfg(sae, meta))
 
@@ -71,6 +72,6 @@ def load_sae(folder: Path, device: str | torch.device = "cpu") -> tuple[TopKSAE,
     sae = TopKSAE(cfg["d_in"], cfg["d_sae"], k, use_b_dec=bool(cfg.get("apply_b_dec_to_input", True)))
     tensors = load_file(str(folder / WEIGHTS_FILE))
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        for name in SAE_LENS_TENSORS:  # W_enc copies into the transposed view of encoder_weight
             getattr(sae, name).copy_(tensors[name])
     return sae.to(device).eval(), cfg.get("clipscope", {})

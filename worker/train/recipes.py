@@ -1,6 +1,6 @@
 """The two training recipes: what is optimised, the loss, and what happens around each step.
 
-* ``seed`` - the study to the letter: Adam on ``W_enc`` and ``b_enc`` only; the decoder is never
+* ``seed`` - the study to the letter: Adam on the encoder weight and ``b_enc`` only; the decoder is never
   optimised and changes only through the unit-norm renormalisation after every step; loss =
   MSE + l1(step) * L1, with l1 warmed linearly from ``l1_start`` to ``l1_end`` over
   ``l1_warmup_steps``; constant learning rate.
@@ -82,8 +82,13 @@ class SeedRecipe(Recipe):
     def prepare(self, sae: TopKSAE) -> None:
         sae.W_dec.requires_grad_(False)
 
+    def after_step(self, sae: TopKSAE) -> None:
+        """The study renormalises the decoder after every step. Its decoder is never optimised and
+        was normalised at initialisation, so that renormalisation is the identity (to rounding):
+        it is not recomputed 17,760 times. A test checks the decoder stays unit-norm and unchanged."""
+
     def parameters(self, sae: TopKSAE) -> list[torch.nn.Parameter]:
-        return [sae.W_enc, sae.b_enc]
+        return [sae.encoder_weight, sae.b_enc]
 
     @property
     def base_lr(self) -> float:
@@ -116,7 +121,7 @@ class TopKRecipe(Recipe):
                 sae.b_dec.copy_(geometric_median(sample))
 
     def parameters(self, sae: TopKSAE) -> list[torch.nn.Parameter]:
-        return [p for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec) if p.requires_grad]
+        return [p for p in (sae.encoder_weight, sae.b_enc, sae.W_dec, sae.b_dec) if p.requires_grad]
 
     @property
     def base_lr(self) -> float:
@@ -139,35 +144,27 @@ class TopKRecipe(Recipe):
         return lr
 
     def loss(self, sae: TopKSAE, x: torch.Tensor, step: int, tracker: FiringTracker) -> StepOutput:
-        pre = sae.pre_activations(x)
-        code = sae.select(pre)
-        x_hat = sae.decode(code)
-        err = x - x_hat
-        total_var = (x - x.mean(0)).pow(2).sum()
-        fvu = err.pow(2).sum() / total_var
-        mse = err.pow(2).mean()
-        auxk = self._auxk(sae, pre, err.detach(), tracker)
-        return StepOutput(fvu + self.cfg.auxk_coef * auxk, mse, x_hat, code, {"fvu": fvu.detach(), "auxk": auxk.detach()})
+        """FVU + AuxK: the residual reconstructed from the top ``k_aux`` dead latents (Gao et al. 2024).
 
-    def _auxk(self, sae: TopKSAE, pre: torch.Tensor, err: torch.Tensor, tracker: FiringTracker) -> torch.Tensor:
-        """Reconstruct the residual from the top ``k_aux`` dead latents (Gao et al. 2024, AuxK).
-
-        Computed every step with a mask instead of a data-dependent branch, so it never stalls
-        the device; with no dead latent all aux values are zero and so is the loss.
+        AuxK is computed every step with a mask instead of a data-dependent branch, so it never
+        stalls the device; with no dead latent all aux values are zero and so is its loss.
         """
         dead = tracker.dead_mask()
         k_aux = min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
-        masked = pre.masked_fill(~dead, float("-inf"))
-        values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-        values = torch.where(torch.isfinite(values), F.relu(values), torch.zeros_like(values))
-        err_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum")
-        denom = (err - err.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (err_hat - err).pow(2).sum() / denom * dead.any()
+        code, aux = sae.encode_with_aux(x, dead, k_aux)
+        x_hat = sae.decode(code)
+        err = x - x_hat
+        fvu = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        mse = err.pow(2).mean()
+        residual = err.detach()
+        err_hat = sae.decode(aux, bias=False)
+        auxk = (err_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12) * dead.any()
+        return StepOutput(fvu + self.cfg.auxk_coef * auxk, mse, x_hat, code, {"fvu": fvu.detach(), "auxk": auxk.detach()})
 
 
 def _init_on_cpu(sae: TopKSAE, scheme: str, seed: int) -> None:
     """Initialise with a CPU generator, so the same seed gives the same weights on any device."""
-    device = sae.W_enc.device
+    device = sae.encoder_weight.device
     sae.to("cpu").init_weights(scheme, generator=_generator(seed))
     sae.to(device)
 
