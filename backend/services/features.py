@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import and_, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae
 
@@ -42,14 +42,23 @@ def _label_join():
 
 
 def list_features(session: Session, sae: Sae, query: FeatureQuery, strip: int = 6) -> tuple[list[dict[str, Any]], int]:
-    """One page of features (with their label and first ``strip`` top images) and the total matching."""
-    stmt = select(Feature, Label).outerjoin(Label, _label_join()).where(Feature.sae_id == sae.id)
-    if query.labelled == "yes":
-        stmt = stmt.where(Label.id.is_not(None))
-    elif query.labelled == "no":
-        stmt = stmt.where(Label.id.is_(None))
-    if query.category:
-        stmt = stmt.where(Label.category == query.category)
+    """One page of features (with their label and first ``strip`` top images) and the total matching.
+
+    Labels are joined only when a filter or the sort needs them; otherwise the count and the page
+    come from the features index alone and the page's labels are fetched by primary key.
+    """
+    stmt = select(Feature).where(Feature.sae_id == sae.id)
+    if query.labelled != "any" or query.category or query.q or query.sort == "label":
+        stmt = stmt.outerjoin(Label, _label_join())
+        if query.labelled == "yes":
+            stmt = stmt.where(Label.id.is_not(None))
+        elif query.labelled == "no":
+            stmt = stmt.where(Label.id.is_(None))
+        if query.category:
+            stmt = stmt.where(Label.category == query.category)
+        if query.q:
+            escaped = query.q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            stmt = stmt.where(func.lower(Label.text).like(f"%{escaped}%", escape="\\"))
     for flag, column in (("dead", Feature.is_dead), ("dense", Feature.is_dense)):
         choice = getattr(query, flag)
         if choice != "any":
@@ -58,20 +67,22 @@ def list_features(session: Session, sae: Sae, query: FeatureQuery, strip: int = 
         stmt = stmt.where(Feature.frequency >= query.min_freq)
     if query.max_freq is not None:
         stmt = stmt.where(Feature.frequency <= query.max_freq)
-    if query.q:
-        escaped = query.q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        stmt = stmt.where(func.lower(Label.text).like(f"%{escaped}%", escape="\\"))
-    total = session.scalar(select(func.count()).select_from(stmt.subquery()))
+    total = session.scalar(stmt.with_only_columns(func.count()).order_by(None))
     column = {"index": Feature.idx, "frequency": Feature.frequency, "max": Feature.max_activation, "label": func.lower(Label.text)}[query.sort]
     ordered = column.desc() if query.order == "desc" else column.asc()
     if query.sort == "label":
         ordered = ordered.nulls_last()
-    stmt = stmt.order_by(ordered, Feature.idx).offset((query.page - 1) * query.per_page).limit(query.per_page)
-    rows = session.execute(stmt).all()
-    strips = top_examples(session, sae.id, [f.idx for f, _ in rows], limit=strip)
-    return [
-        {**feature_stats(f), "label": label_dict(label), "examples": strips.get(f.idx, [])} for f, label in rows
-    ], total
+    page = stmt.with_only_columns(Feature.idx).order_by(ordered, Feature.idx)
+    ids = list(session.scalars(page.offset((query.page - 1) * query.per_page).limit(query.per_page)))
+    rows = {f.idx: f for f in session.scalars(select(Feature).options(load_only(*LIST_COLUMNS)).where(Feature.sae_id == sae.id, Feature.idx.in_(ids)))} if ids else {}
+    features = [rows[i] for i in ids]
+    labels = {lab.feature: lab for lab in session.scalars(select(Label).where(Label.sae_id == sae.id, Label.feature.in_(ids)))} if ids else {}
+    strips = top_examples(session, sae.id, ids, limit=strip)
+    return [{**feature_stats(f), "label": label_dict(labels.get(f.idx)), "examples": strips.get(f.idx, [])} for f in features], total
+
+
+LIST_COLUMNS = (Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense)
+"""What a list row shows: the JSON columns (histogram, intervals, neighbours) stay unread."""
 
 
 def feature_stats(f: Feature) -> dict[str, Any]:

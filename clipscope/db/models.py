@@ -141,8 +141,8 @@ class Feature(Base):
 
     __tablename__ = "features"
     __table_args__ = (
-        Index("ix_features_sae_frequency", "sae_id", "frequency"),
-        Index("ix_features_sae_max", "sae_id", "max_activation"),
+        Index("ix_features_sae_frequency", "sae_id", "frequency", "idx"),  # covering: pages are found in the index
+        Index("ix_features_sae_max", "sae_id", "max_activation", "idx"),
         Index("ix_features_sae_flags", "sae_id", "is_dead", "is_dense"),
     )
 

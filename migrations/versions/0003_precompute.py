@@ -50,8 +50,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('features', schema=None) as batch_op:
         batch_op.create_index('ix_features_sae_flags', ['sae_id', 'is_dead', 'is_dense'], unique=False)
-        batch_op.create_index('ix_features_sae_frequency', ['sae_id', 'frequency'], unique=False)
-        batch_op.create_index('ix_features_sae_max', ['sae_id', 'max_activation'], unique=False)
+        batch_op.create_index('ix_features_sae_frequency', ['sae_id', 'frequency', 'idx'], unique=False)
+        batch_op.create_index('ix_features_sae_max', ['sae_id', 'max_activation', 'idx'], unique=False)
 
     op.create_table('label_revisions',
     sa.Column('id', sa.Integer(), nullable=False),

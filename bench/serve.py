@@ -1,0 +1,174 @@
+"""Serving: requests/s and p50/p99 of the feature page and the feature list with 49,152 features x 12
+examples in SQLite, against a static file of the same size served by the same server; then the
+latency of analyzing a 512 x 512 JPEG and the throughput under 8 concurrent uploads.
+
+The server is a real `clipscope serve` process; the load comes from threads in this process, on
+loopback only, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
+    import torch
+    from sqlalchemy import insert
+
+    from clipscope.config import ModelConfig, parse_config
+    from clipscope.db import migrate
+    from clipscope.db.models import Feature, FeatureExample, Image as ImageRow, Sae, SaeStatus
+    from clipscope.db.session import session_scope
+    from clipscope.sae.io import save_sae
+    from clipscope.sae.model import TopKSAE
+    from clipscope.thumbnails import ensure_thumbnail
+
+    url = f"sqlite:///{data_dir / 'clipscope.db'}"
+    migrate.upgrade(url)
+    key = "bench-serve"
+    sae = TopKSAE(768, d_sae, k, use_b_dec=False)
+    save_sae(sae, data_dir / "saes" / key / "sae", {"layer": 10, "tokens": "cls", "model": "ViT-B-32"})
+    cfg = parse_config({"name": "bench", "model": ModelConfig(pretrained="none").model_dump(mode="json"), "sae": {"d_sae": d_sae, "k": k}})
+    rng = np.random.default_rng(0)
+    with session_scope(url) as s:
+        row = Sae(key=key, name="bench", status=SaeStatus.READY, model="ViT-B-32", pretrained="none", random_weights=True,
+                  layer=10, tokens="cls", d_in=768, d_sae=d_sae, k=k, recipe="topk", config=cfg.model_dump(mode="json"), provenance={}, metrics={})
+        s.add(row)
+        s.flush()
+        images = []
+        for i in range(n_images):
+            img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((64, 64))
+            digest, rel = ensure_thumbnail(data_dir, img, 64)
+            images.append({"dataset": "synthetic", "split": "train", "dataset_key": "bench", "index": i, "label": 0, "class_name": "x",
+                           "content_hash": digest, "width": 64, "height": 64, "thumbnail": rel})
+        s.execute(insert(ImageRow), images)
+        image_ids = [r[0] for r in s.execute(ImageRow.__table__.select().with_only_columns(ImageRow.id)).all()]
+        feats, examples = [], []
+        for f in range(d_sae):
+            m = float(rng.uniform(1, 10))
+            feats.append({"sae_id": row.id, "idx": f, "n_active": 100, "frequency": float(rng.uniform(0, 0.05)), "mean_active": m / 3,
+                          "max_activation": m, "is_dead": False, "is_dense": False,
+                          "histogram": {"edges": list(np.geomspace(m / 1000, m, 25)), "counts": [4] * 24, "below": 0},
+                          "intervals": [{"lo": i * m / 5, "hi": (i + 1) * m / 5, "count": 20, "share": 0.2} for i in range(5)],
+                          "neighbours": [[int(n), 0.1] for n in rng.integers(0, d_sae, 10)]})
+            for rank in range(12):
+                examples.append({"sae_id": row.id, "feature": f, "bucket": -1, "rank": rank, "image_id": image_ids[int(rng.integers(len(image_ids)))],
+                                 "activation": m * (1 - rank / 20)})
+        s.execute(insert(Feature), feats)
+        for start in range(0, len(examples), 50_000):
+            s.execute(insert(FeatureExample), examples[start : start + 50_000])
+    return key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(client: httpx.Client, urls, seconds: float, concurrency: int) -> dict:
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+
+    def worker(seed: int) -> list[float]:
+        rnd, out = random.Random(seed), []
+        while time.perf_counter() < deadline and len(out) < 100_000:
+            url = urls(rnd)
+            t = time.perf_counter()
+            r = client.get(url)
+            out.append(time.perf_counter() - t)
+            assert r.status_code == 200, (url, r.status_code)
+        return out
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for result in pool.map(worker, range(concurrency)):
+            latencies += result
+    elapsed = time.perf_counter() - started
+    q = statistics.quantiles(latencies, n=100)
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98]}
+
+
+def jpeg_512() -> bytes:
+    rng = np.random.default_rng(1)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((512, 512)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--d-sae", type=int, default=49_152)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--analyze-requests", type=int, default=20)
+    a = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="clipscope-bench-serve-")) / "data"
+    t = time.perf_counter()
+    key = build_database(data_dir, a.d_sae, 500, 5000)
+    build_s = time.perf_counter() - t
+    port = free_port()
+    env = {**os.environ, "CLIPSCOPE_DATA_DIR": str(data_dir), "CLIPSCOPE_DEVICE": "cpu"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "clipscope"), "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=a.concurrency * 2)) as client:
+            for _ in range(300):
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            page = client.get(f"/saes/{key}/features/123").content
+            (data_dir / "thumbnails" / "static.html").write_bytes(b"x" * len(page))
+            feature = lambda r: f"/saes/{key}/features/{r.randrange(a.d_sae)}"  # noqa: E731
+            listing = lambda r: f"/saes/{key}/features?page={r.randrange(1, a.d_sae // 50)}&sort=frequency&order=desc"  # noqa: E731
+            static = lambda r: "/thumbnails/static.html"  # noqa: E731
+            results = {name: load(client, fn, a.seconds, a.concurrency) for name, fn in (("static", static), ("feature_page", feature), ("feature_list", listing))}
+            jpeg = jpeg_512()
+            post = lambda: client.post(f"/api/saes/{key}/analyze", files={"file": ("x.jpg", jpeg, "image/jpeg")})  # noqa: E731
+            post()  # loads CLIP and the SAE
+            lat = []
+            for _ in range(a.analyze_requests):
+                t = time.perf_counter()
+                assert post().status_code == 200
+                lat.append(time.perf_counter() - t)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(lambda _: post().status_code, range(32)))
+            concurrent_s = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(json.dumps({
+        "setup": f"{a.d_sae} features x 12 examples in SQLite (built in {build_s:.0f} s), one uvicorn worker, {a.concurrency} client threads, 2-core machine shared with the load generator",
+        **results,
+        "feature_page_over_static": results["feature_page"]["rps"] / results["static"]["rps"],
+        "feature_list_over_static": results["feature_list"]["rps"] / results["static"]["rps"],
+        "analyze_512_jpeg_p50_ms": 1000 * statistics.median(lat),
+        "analyze_8_concurrent_images_per_s": codes.count(200) / concurrent_s,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
