@@ -16,9 +16,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-# CSR tensors are used only as the left operand of addmm_ here, a path PyTorch supports on CPU and CUDA.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
@@ -114,7 +111,9 @@ def _latent_by_sample(idx: torch.Tensor, g: torch.Tensor, d_sae: int) -> torch.T
     latent = uniq // batch
     crow = torch.zeros(d_sae + 1, dtype=torch.long, device=idx.device)
     crow[1:] = torch.bincount(latent, minlength=d_sae).cumsum(0)
-    return torch.sparse_csr_tensor(crow, uniq % batch, values, (d_sae, batch), check_invariants=False)
+    with warnings.catch_warnings():  # "CSR support is in beta": used only as addmm_'s left operand, supported on CPU and CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, uniq % batch, values, (d_sae, batch), check_invariants=False)
 
 
 def topk_encode(
