@@ -10,6 +10,7 @@ from fastapi.templating import Jinja2Templates
 
 import clipscope
 from backend import charts
+from backend.services.analysis_pool import AnalysisPool
 from backend.services.analyze import Analyzer
 from backend.services.features import CATEGORY_NAMES
 from clipscope.db import migrate
@@ -26,13 +27,16 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     if check_schema:
         migrate.require_current(url)
     app = FastAPI(
+        max_body_size=settings.max_upload_bytes + 64 * 1024,  # multipart overhead; 413 before reading past it
         title="ClipScope",
         version=clipscope.__version__,
         description="Sparse-autoencoder features of CLIP ViT-B/32: SAEs, features, labels and live analysis.",
     )
     app.state.settings = settings
     app.state.database_url = url
-    app.state.analyzer = Analyzer(settings.data_dir, settings.resolved_device())
+    app.state.analysis = AnalysisPool(
+        Analyzer(settings.data_dir, settings.resolved_device()), settings.analyze_queue, settings.analyze_batch
+    )
     templates = Jinja2Templates(directory=str(FRONTEND / "templates"))
     templates.env.globals.update(
         version=clipscope.__version__, htmx=HTMX, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES

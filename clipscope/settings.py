@@ -42,9 +42,18 @@ class Settings(BaseSettings):
         default=2,
         description="Image-decoding worker processes for extraction (0 decodes in the main process).",
     )
-    progress: bool = Field(
-        default=True, description="Show progress bars on the console."
+    progress: bool = Field(default=True, description="Show progress bars on the console.")
+    max_upload_bytes: int = Field(
+        default=20 * 1024 * 1024,
+        description="Largest accepted request body for uploads (bytes); larger ones get 413 before they are read.",
     )
+    max_image_pixels: int = Field(
+        default=40_000_000, description="Largest accepted image (width x height); larger ones get 413 before decoding."
+    )
+    analyze_queue: int = Field(
+        default=16, description="Uploads waiting for analysis at most; when full the server answers 503 with Retry-After."
+    )
+    analyze_batch: int = Field(default=8, description="Queued uploads analysed together in one forward pass.")
 
     @property
     def resolved_database_url(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
@@ -12,12 +13,14 @@ from starlette.concurrency import run_in_threadpool
 from backend.deps import SaeDep, SessionDep
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
-from backend.services.analyze import BadImage, decode_image, rank_features
+from backend.services.analysis_pool import PoolFull
+from backend.services.analyze import rank_features
+from backend.uploads import BadUpload, decode_upload
 from backend.services.features import FeatureQuery, feature_detail, list_features
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 
 router = APIRouter(prefix="/api", tags=["api"])
-MAX_UPLOAD = 20 * 1024 * 1024
+MAX_IMPORT = 20 * 1024 * 1024
 
 
 class LabelIn(BaseModel):
@@ -88,8 +91,8 @@ def api_export_csv(sae: SaeDep, session: SessionDep):
 
 @router.post("/saes/{sae}/labels/import", summary="Import an export (JSONL or CSV); appends revisions, never overwrites")
 async def api_import(sae: SaeDep, session: SessionDep, file: UploadFile = File(...), format: Literal["jsonl", "csv"] = "jsonl") -> dict[str, int]:
-    data = await file.read(MAX_UPLOAD + 1)
-    if len(data) > MAX_UPLOAD:
+    data = await file.read(MAX_IMPORT + 1)
+    if len(data) > MAX_IMPORT:
         raise HTTPException(413, "The file is too large.")
     try:
         return label_service.import_rows(session, sae, label_service.parse_export(data.decode("utf-8-sig"), format))
@@ -98,19 +101,31 @@ async def api_import(sae: SaeDep, session: SessionDep, file: UploadFile = File(.
         raise HTTPException(422, str(exc)) from None
 
 
-async def read_upload(file: UploadFile) -> bytes:
-    data = await file.read(MAX_UPLOAD + 1)
-    if len(data) > MAX_UPLOAD:
-        raise HTTPException(413, f"The upload is larger than {MAX_UPLOAD // (1024 * 1024)} MB.")
-    return data
+async def analyze_upload(request: Request, sae, file: UploadFile) -> dict[int, float]:
+    """Check and decode the upload, queue it for analysis, and wait for its activations.
+
+    Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400/422
+    (empty, truncated, corrupt, polyglot), 503 with Retry-After (analysis queue full).
+    """
+    settings = request.app.state.settings
+    data = await file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(413, f"The upload is larger than {settings.max_upload_bytes:,} bytes.")
+    try:
+        image = await run_in_threadpool(decode_upload, data, settings.max_image_pixels)
+    except BadUpload as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    try:
+        future = request.app.state.analysis.submit(sae, image)
+    except PoolFull:
+        raise HTTPException(503, "The analyzer is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
+    return await asyncio.wrap_future(future)
 
 
-@router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image")
+@router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image",
+             responses={413: {"description": "Too large"}, 415: {"description": "Not an accepted image format"},
+                        422: {"description": "Truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
 async def api_analyze(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500)) -> dict[str, Any]:
     require_ready(sae)
-    try:
-        image = decode_image(await read_upload(file))
-    except BadImage as exc:
-        raise HTTPException(400, str(exc)) from None
-    acts = (await run_in_threadpool(request.app.state.analyzer.activations, sae, [image]))[0]
+    acts = await analyze_upload(request, sae, file)
     return rank_features(session, sae, acts, limit=limit)

@@ -6,13 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
-from starlette.concurrency import run_in_threadpool
 
 from backend.deps import SaeDep, SessionDep
-from backend.routes.api import read_upload
+from backend.routes.api import analyze_upload
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
-from backend.services.analyze import BadImage, decode_image, rank_features
+from backend.services.analyze import rank_features
 from backend.services.features import CATEGORIES, FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.collage import cached_collage
@@ -20,8 +19,8 @@ from clipscope.collage import cached_collage
 router = APIRouter(include_in_schema=False)
 
 
-def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
-    return request.app.state.templates.TemplateResponse(request, template, context, status_code=status_code)
+def render(request: Request, template: str, status_code: int = 200, headers: dict | None = None, **context) -> HTMLResponse:
+    return request.app.state.templates.TemplateResponse(request, template, context, status_code=status_code, headers=headers)
 
 
 @router.get("/healthz")
@@ -115,12 +114,11 @@ def analyze_form(request: Request, sae: SaeDep):
 
 
 @router.post("/saes/{sae}/analyze", response_class=HTMLResponse)
-async def analyze_upload(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...)):
+async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...)):
     require_ready(sae)
     try:
-        image = decode_image(await read_upload(file))
-    except BadImage as exc:
-        return render(request, "analyze.html", status_code=400, sae=sae_summary(sae), result=None, error=str(exc))
-    acts = (await run_in_threadpool(request.app.state.analyzer.activations, sae, [image]))[0]
+        acts = await analyze_upload(request, sae, file)
+    except HTTPException as exc:
+        return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None, error=exc.detail)
     result = rank_features(session, sae, acts)
     return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename)

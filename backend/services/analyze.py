@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,29 +21,6 @@ from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
 
 from backend.services.features import label_dict, top_examples
-
-MAX_PIXELS = 40_000_000
-
-
-class BadImage(ValueError):
-    """The upload is not an image ClipScope can read (shown as a 4xx with this message)."""
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB image with EXIF orientation applied; refuses empty, corrupt and oversized images."""
-    if not data:
-        raise BadImage("The upload is empty.")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise Image.DecompressionBombError(img.size)
-            img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except Image.DecompressionBombError:
-        raise BadImage(f"The image has more than {MAX_PIXELS:,} pixels.") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadImage(f"The upload is not a readable image ({type(exc).__name__}).") from None
-
 
 class _Loaded:
     def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):

@@ -1,0 +1,74 @@
+"""A bounded, batching queue in front of live analysis.
+
+Uploads wait in a queue of fixed size; one worker thread takes everything queued (up to a batch)
+and runs CLIP and the SAE once for the lot. A full queue refuses at once (the caller answers 503
+with Retry-After) instead of queueing without end, so memory stays bounded under any load.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from backend.services.analyze import Analyzer
+from clipscope.db.models import Sae
+
+
+class PoolFull(Exception):
+    """The analysis queue is full; try again later."""
+
+
+@dataclass
+class _Job:
+    sae: Sae
+    image: Image.Image
+    future: Future = field(default_factory=Future)
+
+
+class AnalysisPool:
+    def __init__(self, analyzer: Analyzer, queue_size: int, max_batch: int):
+        self.analyzer, self.max_batch = analyzer, max(1, max_batch)
+        self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, queue_size))
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, sae: Sae, image: Image.Image) -> Future:
+        """A future of ``{feature: activation}`` for the image; raises :class:`PoolFull` at once when full."""
+        job = _Job(sae, image)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise PoolFull() from None
+        self._ensure_worker()
+        return job.future
+
+    def _ensure_worker(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="clipscope-analysis", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            jobs = [self._queue.get()]
+            while len(jobs) < self.max_batch:
+                try:
+                    jobs.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            by_sae: dict[str, list[_Job]] = {}
+            for job in jobs:
+                by_sae.setdefault(job.sae.key, []).append(job)
+            for group in by_sae.values():
+                try:
+                    results = self.analyzer.activations(group[0].sae, [j.image for j in group])
+                except Exception as exc:  # delivered to each waiting request, which reports it
+                    for j in group:
+                        j.future.set_exception(exc)
+                else:
+                    for j, acts in zip(group, results):
+                        j.future.set_result(acts)
