@@ -10,6 +10,7 @@ from fastapi.templating import Jinja2Templates
 
 import clipscope
 from backend import charts
+from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.analyze import Analyzer
 from backend.services.features import CATEGORY_NAMES
@@ -39,9 +40,10 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     )
     templates = Jinja2Templates(directory=str(FRONTEND / "templates"))
     templates.env.globals.update(
-        version=clipscope.__version__, htmx=HTMX, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
+        version=clipscope.__version__, htmx=HTMX, csrf_field=CSRF_FIELD, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
     )
     app.state.templates = templates
+    app.add_middleware(CsrfMiddleware)
     app.mount("/static", StaticFiles(directory=str(FRONTEND / "static")), name="static")
     thumbs = Path(settings.data_dir) / "thumbnails"
     thumbs.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import SaeDep, SessionDep
 from backend.routes.api import analyze_upload
+from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analyze import rank_features
@@ -71,7 +72,7 @@ def feature_page(request: Request, sae: SaeDep, idx: int, session: SessionDep):
     return _feature_page(request, sae, session, idx)
 
 
-@router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse)
+@router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse, dependencies=[CsrfForm])
 def save_label_form(
     request: Request, sae: SaeDep, idx: int, session: SessionDep,
     text: Annotated[str, Form()] = "", category: Annotated[str, Form()] = "unclear",
@@ -113,7 +114,7 @@ def analyze_form(request: Request, sae: SaeDep):
     return render(request, "analyze.html", sae=sae_summary(sae), result=None)
 
 
-@router.post("/saes/{sae}/analyze", response_class=HTMLResponse)
+@router.post("/saes/{sae}/analyze", response_class=HTMLResponse, dependencies=[CsrfForm])
 async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...)):
     require_ready(sae)
     try:

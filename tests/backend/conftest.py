@@ -49,3 +49,10 @@ def web(web_data, tmp_path):
     app = private_app(web_data, tmp_path)
     with TestClient(app) as client:
         yield client, key
+
+
+def with_token(client, **data) -> dict:
+    """Form data plus the CSRF token of this client's cookie (fetched by a first GET when needed)."""
+    if "clipscope_csrf" not in client.cookies:
+        client.get("/")
+    return {**data, "csrf_token": client.cookies["clipscope_csrf"]}

@@ -8,6 +8,7 @@ from PIL import Image
 
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.db.session import session_scope
+from tests.backend.conftest import with_token
 
 
 def test_overview_shows_each_sae_with_metrics_curve_and_evaluations(web):
@@ -88,9 +89,9 @@ def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
 
 def test_saving_a_label_appends_revisions_shown_as_history(web):
     client, key = web
-    r = client.post(f"/saes/{key}/features/2/label", data={"text": "blue", "category": "semantic", "author": "ann", "base_revision": 0}, follow_redirects=False)
+    r = client.post(f"/saes/{key}/features/2/label", data=with_token(client, **{"text": "blue", "category": "semantic", "author": "ann", "base_revision": 0}), follow_redirects=False)
     assert r.status_code == 303
-    r = client.post(f"/saes/{key}/features/2/label", data={"text": "blue squares", "category": "visual", "author": "bob", "base_revision": 1})
+    r = client.post(f"/saes/{key}/features/2/label", data=with_token(client, **{"text": "blue squares", "category": "visual", "author": "bob", "base_revision": 1}))
     assert r.status_code == 200 and "Saved." in r.text
     history = client.get(f"/api/saes/{key}/features/2/labels").json()
     assert [(h["revision"], h["text"], h["author"]) for h in history] == [(2, "blue squares", "bob"), (1, "blue", "ann")]
@@ -105,7 +106,7 @@ def test_a_concurrent_edit_is_a_conflict_that_shows_both_versions_and_loses_noth
     api = client.post(f"/api/saes/{key}/features/4/labels", json={"text": "noise", "category": "noise", "author": "bob", "base_revision": 1})
     assert api.status_code == 409
     assert api.json()["current"]["text"] == "polka dots" and api.json()["proposed"]["text"] == "noise"
-    page = client.post(f"/saes/{key}/features/4/label", data={"text": "noise", "category": "noise", "author": "bob", "base_revision": 1})
+    page = client.post(f"/saes/{key}/features/4/label", data=with_token(client, **{"text": "noise", "category": "noise", "author": "bob", "base_revision": 1}))
     assert page.status_code == 409 and "polka dots" in page.text and "noise" in page.text and "Nothing was overwritten" in page.text
     assert 'name="base_revision" value="2"' in page.text  # saving again from the conflict view is deliberate
     assert [h["text"] for h in client.get(f"/api/saes/{key}/features/4/labels").json()] == ["polka dots", "dots"]
@@ -113,7 +114,7 @@ def test_a_concurrent_edit_is_a_conflict_that_shows_both_versions_and_loses_noth
 
 def test_invalid_labels_are_refused_with_a_message(web):
     client, key = web
-    r = client.post(f"/saes/{key}/features/1/label", data={"text": "  ", "category": "semantic", "author": "ann", "base_revision": 0})
+    r = client.post(f"/saes/{key}/features/1/label", data=with_token(client, **{"text": "  ", "category": "semantic", "author": "ann", "base_revision": 0}))
     assert r.status_code == 422 and "empty" in r.text
     r = client.post(f"/api/saes/{key}/features/1/labels", json={"text": "x", "category": "bogus", "author": "ann"})
     assert r.status_code == 422
@@ -171,7 +172,7 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
         code = sae.encode(residual_at(clip.visual, image, 10)[:, 0])
     expected = sorted(((v, i) for i, v in zip(code.indices[0].tolist(), code.values[0].tolist()) if v > 0), reverse=True)
     assert [e["index"] for e in body["by_activation"]] == [i for _, i in expected]
-    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}, data=with_token(client))
     assert page.status_code == 200 and "features fire on" in page.text and "of its max" in page.text
 
 
@@ -180,7 +181,7 @@ def test_analyze_refuses_what_is_not_an_image_with_a_clear_4xx(web, payload):
     client, key = web
     r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")})
     assert r.status_code in (400, 415, 422) and r.json()["detail"].startswith("The ")
-    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")})
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")}, data=with_token(client))
     assert page.status_code == r.status_code and 'role="alert"' in page.text and r.json()["detail"] in page.text
 
 
