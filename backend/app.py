@@ -9,7 +9,10 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 import clipscope
+from starlette.middleware.sessions import SessionMiddleware
+
 from backend import charts
+from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.analyze import Analyzer
@@ -40,10 +43,17 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     )
     templates = Jinja2Templates(directory=str(FRONTEND / "templates"))
     templates.env.globals.update(
-        version=clipscope.__version__, htmx=HTMX, csrf_field=CSRF_FIELD, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
+        version=clipscope.__version__, htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
     )
     app.state.templates = templates
-    app.add_middleware(CsrfMiddleware)
+    if settings.auth == "password":
+        if settings.browse == "closed":
+            app.add_middleware(LoginGate)
+        app.add_middleware(
+            SessionMiddleware, secret_key=settings.resolved_secret_key(), session_cookie=SESSION_COOKIE,
+            same_site="lax", https_only=False, max_age=14 * 24 * 3600,
+        )
+    app.add_middleware(CsrfMiddleware)  # outermost: refuses cross-site writes before anything else runs
     app.mount("/static", StaticFiles(directory=str(FRONTEND / "static")), name="static")
     thumbs = Path(settings.data_dir) / "thumbnails"
     thumbs.mkdir(parents=True, exist_ok=True)

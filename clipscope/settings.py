@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,33 @@ class Settings(BaseSettings):
         default=16, description="Uploads waiting for analysis at most; when full the server answers 503 with Retry-After."
     )
     analyze_batch: int = Field(default=8, description="Queued uploads analysed together in one forward pass.")
+    auth: Literal["none", "password"] = Field(
+        default="none",
+        description="'none': anyone may browse and label (authors type their name); 'password': labelling "
+        "requires logging in (users are added with `clipscope users add`), and the author is the user.",
+    )
+    browse: Literal["open", "closed"] = Field(
+        default="open", description="With auth = password: 'open' lets anyone browse, 'closed' requires logging in for every page."
+    )
+    secret_key: str | None = Field(
+        default=None,
+        description="Key that signs session cookies; default: a random key kept in <data_dir>/secret_key (created on first use).",
+    )
+
+    def resolved_secret_key(self) -> str:
+        """The configured key, or the one kept in the data dir (created with mode 0600 on first use)."""
+        if self.secret_key:
+            return self.secret_key
+        import os
+        import secrets
+
+        path = Path(self.data_dir) / "secret_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(48))
+        return path.read_text().strip()
 
     @property
     def resolved_database_url(self) -> str:

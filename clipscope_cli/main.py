@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train SAEs on CLIP ViT-B/32 and explore their features.")
 db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(no_args_is_help=True, help="Accounts for CLIPSCOPE_AUTH=password.")
+app.add_typer(users_app, name="users")
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 ConfigArg = typer.Argument(..., dir_okay=False, help="Run config (TOML), e.g. configs/seed.toml.")
@@ -160,6 +162,38 @@ def _sae_session(key: str):
             yield session, row
 
     return scope()
+
+
+@users_app.command("add")
+def users_add(
+    username: str = typer.Argument(..., help="Login name (also the author of this user's labels)."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
+) -> None:
+    """Add a user who may log in and label (password hashed with scrypt)."""
+    from clipscope.accounts import add_user
+    from clipscope.db.session import session_scope
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    ctx = _setup()
+    try:
+        with session_scope(ctx.database_url) as session:
+            add_user(session, username, password)
+    except ValueError as exc:
+        raise ClipScopeError(str(exc)) from None
+    typer.echo(f"added user {username.strip()}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List the users."""
+    from sqlalchemy import select
+
+    from clipscope.db.models import User
+    from clipscope.db.session import session_scope
+
+    with session_scope(_setup().database_url) as session:
+        for name in session.scalars(select(User.username).order_by(User.username)):
+            typer.echo(name)
 
 
 @db_app.command("upgrade")

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from backend.auth import author_for_write
 from backend.deps import SaeDep, SessionDep
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
@@ -65,10 +66,11 @@ def api_label_history(sae: SaeDep, idx: int, session: SessionDep) -> list[dict[s
 
 @router.post("/saes/{sae}/features/{idx}/labels", status_code=201, summary="Save a label (appends a revision)",
              responses={409: {"description": "Someone saved a newer revision: both versions are returned"}})
-def api_save_label(sae: SaeDep, idx: int, body: LabelIn, session: SessionDep) -> dict[str, Any]:
+def api_save_label(request: Request, sae: SaeDep, idx: int, body: LabelIn, session: SessionDep) -> dict[str, Any]:
     require_feature(sae, idx)
+    author = author_for_write(request, body.author)
     try:
-        rev = label_service.save_label(session, sae, idx, body.text, body.category, body.author, body.base_revision)
+        rev = label_service.save_label(session, sae, idx, body.text, body.category, author, body.base_revision)
     except label_service.LabelConflict as conflict:
         session.rollback()
         return JSONResponse(status_code=409, content={"detail": "conflict", "current": conflict.current, "proposed": conflict.proposed})
@@ -90,7 +92,8 @@ def api_export_csv(sae: SaeDep, session: SessionDep):
 
 
 @router.post("/saes/{sae}/labels/import", summary="Import an export (JSONL or CSV); appends revisions, never overwrites")
-async def api_import(sae: SaeDep, session: SessionDep, file: UploadFile = File(...), format: Literal["jsonl", "csv"] = "jsonl") -> dict[str, int]:
+async def api_import(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), format: Literal["jsonl", "csv"] = "jsonl") -> dict[str, int]:
+    author_for_write(request, "")  # with auth on, importing needs a logged-in user
     data = await file.read(MAX_IMPORT + 1)
     if len(data) > MAX_IMPORT:
         raise HTTPException(413, "The file is too large.")

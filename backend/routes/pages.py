@@ -9,12 +9,14 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import SaeDep, SessionDep
 from backend.routes.api import analyze_upload
+from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analyze import rank_features
 from backend.services.features import CATEGORIES, FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
+from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage
 
 router = APIRouter(include_in_schema=False)
@@ -30,6 +32,35 @@ def healthz(session: SessionDep) -> dict[str, str]:
 
     session.execute(text("SELECT 1"))
     return {"status": "ok"}
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, next: str = "/"):
+    return render(request, "login.html", next=_safe_next(next), error=None)
+
+
+@router.post("/login", response_class=HTMLResponse, dependencies=[CsrfForm])
+def login(request: Request, session: SessionDep, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
+          next: Annotated[str, Form()] = "/"):
+    if not auth_enabled(request):
+        raise HTTPException(404, "Authentication is off (CLIPSCOPE_AUTH=none).")
+    if not authenticate(session, username.strip(), password):
+        return render(request, "login.html", status_code=401, next=_safe_next(next), error="Unknown user or wrong password.")
+    request.session.clear()
+    request.session["user"] = username.strip()
+    return RedirectResponse(_safe_next(next), status_code=303)
+
+
+@router.post("/logout", dependencies=[CsrfForm])
+def logout(request: Request):
+    if "session" in request.scope:
+        request.session.clear()
+    return RedirectResponse("/", status_code=303)
+
+
+def _safe_next(target: str) -> str:
+    """Only same-site paths: never redirect a login to another host."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -79,6 +110,9 @@ def save_label_form(
     author: Annotated[str, Form()] = "", base_revision: Annotated[int, Form()] = 0,
 ):
     require_feature(sae, idx)
+    if auth_enabled(request) and current_user(request) is None:
+        return RedirectResponse(f"/login?next=/saes/{sae.key}/features/{idx}", status_code=303)
+    author = author_for_write(request, author)
     try:
         label_service.save_label(session, sae, idx, text, category, author, base_revision)
     except label_service.LabelConflict as conflict:

@@ -211,3 +211,14 @@ class LabelRevision(Base):
     category: Mapped[str] = mapped_column(String(16))
     author: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class User(Base):
+    """An account for CLIPSCOPE_AUTH=password; the password is stored as a salted scrypt hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256), doc="scrypt$n$r$p$salt$hash (base64).")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
