@@ -81,12 +81,12 @@ def check_polyglot(data: bytes, fmt: str) -> None:
     end = _image_end(data, fmt)
     tail = data[end:] if end is not None else b""
     if len(tail.strip(b"\x00\r\n ")) > 16:
-        raise BadUpload(422, f"The {fmt} file carries {len(tail)} bytes of other data after the image (a polyglot file); upload the image alone.")
+        raise BadUpload(400, f"The {fmt} file carries {len(tail)} bytes of other data after the image (a polyglot file); upload the image alone.")
     if any(sig in data for sig in _EMBEDDED):
-        raise BadUpload(422, "The file embeds an archive, document or program next to the image (a polyglot file); upload the image alone.")
+        raise BadUpload(400, "The file embeds an archive, document or program next to the image (a polyglot file); upload the image alone.")
     head = data[:65536].lower()
     if any(sig in head for sig in _MARKUP):
-        raise BadUpload(422, "The file contains markup or script next to the image data; upload a plain image.")
+        raise BadUpload(400, "The file contains markup or script next to the image data; upload a plain image.")
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
@@ -101,7 +101,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
                 if fmt not in ALLOWED_FORMATS:
                     raise BadUpload(415, f"{fmt} images are not accepted; use JPEG, PNG, WebP, GIF, BMP or TIFF.")
                 if img.width <= 0 or img.height <= 0:
-                    raise BadUpload(422, "The image has no pixels.")
+                    raise BadUpload(400, "The image has no pixels.")
                 if img.width * img.height > max_pixels:
                     raise BadUpload(413, f"The image is {img.width} x {img.height} pixels; at most {max_pixels:,} pixels are accepted.")
                 check_polyglot(data, fmt)
@@ -114,10 +114,10 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise BadUpload(413, f"The image decompresses to more than {max_pixels:,} pixels.") from None
     except UnidentifiedImageError:
         if claimed := sniff(data):
-            raise BadUpload(422, f"The file starts like a {claimed} image but is truncated or corrupt.") from None
+            raise BadUpload(400, f"The file starts like a {claimed} image but is truncated or corrupt.") from None
         raise BadUpload(415, "The upload is not an image in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF).") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError, ZeroDivisionError, MemoryError, struct.error) as exc:
-        raise BadUpload(422, f"The image is truncated or corrupt ({type(exc).__name__}).") from None
+        raise BadUpload(400, f"The image is truncated or corrupt ({type(exc).__name__}).") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -75,7 +75,7 @@ def api_save_label(request: Request, sae: SaeDep, idx: int, body: LabelIn, sessi
         session.rollback()
         return JSONResponse(status_code=409, content={"detail": "conflict", "current": conflict.current, "proposed": conflict.proposed})
     except label_service.LabelError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(400, str(exc)) from None
     return label_service.revision_dict(rev)
 
 
@@ -101,13 +101,13 @@ async def api_import(request: Request, sae: SaeDep, session: SessionDep, file: U
         return label_service.import_rows(session, sae, label_service.parse_export(data.decode("utf-8-sig"), format))
     except (label_service.LabelError, UnicodeDecodeError) as exc:
         session.rollback()
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(400, str(exc)) from None
 
 
 async def analyze_upload(request: Request, sae, file: UploadFile) -> dict[int, float]:
     """Check and decode the upload, queue it for analysis, and wait for its activations.
 
-    Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400/422
+    Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400
     (empty, truncated, corrupt, polyglot), 503 with Retry-After (analysis queue full).
     """
     settings = request.app.state.settings
@@ -127,7 +127,7 @@ async def analyze_upload(request: Request, sae, file: UploadFile) -> dict[int, f
 
 @router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image",
              responses={413: {"description": "Too large"}, 415: {"description": "Not an accepted image format"},
-                        422: {"description": "Truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
+                        400: {"description": "Empty, truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
 async def api_analyze(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500)) -> dict[str, Any]:
     require_ready(sae)
     acts = await analyze_upload(request, sae, file)

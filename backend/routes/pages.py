@@ -121,7 +121,7 @@ def save_label_form(
     except label_service.LabelError as exc:
         session.rollback()
         draft = {"text": text, "category": category, "author": author, "base_revision": base_revision}
-        return _feature_page(request, sae, session, idx, status_code=422, error=str(exc), draft=draft)
+        return _feature_page(request, sae, session, idx, status_code=400, error=str(exc), draft=draft)
     return RedirectResponse(f"/saes/{sae.key}/features/{idx}?saved=1", status_code=303)
 
 

@@ -19,7 +19,7 @@ EXPORT_FIELDS = ("sae", "feature", "revision", "text", "category", "author", "cr
 
 
 class LabelError(ValueError):
-    """Invalid label input (shown to the user as a 422)."""
+    """Invalid label input (shown to the user as a 400)."""
 
 
 @dataclass

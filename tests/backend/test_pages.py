@@ -115,7 +115,7 @@ def test_a_concurrent_edit_is_a_conflict_that_shows_both_versions_and_loses_noth
 def test_invalid_labels_are_refused_with_a_message(web):
     client, key = web
     r = client.post(f"/saes/{key}/features/1/label", data=with_token(client, **{"text": "  ", "category": "semantic", "author": "ann", "base_revision": 0}))
-    assert r.status_code == 422 and "empty" in r.text
+    assert r.status_code == 400 and "empty" in r.text
     r = client.post(f"/api/saes/{key}/features/1/labels", json={"text": "x", "category": "bogus", "author": "ann"})
     assert r.status_code == 422
     assert client.get(f"/api/saes/{key}/features/1/labels").json() == []
@@ -138,7 +138,7 @@ def test_labels_export_as_jsonl_and_csv_and_import_back(web):
     assert r.json() == {"added": 1, "skipped": 1}
     assert [h["text"] for h in client.get(f"/api/saes/{key}/features/9/labels").json()] == ["three", "two", "one"]
     bad = client.post(f"/api/saes/{key}/labels/import", files={"file": ("l.jsonl", b'{"feature": 9}\nnot json\n')})
-    assert bad.status_code == 422
+    assert bad.status_code == 400
 
 
 def _png(seed=0, size=(96, 80)):
@@ -180,7 +180,7 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
 def test_analyze_refuses_what_is_not_an_image_with_a_clear_4xx(web, payload):
     client, key = web
     r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")})
-    assert r.status_code in (400, 415, 422) and r.json()["detail"].startswith("The ")
+    assert r.status_code in (400, 415) and r.json()["detail"].startswith("The ")
     page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", payload, "image/png")}, data=with_token(client))
     assert page.status_code == r.status_code and 'role="alert"' in page.text and r.json()["detail"] in page.text
 

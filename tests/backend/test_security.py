@@ -75,3 +75,15 @@ def test_markup_in_labels_renders_as_text_on_every_page_and_export(web):
     assert jsonl.headers["content-type"].startswith("application/x-ndjson")
     csv_resp = client.get(f"/api/saes/{key}/labels.csv")
     assert csv_resp.headers["content-type"].startswith("text/csv") and "attachment" in csv_resp.headers["content-disposition"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/thumbnails/../clipscope.db", "/thumbnails/..%2Fclipscope.db", "/thumbnails/%2e%2e/clipscope.db", "/static/../../etc/passwd",
+     "/static/..%2F..%2F..%2Fetc%2Fpasswd", "/saes/..%2F..%2Fetc/features", "/api/saes/..%2Fclipscope.db", "/thumbnails/secret_key"],
+)
+def test_no_path_reaches_a_file_outside_the_served_folders(web, path):
+    client, _ = web
+    r = client.get(path)
+    assert r.status_code in (400, 404), (path, r.status_code)
+    assert b"SQLite format" not in r.content and b"root:" not in r.content
