@@ -28,7 +28,7 @@ class LabelIn(BaseModel):
     text: str = Field(..., max_length=label_service.MAX_TEXT, description="What the feature responds to.")
     category: Literal["semantic", "visual", "noise", "unclear"] = Field(..., description="Kind of feature.")
     author: str = Field(..., max_length=128, description="Who labels.")
-    base_revision: int = Field(0, ge=0, description="Revision the editor started from (0 = unlabelled); a stale one is a conflict.")
+    base_revision: int = Field(0, ge=0, le=1_000_000_000, description="Revision the editor started from (0 = unlabelled); a stale one is a conflict.")
 
 
 @router.get("/saes", summary="All SAEs with their metrics")

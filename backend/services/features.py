@@ -18,7 +18,7 @@ CATEGORY_NAMES = {"semantic": "semantic", "visual": "visual pattern", "noise": "
 class FeatureQuery(BaseModel):
     """Paging, sorting and filtering of the feature list (all of it lives in the URL)."""
 
-    page: int = Field(1, ge=1, description="1-based page number.")
+    page: int = Field(1, ge=1, le=1_000_000, description="1-based page number.")
     per_page: int = Field(50, ge=1, le=500, description="Features per page.")
     sort: Literal["index", "frequency", "max", "label"] = Field("index", description="Sort key.")
     order: Literal["asc", "desc"] = Field("asc", description="Sort direction.")

@@ -233,3 +233,10 @@ def test_feature_list_queries_use_an_index(web, params):
                         raise AssertionError(f"full scan of {table}: {line}\n{stmt}")
             checked += 1
     assert checked >= 2
+
+
+def test_absurd_paging_and_indices_are_client_errors(web):
+    client, key = web
+    assert client.get(f"/api/saes/{key}/features", params={"page": 184467440737095518}).status_code == 422
+    assert client.get(f"/api/saes/{key}/features/99999999999999999999").status_code in (404, 422)
+    assert client.get(f"/saes/{key}/features?page=0").status_code == 422
