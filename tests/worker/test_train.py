@@ -141,3 +141,20 @@ def test_held_out_images_never_train(ctx):
     assert len(held) == 10 and len(train_rows) == 90
     assert not set(train_rows) & set(held)
     assert list(split_images(100, 0.1, seed=0)[1]) == list(held)
+
+
+def test_topk_recipe_removes_the_parallel_decoder_gradient_before_the_step():
+    from clipscope.config import TrainConfig
+    from clipscope.sae.metrics import FiringTracker
+    from worker.train.recipes import make_recipe
+
+    sae = TopKSAE(32, 128, 4, use_b_dec=True)
+    sae.init_weights("tied", generator=torch.Generator().manual_seed(0))
+    recipe = make_recipe(TrainConfig(recipe="topk"), 100, 32, 128)
+    recipe.prepare(sae)
+    x = torch.tensor(planted_data(n=64)[0], dtype=torch.float32)
+    recipe.loss(sae, x, 0, FiringTracker(128, 10**6)).loss.backward()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
+    assert parallel.abs().max() > 1e-4, "the raw gradient has a parallel part to remove"
+    recipe.before_step(sae)
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=1), torch.zeros(128), atol=1e-6, rtol=0)

@@ -127,6 +127,10 @@ class TopKRecipe(Recipe):
     def base_lr(self) -> float:
         return self.cfg.lr or 2e-4 / math.sqrt(self.d_sae / 2**14)
 
+    def before_step(self, sae: TopKSAE) -> None:
+        """Remove each atom's gradient component along itself, so the step cannot change its norm to first order."""
+        sae.remove_parallel_decoder_grad_()
+
     @property
     def warmup_steps(self) -> int:
         if self.cfg.lr_warmup_steps is not None:
