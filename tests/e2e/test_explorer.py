@@ -38,7 +38,10 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.fill("textarea[name=text]", "blue things <script>alert(1)</script>")
     page.select_option("select[name=category]", "semantic")
     page.fill("input[name=author]", "e2e")
-    page.click("form.label-form button")  # htmx swaps the editor in place; without JS the form posts and redirects
+    page.wait_for_function("window.htmx !== undefined")  # the deferred script has run and bound the form
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/label")) as posted:
+        page.click("form.label-form button")  # htmx swaps the editor in place; without JS the form posts and redirects
+    assert posted.value.status in (200, 303), f"label POST answered {posted.value.status}: {posted.value.text()[:300]}"
     page.wait_for_selector("#label-editor .history")
     assert page.get_by_role("status").inner_text() == "Saved."
     assert "blue things <script>alert(1)</script>" in page.locator(".history").inner_text()
@@ -46,7 +49,8 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     shot(page, "3-feature")
     page.fill("textarea[name=text]", "")
     page.evaluate("document.querySelector('textarea[name=text]').removeAttribute('required')")
-    page.click("form.label-form button")
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/label")):
+        page.click("form.label-form button")
     page.wait_for_selector("#label-editor .error")
     assert "empty" in page.locator("#label-editor .error").inner_text()
 
