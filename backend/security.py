@@ -9,11 +9,11 @@ Non-browser clients (scripts using the JSON API) send no Origin and are not affe
 from __future__ import annotations
 
 import secrets
-from http.cookies import SimpleCookie
 from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Form, HTTPException, Request
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CSRF_COOKIE = "clipscope_csrf"
@@ -36,8 +36,8 @@ class CsrfMiddleware:
         if scope["method"] in UNSAFE and self._cross_site(headers):
             await _plain(send, 403, b"Cross-site request refused.")
             return
-        cookie = SimpleCookie(headers.get("cookie", ""))
-        token = cookie[CSRF_COOKIE].value if CSRF_COOKIE in cookie and len(cookie[CSRF_COOKIE].value) >= 32 else None
+        token = cookie_parser(headers.get("cookie", "")).get(CSRF_COOKIE)  # Starlette's lenient parser
+        token = token if token and len(token) >= 32 else None
         fresh = token is None
         token = token or secrets.token_urlsafe(32)
         scope.setdefault("state", {})["csrf_token"] = token
