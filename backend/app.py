@@ -16,7 +16,7 @@ from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.analyze import Analyzer
-from backend.services.features import CATEGORY_NAMES
+from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
 from clipscope.settings import Settings, get_settings
 

@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
-    import torch
     from sqlalchemy import insert
 
     from clipscope.config import ModelConfig, parse_config

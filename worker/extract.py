@@ -86,19 +86,21 @@ def extract(
     return ExtractResult(cache, cache.n_images - start)
 
 
-def _tower_shape(model_cfg: ModelConfig) -> tuple[int, int]:
-    """(width, token positions) of the vision tower, read from open_clip's model config."""
+def _vision_cfg(model_cfg: ModelConfig) -> dict:
     import open_clip
 
-    vision = (open_clip.get_model_config(model_cfg.name) or {}).get("vision_cfg", {})
+    return (open_clip.get_model_config(model_cfg.name) or {}).get("vision_cfg", {})
+
+
+def _tower_shape(model_cfg: ModelConfig) -> tuple[int, int]:
+    """(width, token positions) of the vision tower, read from open_clip's model config (no weights)."""
+    vision = _vision_cfg(model_cfg)
     grid = vision.get("image_size", 224) // vision.get("patch_size", 32)
     return int(vision.get("width", 768)), grid * grid + 1
 
 
 def _n_layers(model_cfg: ModelConfig) -> int:
-    import open_clip
-
-    return int((open_clip.get_model_config(model_cfg.name) or {}).get("vision_cfg", {}).get("layers", 12))
+    return int(_vision_cfg(model_cfg).get("layers", 12))
 
 
 def cache_is_complete(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> bool:

@@ -15,7 +15,7 @@ from clipscope.sae.io import load_sae
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
 from worker.datasets import build_dataset
-from worker.extract import extract
+from worker.extract import cache_is_complete, extract
 from worker.precompute.stage import PrecomputeResult, precompute
 from worker.train.loop import TrainResult, train
 
@@ -53,8 +53,6 @@ class _LazyClip:
 
 def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
     with stage("extract") as report:
-        from worker.extract import cache_is_complete
-
         lazy = _LazyClip(ctx, cfg)
         specs = {"train": cfg.data, "eval": cfg.train.eval_data, "precompute": cfg.precompute_data}
         caches: dict[str, ActivationCache | None] = {}

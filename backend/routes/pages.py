@@ -13,8 +13,9 @@ from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
+from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
-from backend.services.features import CATEGORIES, FeatureQuery, feature_detail, list_features, random_feature
+from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage

@@ -11,8 +11,6 @@ from sqlalchemy.orm import Session, load_only
 
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae
 
-CATEGORIES = ("semantic", "visual", "noise", "unclear")
-CATEGORY_NAMES = {"semantic": "semantic", "visual": "visual pattern", "noise": "noise", "unclear": "unclear"}
 
 
 class FeatureQuery(BaseModel):

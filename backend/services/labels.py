@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from clipscope.db.models import Label, LabelRevision, Sae, utcnow
 
 CATEGORIES = ("semantic", "visual", "noise", "unclear")
+CATEGORY_NAMES = {"semantic": "semantic", "visual": "visual pattern", "noise": "noise", "unclear": "unclear"}
 MAX_TEXT = 2000
 EXPORT_FIELDS = ("sae", "feature", "revision", "text", "category", "author", "created_at")
 

@@ -30,17 +30,22 @@ def web_data(tmp_path_factory):
     return settings, trained.sae_key
 
 
-def private_app(web_data, tmp_path):
-    """The explorer over a private copy of the ready database (labels never leak between tests)."""
+def copy_database(settings, dst) -> str:
+    """A consistent copy (WAL included) of the ready SQLite database; returns its URL."""
     import sqlite3
 
+    with sqlite3.connect(settings.data_dir / "clipscope.db") as src, sqlite3.connect(dst) as out:
+        src.backup(out)
+    return f"sqlite:///{dst}"
+
+
+def private_app(web_data, tmp_path, **overrides):
+    """The explorer over a private copy of the ready database (labels never leak between tests)."""
     from backend.app import create_app
 
     settings, _ = web_data
-    db = tmp_path / "clipscope.db"
-    with sqlite3.connect(settings.data_dir / "clipscope.db") as src, sqlite3.connect(db) as dst:
-        src.backup(dst)  # a consistent copy, WAL included
-    return create_app(settings.model_copy(update={"database_url": f"sqlite:///{db}"}))
+    url = copy_database(settings, tmp_path / "clipscope.db")
+    return create_app(settings.model_copy(update={"database_url": url, **overrides}))
 
 
 @pytest.fixture

@@ -1,22 +1,16 @@
 """Property-based fuzzing of the whole JSON API from its OpenAPI schema (schemathesis + hypothesis):
 no request, however odd, gets a 5xx or a response that breaks the documented schema."""
 
-import sqlite3
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings as hyp_settings
 
+from tests.backend.conftest import private_app
+
 
 @pytest.fixture(scope="module")
 def fuzz_schema(web_data, tmp_path_factory):
-    from backend.app import create_app
-
-    settings, _ = web_data
-    db = tmp_path_factory.mktemp("fuzz") / "fuzz.db"
-    with sqlite3.connect(settings.data_dir / "clipscope.db") as src, sqlite3.connect(db) as dst:
-        src.backup(dst)
-    app = create_app(settings.model_copy(update={"database_url": f"sqlite:///{db}"}))
+    app = private_app(web_data, tmp_path_factory.mktemp("fuzz"))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -1,15 +1,12 @@
 """CLIPSCOPE_AUTH=password: hashed passwords, signed sessions, login-only labelling, closed browsing."""
 
-import sqlite3
-
-import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from clipscope.accounts import hash_password, verify_password
 from clipscope.db.models import User
 from clipscope.db.session import session_scope
-from tests.backend.conftest import with_token
+from tests.backend.conftest import copy_database, with_token
 
 
 def test_passwords_are_salted_scrypt_hashes():
@@ -21,14 +18,10 @@ def test_passwords_are_salted_scrypt_hashes():
 
 def _app(web_data, tmp_path, browse):
     from backend.app import create_app
-
-    settings, key = web_data
-    db = tmp_path / "auth.db"
-    with sqlite3.connect(settings.data_dir / "clipscope.db") as src, sqlite3.connect(db) as dst:
-        src.backup(dst)
-    url = f"sqlite:///{db}"
     from clipscope.accounts import add_user
 
+    settings, key = web_data
+    url = copy_database(settings, tmp_path / "auth.db")
     with session_scope(url) as s:
         add_user(s, "ann", "s3cret-pass")
     app = create_app(settings.model_copy(update={"database_url": url, "auth": "password", "browse": browse, "secret_key": "k" * 40}))

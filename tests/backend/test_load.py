@@ -4,7 +4,6 @@
 import io
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from tests.backend.conftest import copy_database
 
 
 def _rss_kb(pid: int, field: str) -> int:
@@ -29,8 +30,7 @@ def test_fifty_concurrent_uploads_get_200_or_503_and_memory_stays_bounded(web_da
     data_dir.mkdir()
     (data_dir / "saes").symlink_to(settings.data_dir / "saes")
     (data_dir / "thumbnails").symlink_to(settings.data_dir / "thumbnails")
-    with sqlite3.connect(settings.data_dir / "clipscope.db") as src, sqlite3.connect(data_dir / "clipscope.db") as dst:
-        src.backup(dst)
+    copy_database(settings, data_dir / "clipscope.db")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

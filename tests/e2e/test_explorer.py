@@ -1,6 +1,5 @@
 """The explorer in a real browser: browse, filter, label, analyze. Screenshots land in artifacts/screenshots/."""
 
-import io
 
 import numpy as np
 from PIL import Image
