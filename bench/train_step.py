@@ -24,7 +24,7 @@ from worker.train.loop import _adam, train_step  # noqa: E402
 from worker.train.recipes import make_recipe  # noqa: E402
 
 
-def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str):
+def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str, dead_fraction: float):
     cls = DenseTopKSAE if kind == "dense" else TopKSAE
     sae = cls(d, d_sae, k, use_b_dec=recipe_name == "topk").to(device)
     recipe = make_recipe(TrainConfig(recipe=recipe_name), 17_760, d, d_sae)
@@ -33,6 +33,11 @@ def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str):
     params = recipe.parameters(sae)
     optimizer = torch.optim.Adam(params, lr=recipe.base_lr) if kind == "dense" else _adam(params, recipe.base_lr)
     tracker = FiringTracker(d_sae, dead_after=10_000_000, device=device)
+    if dead_fraction > 0:  # a mid-training state: these latents never fire, so AuxK does its real work
+        dead = torch.arange(0, d_sae, round(1 / dead_fraction), device=device)
+        with torch.no_grad():
+            sae.b_enc[dead] = -1e3
+        tracker.since_fired[dead] = tracker.dead_after
     return sae, recipe, optimizer, tracker
 
 
@@ -56,12 +61,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=500)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    parser.add_argument("--dead-fraction", type=float, default=0.1, help="share of latents made dead (AuxK's input)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = parser.parse_args()
     d = 768
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(a.batch, d, generator=g).to(a.device) for _ in range(a.steps)]
-    sides = {kind: build(kind, a.recipe, d, a.d_sae, a.k, a.device) for kind in ("dense", "sparse")}
+    sides = {kind: build(kind, a.recipe, d, a.d_sae, a.k, a.device, a.dead_fraction) for kind in ("dense", "sparse")}
     for parts in sides.values():
         time_steps(parts, xs[:1], 0, a.device)  # warm-up
     times: dict[str, list[float]] = {kind: [] for kind in sides}
@@ -70,7 +76,7 @@ def main() -> None:
             times[kind].append(time_steps(parts, xs, 1 + r * a.steps, a.device))
     dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
     print(json.dumps({
-        "shape": f"d={d}, d_sae={a.d_sae}, k={a.k}, batch {a.batch}, recipe {a.recipe}, {a.device}, {torch.get_num_threads()} threads",
+        "shape": f"d={d}, d_sae={a.d_sae}, k={a.k}, batch {a.batch}, recipe {a.recipe}, {a.dead_fraction:.0%} dead, {a.device}, {torch.get_num_threads()} threads",
         "dense_reference_steps_per_s": 1 / dense,
         "clipscope_steps_per_s": 1 / sparse,
         "speedup": dense / sparse,

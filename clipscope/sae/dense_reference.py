@@ -24,9 +24,8 @@ class DenseTopKSAE(TopKSAE):
         aux_values = torch.where(torch.isfinite(aux_values), F.relu(aux_values), torch.zeros_like(aux_values))
         return SparseCode(indices, F.relu(values), self.d_sae), SparseCode(aux_indices, aux_values, self.d_sae)
 
-    def decode(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
-        out = code.to_dense() @ self.W_dec
-        return out + self.b_dec if bias else out
+    def decode_codes(self, *codes: SparseCode) -> list[torch.Tensor]:
+        return [code.to_dense() @ self.W_dec for code in codes]
 
     def zero_grad_(self) -> None:
         for p in self.parameters():

@@ -57,7 +57,7 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in), requires_grad=use_b_dec)
-        self._grad_rows: dict[str, list[torch.Tensor]] = {}  # per kept gradient: rows written since the last zeroing
+        self._grad_buffers: dict[str, torch.Tensor] = {}  # gradient memory reused across steps (zero_grad_)
         self.init_weights("linear")
 
     @property
@@ -104,46 +104,43 @@ class TopKSAE(nn.Module):
 
     def decode(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
         """``z W_dec (+ b_dec)`` reading only the k named rows of ``W_dec`` per input."""
-        out = sparse_decode(code.indices, code.values.to(self.W_dec.dtype), self.W_dec, sink=self)
+        out = self.decode_codes(code)[0]
         return out + self.b_dec if bias else out
+
+    def decode_codes(self, *codes: SparseCode) -> list[torch.Tensor]:
+        """``z W_dec`` (no bias) of each code; their decoder-weight gradients are computed together."""
+        return sparse_decode([(c.indices, c.values.to(self.W_dec.dtype)) for c in codes], self.W_dec, sink=self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
         code = self.encode(x)
         return self.decode(code), code
 
     @torch.no_grad()
-    def accumulate_grad(self, name: str, by_sample: torch.Tensor, dense: torch.Tensor, rows: torch.Tensor) -> None:
-        """``param.grad += by_sample @ dense`` for ``encoder_weight`` or ``W_dec``, touching only ``rows``.
+    def accumulate_grad(self, name: str, by_sample: torch.Tensor, dense: torch.Tensor) -> None:
+        """``param.grad += by_sample @ dense`` for ``encoder_weight`` or ``W_dec`` (``by_sample`` sparse CSR).
 
-        The gradient buffer is kept between steps (see :meth:`zero_grad_`), so a step allocates no
-        ``[d_sae, d_in]`` tensor (150 MB at the study's shape) and pays no page faults for one.
+        When the gradient is unset (after :meth:`zero_grad_`) the product is written straight into
+        the buffer kept from the last step (``beta=0``: every row written once, old values never
+        read), so a step neither allocates a ``[d_sae, d_in]`` tensor (150 MB at the study's shape)
+        nor spends a pass zeroing one.
         """
         param = getattr(self, name)
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-            self._grad_rows[name] = []
-        param.grad.addmm_(by_sample, dense)
-        if name in self._grad_rows:
-            self._grad_rows[name].append(rows)
+        if param.grad is not None:
+            param.grad.addmm_(by_sample, dense)
+            return
+        buffer = self._grad_buffers.get(name)
+        if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype or buffer.device != param.device:
+            buffer = torch.zeros_like(param)  # zeros, not empty: beta=0 must never meet a NaN of fresh memory
+        param.grad = buffer.addmm_(by_sample, dense, beta=0)
 
     def zero_grad_(self) -> None:
-        """What ``optimizer.zero_grad(set_to_none=True)`` does, except that the kept buffers of
-        ``encoder_weight`` and ``W_dec`` are zeroed in place, only where written when that is cheaper."""
+        """``optimizer.zero_grad(set_to_none=True)``, keeping the dense gradients of ``encoder_weight``
+        and ``W_dec`` aside for :meth:`accumulate_grad` to overwrite in the next backward pass."""
         for name in ("encoder_weight", "W_dec"):
-            grad, written = getattr(self, name).grad, self._grad_rows.get(name)
-            if grad is None:
-                continue
-            if written is None:  # written by something else: drop it like autograd's zero_grad would
-                getattr(self, name).grad = None
-                continue
-            if written:
-                rows = torch.cat(written).unique()
-                if 4 * len(rows) > self.d_sae:  # past a quarter of the rows a plain fill is faster
-                    grad.zero_()
-                else:
-                    grad.index_fill_(0, rows, 0.0)
-            self._grad_rows[name] = []
-        for p in (self.b_enc, self.b_dec):
+            grad = getattr(self, name).grad
+            if grad is not None and not grad.is_sparse:
+                self._grad_buffers[name] = grad
+        for p in self.parameters():
             p.grad = None
 
     @torch.no_grad()
@@ -152,9 +149,15 @@ class TopKSAE(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
-    def remove_parallel_decoder_grad_(self) -> None:
-        """Drop the gradient component along each (unit) atom, so a step cannot change its norm to first order."""
-        if self.W_dec.grad is None:
+    def remove_parallel_decoder_grad_(self, chunk_rows: int = 4096) -> None:
+        """Drop the gradient component along each (unit) atom, so a step cannot change its norm to first order.
+
+        Done in chunks of rows that stay in cache between the dot products and the update: 3-4x
+        faster than whole-matrix temporaries on the CPU at the study's shape.
+        """
+        grad = self.W_dec.grad
+        if grad is None:
             return
-        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * self.W_dec)
+        for start in range(0, self.d_sae, chunk_rows):
+            g, w = grad[start : start + chunk_rows], self.W_dec[start : start + chunk_rows]
+            g.addcmul_((g * w).sum(dim=1, keepdim=True), w, value=-1)

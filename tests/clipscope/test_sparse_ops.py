@@ -7,6 +7,8 @@ from clipscope.config import TrainConfig
 from clipscope.sae.dense_reference import DenseTopKSAE
 from clipscope.sae.metrics import FiringTracker
 from clipscope.sae.model import TopKSAE
+from clipscope.sae.sparse_ops import topk_unsorted
+from worker.train.loop import train_step
 from worker.train.recipes import make_recipe
 
 D_IN, D_SAE, K = 48, 384, 12
@@ -31,9 +33,10 @@ def _tracker(dead_every: int):
     return tracker
 
 
-@pytest.mark.parametrize("recipe", ["seed", "topk"])
-def test_loss_and_every_gradient_equal_the_dense_reference(recipe):
-    cfg = TrainConfig(recipe=recipe, auxk_k=20)
+@pytest.mark.parametrize(("recipe", "auxk_k"), [("seed", 20), ("topk", 20), ("topk", 200)])
+def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k):
+    """``auxk_k`` 200 asks for more latents than are dead (128): the slots past them hold nothing."""
+    cfg = TrainConfig(recipe=recipe, auxk_k=auxk_k)
     sparse, dense = pair(use_b_dec=recipe == "topk")
     x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
     tracker = _tracker(3)
@@ -67,26 +70,53 @@ def test_input_gradient_equals_the_dense_reference():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_training_steps_stay_equal_to_the_dense_reference():
-    cfg = TrainConfig(recipe="topk")
-    sparse, dense = pair(use_b_dec=True)
-    tracker = _tracker(4)
-    opts = []
+@pytest.mark.parametrize("recipe", ["seed", "topk"])
+def test_training_steps_stay_equal_to_the_dense_reference(recipe):
+    """Five steps of the real training step (kept gradient buffers, parallel-gradient removal,
+    renormalisation) on both implementations."""
+    cfg = TrainConfig(recipe=recipe)
+    sparse, dense = pair(use_b_dec=recipe == "topk")
+    sides = []
     for sae in (sparse, dense):
         r = make_recipe(cfg, 50, D_IN, D_SAE)
         r.prepare(sae)
-        opts.append((sae, r, torch.optim.Adam(r.parameters(sae), lr=1e-3)))
+        sides.append((sae, r, torch.optim.Adam(r.parameters(sae), lr=1e-3), _tracker(4)))
     for step in range(5):
         x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(10 + step))
-        for sae, r, opt in opts:
-            out = r.loss(sae, x, step, tracker)
-            opt.zero_grad()
-            out.loss.backward()
-            r.before_step(sae)
-            opt.step()
-            r.after_step(sae)
+        for sae, r, opt, tracker in sides:
+            train_step(sae, r, opt, tracker, x, step, 1e-3)
+    torch.testing.assert_close(sides[0][3].since_fired, sides[1][3].since_fired, rtol=0, atol=0)
     for name in ("encoder_weight", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_kept_gradient_buffer_is_overwritten_not_added_to():
+    sparse, dense = pair(use_b_dec=True)
+    x1, x2 = torch.randn(2, 16, D_IN, generator=torch.Generator().manual_seed(6))
+    sparse.decode(sparse.encode(x1)).pow(2).sum().backward()
+    kept = sparse.encoder_weight.grad.data_ptr(), sparse.W_dec.grad.data_ptr()
+    sparse.zero_grad_()
+    assert sparse.encoder_weight.grad is None and sparse.W_dec.grad is None
+    for sae in (sparse, dense):
+        sae.decode(sae.encode(x2)).pow(2).sum().backward()
+    assert (sparse.encoder_weight.grad.data_ptr(), sparse.W_dec.grad.data_ptr()) == kept, "the buffers are reused"
+    for name in ("encoder_weight", "W_dec"):
+        torch.testing.assert_close(getattr(sparse, name).grad, getattr(dense, name).grad, rtol=1e-4, atol=1e-6, msg=name)
+    sparse.decode(sparse.encode(x2)).pow(2).sum().backward()  # without zero_grad_: accumulates, as autograd does
+    torch.testing.assert_close(sparse.W_dec.grad, 2 * dense.W_dec.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("batch", "width", "k"), [(16, 4096, 50), (3, 800, 100), (5, 1000, 7), (4, 96, 10)])
+def test_topk_unsorted_gives_torch_topk_values_with_ties_and_infinities(batch, width, k):
+    g = torch.Generator().manual_seed(width)
+    pre = torch.randn(batch, width, generator=g)
+    pre[0] = torch.randint(-3, 4, (width,), generator=g).float()  # many ties
+    pre[1, ::3] = float("-inf")
+    values, indices = topk_unsorted(pre, k)
+    expected = pre.topk(k, dim=-1).values
+    torch.testing.assert_close(values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0)
+    torch.testing.assert_close(pre.gather(1, indices), values, rtol=0, atol=0)
+    assert all(len(set(row.tolist())) == k for row in indices), "no index twice in a row"
 
 
 def test_slots_that_relu_zeroed_get_no_gradient_as_in_the_dense_reference():

@@ -156,12 +156,12 @@ class TopKRecipe(Recipe):
         dead = tracker.dead_mask()
         k_aux = min(self.cfg.auxk_k or self.d_in // 2, self.d_sae)
         code, aux = sae.encode_with_aux(x, dead, k_aux)
-        x_hat = sae.decode(code)
+        decoded, err_hat = sae.decode_codes(code, aux)
+        x_hat = decoded + sae.b_dec
         err = x - x_hat
         fvu = err.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
         mse = err.pow(2).mean()
         residual = err.detach()
-        err_hat = sae.decode(aux, bias=False)
         auxk = (err_hat - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12) * dead.any()
         return StepOutput(fvu + self.cfg.auxk_coef * auxk, mse, x_hat, code, {"fvu": fvu.detach(), "auxk": auxk.detach()})
 
