@@ -15,6 +15,7 @@ from backend import charts
 from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
+from backend.services.feature_order import FeatureOrders
 from backend.services.analyze import Analyzer
 from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     )
     app.state.settings = settings
     app.state.database_url = url
+    app.state.feature_orders = FeatureOrders()
     app.state.analysis = AnalysisPool(
         Analyzer(settings.data_dir, settings.resolved_device()), settings.analyze_queue, settings.analyze_batch
     )

@@ -8,6 +8,7 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.services.feature_order import FeatureOrders
 from clipscope.db.models import Sae
 from clipscope.db.session import session_scope
 from clipscope.settings import Settings
@@ -36,3 +37,11 @@ def get_sae(sae: str, session: SessionDep) -> Sae:
 
 
 SaeDep = Annotated[Sae, Depends(get_sae)]
+
+
+async def get_feature_orders(request: Request) -> FeatureOrders:
+    """The process's store of feature-list orderings (see :mod:`backend.services.feature_order`); async: no I/O, no thread hop."""
+    return request.app.state.feature_orders
+
+
+FeatureOrdersDep = Annotated[FeatureOrders, Depends(get_feature_orders)]

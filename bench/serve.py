@@ -1,5 +1,5 @@
 """Serving: requests/s and p50/p99 of the feature page and the feature list with 49,152 features x 12
-examples in SQLite, against a static file of the same size served by the same server; then the
+examples in SQLite, each against a static file of its own size served by the same server; then the
 latency of analyzing a 512 x 512 JPEG and the throughput under 8 concurrent uploads.
 
 The server is a real `clipscope serve` process; the load comes from threads in this process, on
@@ -138,12 +138,14 @@ def main() -> None:
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            page = client.get(f"/saes/{key}/features/123").content
-            (data_dir / "thumbnails" / "static.html").write_bytes(b"x" * len(page))
             feature = lambda r: f"/saes/{key}/features/{r.randrange(a.d_sae)}"  # noqa: E731
             listing = lambda r: f"/saes/{key}/features?page={r.randrange(1, a.d_sae // 50)}&sort=frequency&order=desc"  # noqa: E731
-            static = lambda r: "/thumbnails/static.html"  # noqa: E731
-            results = {name: load(client, fn, a.seconds, a.concurrency) for name, fn in (("static", static), ("feature_page", feature), ("feature_list", listing))}
+            for name, fn in (("feature_page", feature), ("feature_list", listing)):  # each page's reference: a file of its size
+                (data_dir / "thumbnails" / f"{name}.html").write_bytes(b"x" * len(client.get(fn(random.Random(0))).content))
+            results = {}
+            for name, fn in (("feature_page", feature), ("feature_list", listing)):
+                results[f"static_{name}_size"] = load(client, lambda r, name=name: f"/thumbnails/{name}.html", a.seconds, a.concurrency)
+                results[name] = load(client, fn, a.seconds, a.concurrency)
             jpeg = jpeg_512()
             post = lambda: client.post(f"/api/saes/{key}/analyze", files={"file": ("x.jpg", jpeg, "image/jpeg")})  # noqa: E731
             post()  # loads CLIP and the SAE
@@ -162,8 +164,8 @@ def main() -> None:
     print(json.dumps({
         "setup": f"{a.d_sae} features x 12 examples in SQLite (built in {build_s:.0f} s), one uvicorn worker, {a.concurrency} client threads, 2-core machine shared with the load generator",
         **results,
-        "feature_page_over_static": results["feature_page"]["rps"] / results["static"]["rps"],
-        "feature_list_over_static": results["feature_list"]["rps"] / results["static"]["rps"],
+        "feature_page_over_static": results["feature_page"]["rps"] / results["static_feature_page_size"]["rps"],
+        "feature_list_over_static": results["feature_list"]["rps"] / results["static_feature_list_size"]["rps"],
         "analyze_512_jpeg_p50_ms": 1000 * statistics.median(lat),
         "analyze_8_concurrent_images_per_s": codes.count(200) / concurrent_s,
     }, indent=2))

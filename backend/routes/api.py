@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from backend.auth import author_for_write
-from backend.deps import SaeDep, SessionDep
+from backend.deps import FeatureOrdersDep, SaeDep, SessionDep
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
@@ -42,9 +42,9 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
 
 
 @router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
-def api_features(sae: SaeDep, session: SessionDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
+def api_features(sae: SaeDep, session: SessionDep, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
     require_ready(sae)
-    rows, total = list_features(session, sae, query)
+    rows, total = list_features(session, sae, query, orders)
     return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from backend.deps import SaeDep, SessionDep
+from backend.deps import FeatureOrdersDep, SaeDep, SessionDep
 from backend.routes.api import analyze_upload
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
@@ -74,9 +74,9 @@ def overview(request: Request, session: SessionDep):
 
 
 @router.get("/saes/{sae}/features", response_class=HTMLResponse)
-def features_page(request: Request, sae: SaeDep, session: SessionDep, query: Annotated[FeatureQuery, Query()]):
+def features_page(request: Request, sae: SaeDep, session: SessionDep, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]):
     require_ready(sae)
-    rows, total = list_features(session, sae, query)
+    rows, total = list_features(session, sae, query, orders)
     pages = max(1, -(-total // query.per_page))
     params = query.model_dump(exclude_defaults=True, exclude={"page"})
     return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
@@ -95,8 +95,9 @@ def _feature_page(request: Request, sae, session, idx: int, status_code: int = 2
     detail = feature_detail(session, sae, idx)
     if detail is None:
         raise HTTPException(404, f"Feature {idx} has no precomputed data.")
+    history = label_service.history(session, sae, idx) if detail["label"] else []  # revisions exist only with a label
     return render(request, "feature.html", status_code=status_code, sae=sae_summary(sae), f=detail,
-                  history=label_service.history(session, sae, idx), categories=CATEGORIES, **extra)
+                  history=history, categories=CATEGORIES, **extra)
 
 
 @router.get("/saes/{sae}/features/{idx}", response_class=HTMLResponse)

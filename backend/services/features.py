@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import and_, func, select
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session
 
+from backend.services.feature_order import FeatureOrders
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae
-
 
 
 class FeatureQuery(BaseModel):
@@ -35,52 +35,33 @@ class FeatureQuery(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
 
-def _label_join():
-    return and_(Label.sae_id == Feature.sae_id, Label.feature == Feature.idx)
-
-
-def list_features(session: Session, sae: Sae, query: FeatureQuery, strip: int = 6) -> tuple[list[dict[str, Any]], int]:
-    """One page of features (with their label and first ``strip`` top images) and the total matching.
-
-    Labels are joined only when a filter or the sort needs them; otherwise the count and the page
-    come from the features index alone and the page's labels are fetched by primary key.
-    """
-    stmt = select(Feature).where(Feature.sae_id == sae.id)
-    if query.labelled != "any" or query.category or query.q or query.sort == "label":
-        stmt = stmt.outerjoin(Label, _label_join())
-        if query.labelled == "yes":
-            stmt = stmt.where(Label.id.is_not(None))
-        elif query.labelled == "no":
-            stmt = stmt.where(Label.id.is_(None))
-        if query.category:
-            stmt = stmt.where(Label.category == query.category)
-        if query.q:
-            escaped = query.q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            stmt = stmt.where(func.lower(Label.text).like(f"%{escaped}%", escape="\\"))
-    for flag, column in (("dead", Feature.is_dead), ("dense", Feature.is_dense)):
-        choice = getattr(query, flag)
-        if choice != "any":
-            stmt = stmt.where(column.is_(choice == "only"))
-    if query.min_freq is not None:
-        stmt = stmt.where(Feature.frequency >= query.min_freq)
-    if query.max_freq is not None:
-        stmt = stmt.where(Feature.frequency <= query.max_freq)
-    total = session.scalar(stmt.with_only_columns(func.count()).order_by(None))
-    column = {"index": Feature.idx, "frequency": Feature.frequency, "max": Feature.max_activation, "label": func.lower(Label.text)}[query.sort]
-    ordered = column.desc() if query.order == "desc" else column.asc()
-    if query.sort == "label":
-        ordered = ordered.nulls_last()
-    page = stmt.with_only_columns(Feature.idx).order_by(ordered, Feature.idx)
-    ids = list(session.scalars(page.offset((query.page - 1) * query.per_page).limit(query.per_page)))
-    rows = {f.idx: f for f in session.scalars(select(Feature).options(load_only(*LIST_COLUMNS)).where(Feature.sae_id == sae.id, Feature.idx.in_(ids)))} if ids else {}
-    features = [rows[i] for i in ids]
-    labels = {lab.feature: lab for lab in session.scalars(select(Label).where(Label.sae_id == sae.id, Label.feature.in_(ids)))} if ids else {}
-    strips = top_examples(session, sae.id, ids, limit=strip)
-    return [{**feature_stats(f), "label": label_dict(labels.get(f.idx)), "examples": strips.get(f.idx, [])} for f in features], total
-
-
 LIST_COLUMNS = (Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense)
 """What a list row shows: the JSON columns (histogram, intervals, neighbours) stay unread."""
+
+
+DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours)
+LABEL_COLUMNS = (Label.feature, Label.text, Label.category, Label.author, Label.revision, Label.updated_at)
+
+
+EXAMPLE_COLUMNS = (
+    FeatureExample.feature, FeatureExample.rank, FeatureExample.bucket, FeatureExample.activation,
+    Image.id.label("image_id"), Image.thumbnail, Image.dataset, Image.split, Image.index, Image.class_name,
+)
+"""An example as plain columns: rows come back as tuples, without building two ORM objects each."""
+
+
+def list_features(
+    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6
+) -> tuple[list[dict[str, Any]], int]:
+    """One page of features (with their label and first ``strip`` top images) and the total matching."""
+    order = orders.get(session, sae, query)
+    ids = [int(i) for i in order[(query.page - 1) * query.per_page : query.page * query.per_page]]
+    if not ids:
+        return [], len(order)
+    rows = {r.idx: r for r in session.execute(select(*LIST_COLUMNS).where(Feature.sae_id == sae.id, Feature.idx.in_(ids)))}
+    labels = {lab.feature: lab for lab in session.execute(select(*LABEL_COLUMNS).where(Label.sae_id == sae.id, Label.feature.in_(ids)))}
+    strips = top_examples(session, sae.id, ids, limit=strip)
+    return [{**feature_stats(rows[i]), "label": label_dict(labels.get(i)), "examples": strips.get(i, [])} for i in ids], len(order)
 
 
 def feature_stats(f: Feature) -> dict[str, Any]:
@@ -99,56 +80,57 @@ def label_dict(label: Label | None) -> dict[str, Any] | None:
     }
 
 
-def _example(e: FeatureExample, img: Image) -> dict[str, Any]:
+def _examples(session: Session, condition) -> list:
+    return session.execute(
+        select(*EXAMPLE_COLUMNS).join(Image, Image.id == FeatureExample.image_id).where(condition)
+        .order_by(FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
+    ).all()
+
+
+def _example(row) -> dict[str, Any]:
+    _feature, rank, bucket, activation, image_id, thumbnail, dataset, split, index, class_name = row  # unpacking: 3x faster than attributes
     return {
-        "rank": e.rank, "bucket": e.bucket, "activation": e.activation, "image_id": img.id, "thumbnail": "/" + img.thumbnail,
-        "dataset": img.dataset, "split": img.split, "index": img.index, "class_name": img.class_name,
+        "rank": rank, "bucket": bucket, "activation": activation, "image_id": image_id, "thumbnail": "/" + thumbnail,
+        "dataset": dataset, "split": split, "index": index, "class_name": class_name,
     }
 
 
 def top_examples(session: Session, sae_id: int, features: list[int], limit: int = 12) -> dict[int, list[dict[str, Any]]]:
     if not features:
         return {}
-    rows = session.execute(
-        select(FeatureExample, Image)
-        .join(Image, Image.id == FeatureExample.image_id)
-        .where(FeatureExample.sae_id == sae_id, FeatureExample.feature.in_(features), FeatureExample.bucket == -1, FeatureExample.rank < limit)
-        .order_by(FeatureExample.feature, FeatureExample.rank)
-    ).all()
+    rows = _examples(session, and_(
+        FeatureExample.sae_id == sae_id, FeatureExample.feature.in_(features), FeatureExample.bucket == -1, FeatureExample.rank < limit
+    ))
     out: dict[int, list[dict[str, Any]]] = {}
-    for e, img in rows:
-        out.setdefault(e.feature, []).append(_example(e, img))
+    for row in rows:
+        out.setdefault(row.feature, []).append(_example(row))
     return out
 
 
 def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | None:
-    """Everything the feature page shows, or None when the SAE has no such feature."""
-    row = session.execute(select(Feature, Label).outerjoin(Label, _label_join()).where(Feature.sae_id == sae.id, Feature.idx == idx)).first()
-    if row is None:
+    """Everything the feature page shows, or None when the SAE has no such feature.
+
+    Three indexed queries answered as plain rows: the feature, its examples with their images,
+    and the labels of the feature and its neighbours together.
+    """
+    f = session.execute(select(*DETAIL_COLUMNS).where(Feature.sae_id == sae.id, Feature.idx == idx)).first()
+    if f is None:
         return None
-    f, label = row
-    examples = session.execute(
-        select(FeatureExample, Image)
-        .join(Image, Image.id == FeatureExample.image_id)
-        .where(FeatureExample.sae_id == sae.id, FeatureExample.feature == idx)
-        .order_by(FeatureExample.bucket, FeatureExample.rank)
-    ).all()
-    top = [_example(e, img) for e, img in examples if e.bucket == -1]
+    examples = _examples(session, and_(FeatureExample.sae_id == sae.id, FeatureExample.feature == idx))
+    top = [_example(e) for e in examples if e.bucket == -1]
     intervals = [dict(iv, index=i, examples=[]) for i, iv in enumerate(f.intervals)]
-    for e, img in examples:
-        if e.bucket >= 0 and e.bucket < len(intervals):
-            intervals[e.bucket]["examples"].append(_example(e, img))
-    neighbour_ids = [n for n, _ in f.neighbours]
-    labels = {
-        lab.feature: lab for lab in session.scalars(select(Label).where(Label.sae_id == sae.id, Label.feature.in_(neighbour_ids)))
-    } if neighbour_ids else {}
+    for e in examples:
+        if 0 <= e.bucket < len(intervals):
+            intervals[e.bucket]["examples"].append(_example(e))
+    wanted = [idx, *(n for n, _ in f.neighbours)]
+    labels = {lab.feature: lab for lab in session.execute(select(*LABEL_COLUMNS).where(Label.sae_id == sae.id, Label.feature.in_(wanted)))}
     return {
         **feature_stats(f),
         "histogram": f.histogram,
         "top": top,
         "intervals": list(reversed(intervals)),  # highest interval first
         "neighbours": [{"index": n, "cosine": c, "label": label_dict(labels.get(n))} for n, c in f.neighbours],
-        "label": label_dict(label),
+        "label": label_dict(labels.get(idx)),
         "prev": idx - 1 if idx > 0 else None,
         "next": idx + 1 if idx + 1 < sae.d_sae else None,
     }

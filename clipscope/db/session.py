@@ -11,6 +11,9 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
+_SQLITE_MMAP_BYTES = 1 << 30
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
@@ -25,16 +28,25 @@ def get_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
+            # Read pages straight from the OS page cache (shared by every connection) instead of
+            # copying them through SQLite's small per-connection cache: the explorer reads
+            # scattered rows of a large file on every page.
+            cur.execute(f"PRAGMA mmap_size={_SQLITE_MMAP_BYTES}")
             cur.close()
 
         return engine
     return create_engine(url, pool_pre_ping=True)
 
 
+@lru_cache(maxsize=8)
+def _sessionmaker(url: str) -> sessionmaker:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session committed on success and rolled back on error: one transaction per block."""
-    session = sessionmaker(get_engine(url), expire_on_commit=False)()
+    session = _sessionmaker(url)()
     try:
         yield session
         session.commit()

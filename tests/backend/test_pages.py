@@ -218,7 +218,8 @@ def test_feature_list_queries_use_an_index(web, params):
     listener = lambda conn, cursor, stmt, params, ctx, many: statements.append((stmt, params))  # noqa: E731
     event.listen(engine, "before_cursor_execute", listener)
     try:
-        assert client.get(f"/api/saes/{key}/features", params=params).status_code == 200
+        response = client.get(f"/api/saes/{key}/features", params=params)
+        assert response.status_code == 200
     finally:
         event.remove(engine, "before_cursor_execute", listener)
     checked = 0
@@ -232,7 +233,7 @@ def test_feature_list_queries_use_an_index(web, params):
                     if line.startswith(f"SCAN {table}") and "USING" not in line:
                         raise AssertionError(f"full scan of {table}: {line}\n{stmt}")
             checked += 1
-    assert checked >= 2
+    assert checked >= (2 if response.json()["total"] else 1), "the ordering, then the page's rows"
 
 
 def test_absurd_paging_and_indices_are_client_errors(web):

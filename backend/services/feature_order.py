@@ -1,0 +1,89 @@
+"""The ordered feature indices behind the feature list, kept per process.
+
+A list page is a slice of one ordering (filters + sort) of an SAE's features. Asking SQLite for
+``COUNT(*)`` and ``OFFSET n`` on every request walks up to 49,152 index entries each time; the
+whole ordering costs one such walk, so it is fetched once and kept: the page is then a slice and
+the total its length.
+
+An ordering is keyed by the SAE row's ``updated_at`` (a new precompute changes it) and, when the
+filters or the sort read labels, by the newest label revision id, so a label written by any
+process (web, API, ``clipscope import``) is seen on the next request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import numpy as np
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from clipscope.db.models import Feature, Label, LabelRevision, Sae
+
+if TYPE_CHECKING:
+    from backend.services.features import FeatureQuery
+
+_FILTERS = ("sort", "order", "labelled", "category", "dead", "dense", "min_freq", "max_freq", "q")
+
+
+def reads_labels(query: FeatureQuery) -> bool:
+    return query.labelled != "any" or bool(query.category) or bool(query.q) or query.sort == "label"
+
+
+class FeatureOrders:
+    """A bounded least-recently-used store of orderings (each an int32 array: 192 KiB at 49,152 features)."""
+
+    def __init__(self, max_entries: int = 64):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, sae: Sae, query: FeatureQuery) -> np.ndarray:
+        labels_version = session.scalar(select(func.max(LabelRevision.id))) if reads_labels(query) else None
+        key = (sae.id, sae.updated_at, labels_version, *(getattr(query, name) for name in _FILTERS))
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        ids = np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
+        with self._lock:
+            self._entries[key] = ids
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return ids
+
+
+def label_join():
+    return and_(Label.sae_id == Feature.sae_id, Label.feature == Feature.idx)
+
+
+def ordering(sae: Sae, query: FeatureQuery):
+    """``SELECT idx`` of the features matching ``query``'s filters, in its order (ties by index)."""
+    stmt = select(Feature.idx).where(Feature.sae_id == sae.id)
+    if reads_labels(query):
+        stmt = stmt.outerjoin(Label, label_join())
+        if query.labelled == "yes":
+            stmt = stmt.where(Label.id.is_not(None))
+        elif query.labelled == "no":
+            stmt = stmt.where(Label.id.is_(None))
+        if query.category:
+            stmt = stmt.where(Label.category == query.category)
+        if query.q:
+            escaped = query.q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            stmt = stmt.where(func.lower(Label.text).like(f"%{escaped}%", escape="\\"))
+    for flag, column in (("dead", Feature.is_dead), ("dense", Feature.is_dense)):
+        choice = getattr(query, flag)
+        if choice != "any":
+            stmt = stmt.where(column.is_(choice == "only"))
+    if query.min_freq is not None:
+        stmt = stmt.where(Feature.frequency >= query.min_freq)
+    if query.max_freq is not None:
+        stmt = stmt.where(Feature.frequency <= query.max_freq)
+    column = {"index": Feature.idx, "frequency": Feature.frequency, "max": Feature.max_activation, "label": func.lower(Label.text)}[query.sort]
+    ordered = column.desc() if query.order == "desc" else column.asc()
+    if query.sort == "label":
+        ordered = ordered.nulls_last()
+    return stmt.order_by(ordered, Feature.idx)
