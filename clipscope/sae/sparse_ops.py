@@ -85,7 +85,9 @@ class _TopKEncode(torch.autograd.Function):
         grad_x = grad_w = grad_benc = grad_bdec = None
         flat_idx = idx.reshape(-1)
         if need_w:
-            by_sample = _by_latent(flat_idx, _sample_of_slot(idx), g.reshape(-1), weight.shape[0], idx.shape[0])
+            by_sample = _by_latent(  # a latent repeats within a sample only across the TopK and AuxK codes
+                flat_idx, _sample_of_slot(idx), g.reshape(-1), weight.shape[0], idx.shape[0], may_repeat=aux_indices.shape[1] > 0
+            )
             if ctx.sink is not None:  # accumulate into the kept buffer; autograd gets None for the weight
                 ctx.sink.accumulate_grad("encoder_weight", by_sample, xc)
             else:
@@ -124,7 +126,8 @@ class _DecoderWeightGrad(torch.autograd.Function):
             samples.append(_sample_of_slot(indices) + offset)
             offset += indices.shape[0]
         by_sample = _by_latent(
-            torch.cat(latents), torch.cat(samples), torch.cat([v.reshape(-1) for v in codes[1::2]]), ctx.d_sae, offset
+            torch.cat(latents), torch.cat(samples), torch.cat([v.reshape(-1) for v in codes[1::2]]), ctx.d_sae, offset,
+            may_repeat=False,  # TopK indices are distinct within a row, and each code has its own samples
         )
         g_out = torch.cat(g_outs)
         no_grads = (None,) * (2 + len(codes))
@@ -157,21 +160,27 @@ def _sample_of_slot(indices: torch.Tensor) -> torch.Tensor:
     return torch.arange(batch, device=indices.device).repeat_interleave(slots)
 
 
-def _by_latent(latents: torch.Tensor, samples: torch.Tensor, values: torch.Tensor, d_sae: int, n_samples: int) -> torch.Tensor:
-    """The sparse ``[d_sae, n_samples]`` matrix with ``values[i]`` at ``(latents[i], samples[i])`` (duplicates summed), as CSR.
+def _by_latent(
+    latents: torch.Tensor, samples: torch.Tensor, values: torch.Tensor, d_sae: int, n_samples: int, may_repeat: bool = True
+) -> torch.Tensor:
+    """The sparse ``[d_sae, n_samples]`` matrix with ``values[i]`` at ``(latents[i], samples[i])``, as CSR.
 
     ``grad_weight = this @ per_sample_rows`` is then one sparse-dense product that reads only the
     selected latents, instead of a dense ``[n_samples, d_sae]`` gradient times a dense matrix.
+    Repeated ``(latent, sample)`` pairs (a latent in both the TopK and the AuxK code of a sample)
+    are summed; ``may_repeat=False`` promises there are none and skips that pass.
     """
     key = latents * n_samples + samples
-    order = torch.argsort(key)
-    uniq, inverse = torch.unique_consecutive(key[order], return_inverse=True)
-    summed = torch.zeros(len(uniq), dtype=values.dtype, device=values.device).index_add_(0, inverse, values[order])
+    key, order = torch.sort(key)
+    values = values[order]
+    if may_repeat:
+        key, inverse = torch.unique_consecutive(key, return_inverse=True)
+        values = torch.zeros(len(key), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     crow = torch.zeros(d_sae + 1, dtype=torch.long, device=latents.device)
-    crow[1:] = torch.bincount(uniq // n_samples, minlength=d_sae).cumsum(0)
+    crow[1:] = torch.bincount(key // n_samples, minlength=d_sae).cumsum(0)
     with warnings.catch_warnings():  # "CSR support is in beta": used only as addmm_'s left operand, supported on CPU and CUDA
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, uniq % n_samples, summed, (d_sae, n_samples), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, key % n_samples, values, (d_sae, n_samples), check_invariants=False)
 
 
 def topk_encode(
