@@ -25,9 +25,6 @@ from clipscope.db.models import Feature, Label, LabelRevision, Sae
 if TYPE_CHECKING:
     from backend.services.features import FeatureQuery
 
-_FILTERS = ("sort", "order", "labelled", "category", "dead", "dense", "min_freq", "max_freq", "q")
-
-
 def reads_labels(query: FeatureQuery) -> bool:
     return query.labelled != "any" or bool(query.category) or bool(query.q) or query.sort == "label"
 
@@ -42,7 +39,8 @@ class FeatureOrders:
 
     def get(self, session: Session, sae: Sae, query: FeatureQuery) -> np.ndarray:
         labels_version = session.scalar(select(func.max(LabelRevision.id))) if reads_labels(query) else None
-        key = (sae.id, sae.updated_at, labels_version, *(getattr(query, name) for name in _FILTERS))
+        filters = query.model_dump(exclude={"page", "per_page"})  # every other field shapes the ordering
+        key = (sae.id, sae.updated_at, labels_version, *filters.values())
         with self._lock:
             found = self._entries.get(key)
             if found is not None:
