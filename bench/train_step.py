@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipscope.config import TrainConfig  # noqa: E402
+from clipscope.sae import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402
@@ -77,6 +78,7 @@ def main() -> None:
     dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
     print(json.dumps({
         "shape": f"d={d}, d_sae={a.d_sae}, k={a.k}, batch {a.batch}, recipe {a.recipe}, {a.dead_fraction:.0%} dead, {a.device}, {torch.get_num_threads()} threads",
+        "clipscope_encoder_gemm": gemm.cpu_kernel() if a.device == "cpu" else "torch (F.linear)",
         "dense_reference_steps_per_s": 1 / dense,
         "clipscope_steps_per_s": 1 / sparse,
         "speedup": dense / sparse,

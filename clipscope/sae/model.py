@@ -21,9 +21,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from clipscope.sae import gemm
 from clipscope.sae.sparse_ops import sparse_decode, topk_encode
 
 
@@ -88,7 +88,7 @@ class TopKSAE(nn.Module):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - b_dec) W_enc + b_enc``, dense ``[batch, d_sae]``, before the ReLU."""
-        return F.linear(x - self.b_dec, self.encoder_weight, self.b_enc)
+        return gemm.linear(x - self.b_dec, self.encoder_weight, self.b_enc)
 
     def encode(self, x: torch.Tensor) -> SparseCode:
         """TopK of the ReLU'd pre-activations (ReLU and TopK commute), with a sparse backward."""

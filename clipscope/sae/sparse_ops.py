@@ -16,6 +16,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from clipscope.sae import gemm
+
 
 _BLOCK = 8
 
@@ -59,7 +61,7 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, b_enc, b_dec, k: int, aux_mask, k_aux: int, sink):
         xc = x - b_dec
-        pre = F.linear(xc, weight, b_enc)
+        pre = gemm.linear(xc, weight, b_enc)
         values, indices = topk_unsorted(pre, k)
         values = values.clamp_min(0)
         if aux_mask is not None and k_aux > 0:
