@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jinja2
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -43,7 +45,9 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.analysis = AnalysisPool(
         Analyzer(settings.data_dir, settings.resolved_device()), settings.analyze_queue, settings.analyze_batch
     )
-    templates = Jinja2Templates(directory=str(FRONTEND / "templates"))
+    # Templates ship with the code: no modification-time check of three files on every render.
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
+    templates = Jinja2Templates(env=env)
     templates.env.globals.update(
         version=clipscope.__version__, htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
     )

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator
+from typing import Annotated, Callable, Iterator, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from backend.services.feature_order import FeatureOrders
 from clipscope.db.models import Sae
@@ -37,6 +38,27 @@ def get_sae(sae: str, session: SessionDep) -> Sae:
 
 
 SaeDep = Annotated[Sae, Depends(get_sae)]
+
+T = TypeVar("T")
+
+
+async def read_sae(request: Request, sae: str, work: Callable[[Session, Sae], T]) -> T:
+    """``work(session, sae_row)``: a read-only page's whole database work and rendering in one step.
+
+    ``SessionDep`` + ``SaeDep`` + a sync handler make FastAPI hop between the event loop and its
+    threads four times (session enter, SAE lookup, handler, session exit), and on these machines
+    each hop costs more server CPU than a feature page's queries (docs/benchmarks.md, Serving).
+    Here the work runs on the event loop when ``settings.reads_in_event_loop`` resolves to yes
+    (SQLite by default), else in one worker thread. Only for reads: a write can wait on a lock.
+    """
+
+    def run() -> T:
+        with session_scope(request.app.state.database_url) as session:
+            return work(session, get_sae(sae, session))
+
+    if request.app.state.settings.resolved_reads_in_event_loop:
+        return run()
+    return await run_in_threadpool(run)
 
 
 async def get_feature_orders(request: Request) -> FeatureOrders:

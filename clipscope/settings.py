@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         description="Kernel of the SAE encoder's dense product on the CPU: 'onednn' (torch's oneDNN matmul, "
         "1.2-1.8x faster than MKL on AMD CPUs) or 'mkl' (plain F.linear). Fixed per process, never chosen by timing.",
     )
+    reads_in_event_loop: Literal["auto", "yes", "no"] = Field(
+        default="auto",
+        description="Where the web server runs the queries of its most-read pages (feature page, feature list and "
+        "their /api twins): 'yes' on the event loop, 'no' in a worker thread, 'auto' on the event loop for SQLite "
+        "(local reads through mmap, ~1 ms) and in a thread for PostgreSQL (network round trips). A thread hop costs "
+        "more server CPU than a feature page's queries; writes always run in threads.",
+    )
     progress: bool = Field(default=True, description="Show progress bars on the console.")
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024,
@@ -94,6 +101,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'clipscope.db').resolve()}"
+
+    @property
+    def resolved_reads_in_event_loop(self) -> bool:
+        """``reads_in_event_loop`` with 'auto' decided by the database: SQLite yes, others no."""
+        if self.reads_in_event_loop == "auto":
+            return self.resolved_database_url.startswith("sqlite")
+        return self.reads_in_event_loop == "yes"
 
     def resolved_device(self) -> str:
         """The concrete torch device string for ``device='auto'``."""

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from backend.auth import author_for_write
-from backend.deps import FeatureOrdersDep, SaeDep, SessionDep
+from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
@@ -42,20 +42,26 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
 
 
 @router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
-def api_features(sae: SaeDep, session: SessionDep, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
-    require_ready(sae)
-    rows, total = list_features(session, sae, query, orders)
-    return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
+async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
+    def work(session, sae):
+        require_ready(sae)
+        rows, total = list_features(session, sae, query, orders)
+        return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
+
+    return await read_sae(request, sae, work)
 
 
 @router.get("/saes/{sae}/features/{idx}", summary="Everything about one feature")
-def api_feature(sae: SaeDep, idx: int, session: SessionDep) -> dict[str, Any]:
-    require_ready(sae)
-    require_feature(sae, idx)
-    detail = feature_detail(session, sae, idx)
-    if detail is None:
-        raise HTTPException(404, f"Feature {idx} has no precomputed data.")
-    return {**detail, "history": label_service.history(session, sae, idx)}
+async def api_feature(request: Request, sae: str, idx: int) -> dict[str, Any]:
+    def work(session, sae):
+        require_ready(sae)
+        require_feature(sae, idx)
+        detail = feature_detail(session, sae, idx)
+        if detail is None:
+            raise HTTPException(404, f"Feature {idx} has no precomputed data.")
+        return {**detail, "history": label_service.history(session, sae, idx)}
+
+    return await read_sae(request, sae, work)
 
 
 @router.get("/saes/{sae}/features/{idx}/labels", summary="Label history, newest first")

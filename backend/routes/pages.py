@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
-from backend.deps import FeatureOrdersDep, SaeDep, SessionDep
+from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.routes.api import analyze_upload
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
@@ -74,13 +74,16 @@ def overview(request: Request, session: SessionDep):
 
 
 @router.get("/saes/{sae}/features", response_class=HTMLResponse)
-def features_page(request: Request, sae: SaeDep, session: SessionDep, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]):
-    require_ready(sae)
-    rows, total = list_features(session, sae, query, orders)
-    pages = max(1, -(-total // query.per_page))
-    params = query.model_dump(exclude_defaults=True, exclude={"page"})
-    return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
-                  params=params, categories=CATEGORIES)
+async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]):
+    def work(session, sae):
+        require_ready(sae)
+        rows, total = list_features(session, sae, query, orders)
+        pages = max(1, -(-total // query.per_page))
+        params = query.model_dump(exclude_defaults=True, exclude={"page"})
+        return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
+                      params=params, categories=CATEGORIES)
+
+    return await read_sae(request, sae, work)
 
 
 @router.get("/saes/{sae}/features/random")
@@ -101,8 +104,8 @@ def _feature_page(request: Request, sae, session, idx: int, status_code: int = 2
 
 
 @router.get("/saes/{sae}/features/{idx}", response_class=HTMLResponse)
-def feature_page(request: Request, sae: SaeDep, idx: int, session: SessionDep):
-    return _feature_page(request, sae, session, idx)
+async def feature_page(request: Request, sae: str, idx: int):
+    return await read_sae(request, sae, lambda session, sae: _feature_page(request, sae, session, idx))
 
 
 @router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse, dependencies=[CsrfForm])

@@ -241,3 +241,45 @@ def test_absurd_paging_and_indices_are_client_errors(web):
     assert client.get(f"/api/saes/{key}/features", params={"page": 184467440737095518}).status_code == 422
     assert client.get(f"/api/saes/{key}/features/99999999999999999999").status_code in (404, 422)
     assert client.get(f"/saes/{key}/features?page=0").status_code == 422
+
+
+@pytest.mark.parametrize("mode", ["yes", "no"])
+def test_read_pages_run_where_the_setting_says_and_answer_the_same(web_data, tmp_path, monkeypatch, mode):
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from backend.services import features as feature_service
+    from tests.backend.conftest import private_app
+
+    on_loop: list[bool] = []
+    real_detail = feature_service.feature_detail
+
+    def spy(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real_detail(*args, **kwargs)
+
+    monkeypatch.setattr("backend.routes.pages.feature_detail", spy)
+    monkeypatch.setattr("backend.routes.api.feature_detail", spy)
+    key = web_data[1]
+    with TestClient(private_app(web_data, tmp_path, reads_in_event_loop=mode)) as client:
+        page, api = client.get(f"/saes/{key}/features/3"), client.get(f"/api/saes/{key}/features/3")
+        listing = client.get(f"/api/saes/{key}/features", params={"sort": "frequency", "order": "desc", "per_page": 5})
+        assert page.status_code == 200 and "Feature #3" in page.text
+        assert api.json()["index"] == 3 and len(listing.json()["features"]) == 5
+        assert client.get("/saes/nope/features/3").status_code == 404
+        assert client.get(f"/api/saes/{key}/features/64").status_code == 404
+    assert on_loop == [mode == "yes"] * 2
+
+
+def test_reads_on_the_event_loop_by_default_for_sqlite_only():
+    from clipscope.settings import Settings
+
+    assert Settings(database_url="sqlite:///x.db").resolved_reads_in_event_loop is True
+    assert Settings(database_url="postgresql+psycopg://u@h/db").resolved_reads_in_event_loop is False
+    assert Settings(database_url="postgresql+psycopg://u@h/db", reads_in_event_loop="yes").resolved_reads_in_event_loop is True
+    assert Settings(database_url="sqlite:///x.db", reads_in_event_loop="no").resolved_reads_in_event_loop is False
