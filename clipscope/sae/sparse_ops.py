@@ -106,9 +106,9 @@ class _TopKEncode(torch.autograd.Function):
 class _DecoderWeightGrad(torch.autograd.Function):
     """Contributes nothing to the forward values; its backward adds the decoder-weight gradient.
 
-    The decodes themselves run on the detached weight through ``embedding_bag`` (whose gradient
-    for the per-sample weights is already sparse and fast); this side branch supplies only what
-    that leaves out, the gradient of the selected rows of ``W_dec``, for every code decoded in the
+    The decoding path off the CPU: the decodes themselves run on the detached weight through
+    ``embedding_bag`` (whose gradient for the per-sample weights is sparse), and this side branch
+    supplies only the gradient of the selected rows of ``W_dec``, for every code decoded in the
     same call at once: one sparse-dense product written into the kept buffer.
     """
 
@@ -122,21 +122,57 @@ class _DecoderWeightGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *g_outs):
         codes = ctx.saved_tensors
-        latents, samples, offset = [], [], 0
-        for indices in codes[::2]:
-            latents.append(indices.reshape(-1))
-            samples.append(_sample_of_slot(indices) + offset)
-            offset += indices.shape[0]
-        by_sample = _by_latent(
-            torch.cat(latents), torch.cat(samples), torch.cat([v.reshape(-1) for v in codes[1::2]]), ctx.d_sae, offset,
-            may_repeat=False,  # TopK indices are distinct within a row, and each code has its own samples
-        )
+        crow, cols, order = _latent_layout(codes[::2], ctx.d_sae)
         g_out = torch.cat(g_outs)
-        no_grads = (None,) * (2 + len(codes))
-        if ctx.sink is not None:
-            ctx.sink.accumulate_grad("W_dec", by_sample, g_out)
-            return no_grads
-        return (torch.sparse.mm(by_sample, g_out), *no_grads[1:])
+        by_sample = _csr(crow, cols, torch.cat([v.reshape(-1) for v in codes[1::2]])[order], ctx.d_sae, g_out.shape[0])
+        return (_write_decoder_grad(ctx.sink, by_sample, g_out), *(None,) * (1 + len(codes)))
+
+
+class _SparseDecodeCPU(torch.autograd.Function):
+    """Decodes several codes in one call, with a backward built on one by-latent layout of their slots.
+
+    The gradient of the values is a sampled product (SDDMM: for each (latent, sample) pair, the
+    dot product of that atom with that sample's output gradient), which reads every selected atom
+    once per batch instead of once per slot as ``embedding_bag``'s backward does: measured on 2
+    CPU threads at the study's shape, 4.5 ms against 8.8 ms at batch 64 and 82 ms against 535 ms at
+    batch 4,096. The decoder-weight gradient (when ``W_dec`` trains) reuses the same layout.
+    """
+
+    @staticmethod
+    def forward(ctx, W_dec, sink, *codes):
+        ctx.sink = sink
+        ctx.save_for_backward(W_dec, *codes)
+        return tuple(F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") for indices, values in zip(codes[::2], codes[1::2]))
+
+    @staticmethod
+    def backward(ctx, *g_outs):
+        W_dec, *codes = ctx.saved_tensors
+        indices, values = codes[::2], codes[1::2]
+        d_sae = W_dec.shape[0]
+        crow, cols, order = _latent_layout(indices, d_sae)
+        g_out = torch.cat(g_outs)
+        grads: list[torch.Tensor | None] = [None] * (2 + len(codes))
+        if any(ctx.needs_input_grad[3::2]):
+            pattern = _csr(crow, cols, g_out.new_zeros(len(cols)), d_sae, g_out.shape[0])
+            by_pair = torch.sparse.sampled_addmm(pattern, W_dec, g_out.T, beta=0).values()
+            flat = torch.empty_like(by_pair)
+            flat[order] = by_pair
+            start = 0
+            for i, v in enumerate(values):
+                grads[3 + 2 * i] = flat[start : start + v.numel()].view_as(v)
+                start += v.numel()
+        if ctx.needs_input_grad[0]:
+            by_sample = _csr(crow, cols, torch.cat([v.reshape(-1) for v in values])[order], d_sae, g_out.shape[0])
+            grads[0] = _write_decoder_grad(ctx.sink, by_sample, g_out)
+        return tuple(grads)
+
+
+def _write_decoder_grad(sink, by_sample: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor | None:
+    """``by_sample @ g_out``: added into the sink's kept buffer (returns None for autograd), or returned."""
+    if sink is not None:
+        sink.accumulate_grad("W_dec", by_sample, g_out)
+        return None
+    return torch.sparse.mm(by_sample, g_out)
 
 
 def sparse_decode(
@@ -145,14 +181,28 @@ def sparse_decode(
     """``sum_j values[b, j] * W_dec[indices[b, j]]`` for each ``(indices, values)`` code.
 
     The backward reads and writes only the named rows; codes decoded in one call share one
-    product for the decoder-weight gradient.
+    by-latent layout (and one product for the decoder-weight gradient). On the CPU the values'
+    gradient is an SDDMM (:class:`_SparseDecodeCPU`); elsewhere, where that has not been measured
+    yet, it is ``embedding_bag``'s own backward.
     """
+    if W_dec.device.type == "cpu":
+        return _decode_sddmm(codes, W_dec, sink)
+    return _decode_embedding_bag(codes, W_dec, sink)
+
+
+def _decode_sddmm(codes, W_dec: torch.Tensor, sink) -> list[torch.Tensor]:
+    if not torch.is_grad_enabled() or not (W_dec.requires_grad or any(v.requires_grad for _, v in codes)):
+        return [F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") for indices, values in codes]
+    return list(_SparseDecodeCPU.apply(W_dec, sink, *(t for code in codes for t in code)))
+
+
+def _decode_embedding_bag(codes, W_dec: torch.Tensor, sink) -> list[torch.Tensor]:
     trains_w = W_dec.requires_grad and torch.is_grad_enabled()
     weight = W_dec.detach() if trains_w else W_dec
     outs = [F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum") for indices, values in codes]
     if trains_w:
-        flat = [t for indices, values in codes for t in (indices, values.detach())]
-        outs = [out + side for out, side in zip(outs, _DecoderWeightGrad.apply(W_dec, sink, *flat))]
+        detached = [t.detach() for code in codes for t in code]
+        outs = [out + side for out, side in zip(outs, _DecoderWeightGrad.apply(W_dec, sink, *detached))]
     return outs
 
 
@@ -160,6 +210,30 @@ def _sample_of_slot(indices: torch.Tensor) -> torch.Tensor:
     """For ``[batch, slots]`` indices, the sample (row) of every flattened slot."""
     batch, slots = indices.shape
     return torch.arange(batch, device=indices.device).repeat_interleave(slots)
+
+
+def _latent_layout(indices: list[torch.Tensor], d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The slots of ``[batch_i, slots_i]`` codes stacked by sample, ordered by latent: CSR ``(crow, cols)`` of
+    the ``[d_sae, sum batch_i]`` pattern, and ``order``, the flattened slot at each position.
+
+    A latent is distinct within a row of one code, and each code has its own samples, so no
+    (latent, sample) pair repeats.
+    """
+    latents = torch.cat([i.reshape(-1) for i in indices])
+    samples, offset = [], 0
+    for i in indices:
+        samples.append(_sample_of_slot(i) + offset)
+        offset += i.shape[0]
+    key, order = torch.sort(latents * offset + torch.cat(samples))
+    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=latents.device)
+    crow[1:] = torch.bincount(key // offset, minlength=d_sae).cumsum(0)
+    return crow, key % offset, order
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, d_sae: int, n_samples: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # "CSR support is in beta": used only in sparse products supported on CPU and CUDA
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, (d_sae, n_samples), check_invariants=False)
 
 
 def _by_latent(
@@ -180,9 +254,7 @@ def _by_latent(
         values = torch.zeros(len(key), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     crow = torch.zeros(d_sae + 1, dtype=torch.long, device=latents.device)
     crow[1:] = torch.bincount(key // n_samples, minlength=d_sae).cumsum(0)
-    with warnings.catch_warnings():  # "CSR support is in beta": used only as addmm_'s left operand, supported on CPU and CUDA
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, key % n_samples, values, (d_sae, n_samples), check_invariants=False)
+    return _csr(crow, key % n_samples, values, d_sae, n_samples)
 
 
 def topk_encode(

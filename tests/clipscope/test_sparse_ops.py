@@ -131,3 +131,38 @@ def test_slots_that_relu_zeroed_get_no_gradient_as_in_the_dense_reference():
         (sae.decode(code).pow(2).sum() + code.values.sum()).backward()
     torch.testing.assert_close(sparse.encoder_weight.grad, dense.encoder_weight.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(sparse.b_enc.grad, dense.b_enc.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trains_w", [True, False])
+@pytest.mark.parametrize("use_sink", [True, False])
+def test_both_decode_backwards_give_autograds_gradients(trains_w, use_sink):
+    """The CPU's SDDMM backward and the embedding_bag backward used off the CPU, for two codes decoded together."""
+    from clipscope.sae import sparse_ops
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(D_SAE, D_IN, generator=g)
+    codes = [(torch.rand(b, D_SAE, generator=g).topk(k, dim=1).indices, torch.rand(b, k, generator=g)) for b, k in ((5, K), (3, 2 * K))]
+    out_grads = [torch.randn(b, D_IN, generator=g) for b in (5, 3)]
+
+    def run(decode):
+        sae = TopKSAE(D_IN, D_SAE, K) if use_sink else None
+        weight = (sae.W_dec if use_sink else torch.nn.Parameter(torch.empty_like(W))).requires_grad_(trains_w)
+        with torch.no_grad():
+            weight.copy_(W)
+        values = [v.clone().requires_grad_() for _, v in codes]
+        outs = decode([(i, v) for (i, _), v in zip(codes, values)], weight, sae)
+        sum((o * og).sum() for o, og in zip(outs, out_grads)).backward()
+        return [o.detach() for o in outs], [v.grad for v in values], weight.grad
+
+    def dense(codes, weight, _sink):  # autograd through dense codes: the plain maths
+        return [torch.zeros(len(i), D_SAE).scatter(1, i, v) @ weight for i, v in codes]
+
+    expected = run(dense)
+    for decode in (sparse_ops._decode_sddmm, sparse_ops._decode_embedding_bag):
+        outs, value_grads, weight_grad = run(decode)
+        for got, want in zip(outs + value_grads, expected[0] + expected[1]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if trains_w:
+            torch.testing.assert_close(weight_grad, expected[2], rtol=1e-5, atol=1e-5)
+        else:
+            assert weight_grad is None
