@@ -36,6 +36,7 @@ def cpu_kernel() -> str:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a 2-D ``x``; oneDNN on the CPU in fp32 where nothing needs autograd."""
     needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and not needs_graph and cpu_kernel() == "onednn":
+    fast = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and weight.is_contiguous()
+    if fast and not needs_graph and cpu_kernel() == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -18,10 +18,12 @@ def test_linear_equals_f_linear_to_float_rounding(batch):
         torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-4)
 
 
-def test_linear_on_a_non_contiguous_input():
+def test_linear_on_non_contiguous_inputs():
     x = torch.randn(64, 200)[:, ::2]
     w = torch.randn(300, 100)
     torch.testing.assert_close(gemm.linear(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    w_t = torch.randn(100, 300).T  # a transposed view, as SAELens' W_enc.T would be
+    torch.testing.assert_close(gemm.linear(x, w_t, None), F.linear(x, w_t), rtol=1e-5, atol=1e-4)
 
 
 def test_linear_keeps_autograd_when_an_input_needs_it():
