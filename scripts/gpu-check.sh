@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of issue 7 in one prepared run, for a lent GPU machine (a few minutes of its
+# time). Here, first: ./scripts/gpu-wheels.sh (the packages that machine lacks, into .whl/); then
+# through the device tool: `bash scripts/gpu-check.sh` with carry [".whl"]. Results land in $OUT
+# (there) or artifacts/gpu-check/ (elsewhere): one JSON per benchmark and the whole log.
+# `--smoke` runs every step at toy sizes with .venv's Python, to check the script on a CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-artifacts/gpu-check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ "${1:-}" = "--smoke" ]; then
+  py=.venv/bin/python
+  seed_run=(--images 3200 --eval-images 500 --epochs 1); steps_small=(--steps 2 --rounds 1); steps_large=(--steps 1 --rounds 1 --batch 256)
+  extract=(--images 64 --batch 32 --workers 2)
+else
+  py=python3
+  if [ -d .whl ]; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+  fi
+  seed_run=(); steps_small=(--steps 50 --rounds 3); steps_large=(--steps 10 --rounds 3 --batch 4096)
+  extract=(--images 2048 --batch 256 --workers 12)
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+run() {  # name, command...: the command's stdout (JSON) to $out/name.json, everything to the log
+  local name=$1; shift
+  echo "== $name: $*" | tee -a "$out/log.txt"
+  "$@" 2>>"$out/log.txt" | tee "$out/$name.json" | tee -a "$out/log.txt"
+}
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee "$out/log.txt"
+run seed_run $py bench/seed_run.py "${seed_run[@]}"
+run train_seed_64 $py bench/train_step.py --recipe seed --batch 64 "${steps_small[@]}"
+run train_topk_64 $py bench/train_step.py --recipe topk --batch 64 "${steps_small[@]}"
+run train_seed_large $py bench/train_step.py --recipe seed "${steps_large[@]}"
+run train_topk_large $py bench/train_step.py --recipe topk "${steps_large[@]}"
+run extract_fp32 $py bench/extract.py "${extract[@]}" --precision fp32
+run extract_bf16 $py bench/extract.py "${extract[@]}" --precision bf16
