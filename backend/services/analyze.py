@@ -20,7 +20,7 @@ from clipscope.db.models import Feature, Label, Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
 
-from backend.services.features import label_dict, top_examples
+from backend.services.features import LABEL_COLUMNS, label_dict, top_examples
 
 class _Loaded:
     def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):
@@ -73,8 +73,12 @@ class Analyzer:
 def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int = 30, strip: int = 6) -> dict[str, Any]:
     """The firing features ranked by activation and by activation relative to the feature's own maximum."""
     ids = list(acts)
-    stats = {f.idx: f for f in session.scalars(select(Feature).where(Feature.sae_id == sae.id, Feature.idx.in_(ids)))} if ids else {}
-    labels = {lab.feature: lab for lab in session.scalars(select(Label).where(Label.sae_id == sae.id, Label.feature.in_(ids)))} if ids else {}
+    stats, labels = {}, {}
+    if ids:  # plain rows of the columns shown: not the features' JSON columns, up to 500 x 3 documents to decode
+        stats = {f.idx: f for f in session.execute(
+            select(Feature.idx, Feature.max_activation, Feature.frequency).where(Feature.sae_id == sae.id, Feature.idx.in_(ids))
+        )}
+        labels = {lab.feature: lab for lab in session.execute(select(*LABEL_COLUMNS).where(Label.sae_id == sae.id, Label.feature.in_(ids)))}
     entries = []
     for f, a in acts.items():
         mx = stats[f].max_activation if f in stats else 0.0
