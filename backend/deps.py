@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Callable, Iterator, TypeVar
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -29,9 +29,12 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+_SAE_BY_KEY = select(Sae).where(Sae.key == bindparam("key"))  # built once: every page asks it
+
+
 def get_sae(sae: str, session: SessionDep) -> Sae:
     """The SAE named by its key in the path; 404 when unknown."""
-    row = session.scalar(select(Sae).where(Sae.key == sae))
+    row = session.scalar(_SAE_BY_KEY, {"key": sae})
     if row is None:
         raise HTTPException(status_code=404, detail=f"No SAE {sae!r}.")
     return row

@@ -16,11 +16,11 @@ from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.clip.preprocess import build_transform, preprocess_descriptor
 from clipscope.config import ModelConfig
-from clipscope.db.models import Feature, Label, Sae
+from clipscope.db.models import Feature, Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
 
-from backend.services.features import LABEL_COLUMNS, label_dict, top_examples
+from backend.services.features import label_dict, labels_of, top_examples
 
 class _Loaded:
     def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):
@@ -78,7 +78,7 @@ def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int
         stats = {f.idx: f for f in session.execute(
             select(Feature.idx, Feature.max_activation, Feature.frequency).where(Feature.sae_id == sae.id, Feature.idx.in_(ids))
         )}
-        labels = {lab.feature: lab for lab in session.execute(select(*LABEL_COLUMNS).where(Label.sae_id == sae.id, Label.feature.in_(ids)))}
+        labels = labels_of(session, sae.id, ids)
     entries = []
     for f, a in acts.items():
         mx = stats[f].max_activation if f in stats else 0.0

@@ -6,7 +6,7 @@ import random
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import and_, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from backend.services.feature_order import FeatureOrders
@@ -49,6 +49,25 @@ EXAMPLE_COLUMNS = (
 )
 """An example as plain columns: rows come back as tuples, without building two ORM objects each."""
 
+# The pages' statements, built once with bound parameters: building a select per request cost more
+# than SQLite's work for it (0.66 ms against 0.15 ms for a feature page's three queries).
+_SAE, _FEATURES = bindparam("sae"), bindparam("features", expanding=True)
+_FEATURE_ROWS = select(*LIST_COLUMNS).where(Feature.sae_id == _SAE, Feature.idx.in_(_FEATURES))
+_FEATURE_DETAIL = select(*DETAIL_COLUMNS).where(Feature.sae_id == _SAE, Feature.idx == bindparam("idx"))
+_LABELS = select(*LABEL_COLUMNS).where(Label.sae_id == _SAE, Label.feature.in_(_FEATURES))
+_EXAMPLES = select(*EXAMPLE_COLUMNS).join(Image, Image.id == FeatureExample.image_id)
+_ORDER = (FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
+_FEATURE_EXAMPLES = _EXAMPLES.where(FeatureExample.sae_id == _SAE, FeatureExample.feature == bindparam("idx")).order_by(*_ORDER)
+_TOP_EXAMPLES = _EXAMPLES.where(
+    FeatureExample.sae_id == _SAE, FeatureExample.feature.in_(_FEATURES), FeatureExample.bucket == -1,
+    FeatureExample.rank < bindparam("limit"),
+).order_by(*_ORDER)
+
+
+def _rows(session: Session, statement, **params) -> list:
+    """Plain rows through the session's connection (and transaction), without the ORM's execution layer."""
+    return session.connection().execute(statement, params).all()
+
 
 def list_features(
     session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6
@@ -58,10 +77,15 @@ def list_features(
     ids = [int(i) for i in order[(query.page - 1) * query.per_page : query.page * query.per_page]]
     if not ids:
         return [], len(order)
-    rows = {r.idx: r for r in session.execute(select(*LIST_COLUMNS).where(Feature.sae_id == sae.id, Feature.idx.in_(ids)))}
-    labels = {lab.feature: lab for lab in session.execute(select(*LABEL_COLUMNS).where(Label.sae_id == sae.id, Label.feature.in_(ids)))}
+    rows = {r.idx: r for r in _rows(session, _FEATURE_ROWS, sae=sae.id, features=ids)}
+    labels = labels_of(session, sae.id, ids)
     strips = top_examples(session, sae.id, ids, limit=strip)
     return [{**feature_stats(rows[i]), "label": label_dict(labels.get(i)), "examples": strips.get(i, [])} for i in ids], len(order)
+
+
+def labels_of(session: Session, sae_id: int, features: list[int]) -> dict[int, Any]:
+    """The current label row of each of ``features`` that has one."""
+    return {lab.feature: lab for lab in _rows(session, _LABELS, sae=sae_id, features=features)} if features else {}
 
 
 def feature_stats(f: Feature) -> dict[str, Any]:
@@ -80,13 +104,6 @@ def label_dict(label: Label | None) -> dict[str, Any] | None:
     }
 
 
-def _examples(session: Session, condition) -> list:
-    return session.execute(
-        select(*EXAMPLE_COLUMNS).join(Image, Image.id == FeatureExample.image_id).where(condition)
-        .order_by(FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
-    ).all()
-
-
 def _example(row) -> dict[str, Any]:
     _feature, rank, bucket, activation, image_id, thumbnail, dataset, split, index, class_name = row  # unpacking: 3x faster than attributes
     return {
@@ -98,11 +115,8 @@ def _example(row) -> dict[str, Any]:
 def top_examples(session: Session, sae_id: int, features: list[int], limit: int = 12) -> dict[int, list[dict[str, Any]]]:
     if not features:
         return {}
-    rows = _examples(session, and_(
-        FeatureExample.sae_id == sae_id, FeatureExample.feature.in_(features), FeatureExample.bucket == -1, FeatureExample.rank < limit
-    ))
     out: dict[int, list[dict[str, Any]]] = {}
-    for row in rows:
+    for row in _rows(session, _TOP_EXAMPLES, sae=sae_id, features=features, limit=limit):
         out.setdefault(row.feature, []).append(_example(row))
     return out
 
@@ -113,17 +127,17 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
     Three indexed queries answered as plain rows: the feature, its examples with their images,
     and the labels of the feature and its neighbours together.
     """
-    f = session.execute(select(*DETAIL_COLUMNS).where(Feature.sae_id == sae.id, Feature.idx == idx)).first()
-    if f is None:
+    found = _rows(session, _FEATURE_DETAIL, sae=sae.id, idx=idx)
+    if not found:
         return None
-    examples = _examples(session, and_(FeatureExample.sae_id == sae.id, FeatureExample.feature == idx))
+    f = found[0]
+    examples = _rows(session, _FEATURE_EXAMPLES, sae=sae.id, idx=idx)
     top = [_example(e) for e in examples if e.bucket == -1]
     intervals = [dict(iv, index=i, examples=[]) for i, iv in enumerate(f.intervals)]
     for e in examples:
         if 0 <= e.bucket < len(intervals):
             intervals[e.bucket]["examples"].append(_example(e))
-    wanted = [idx, *(n for n, _ in f.neighbours)]
-    labels = {lab.feature: lab for lab in session.execute(select(*LABEL_COLUMNS).where(Label.sae_id == sae.id, Label.feature.in_(wanted)))}
+    labels = labels_of(session, sae.id, [idx, *(n for n, _ in f.neighbours)])
     return {
         **feature_stats(f),
         "histogram": f.histogram,
