@@ -47,11 +47,21 @@ def sae_lens_cfg(sae: TopKSAE, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sae_files(sae: TopKSAE, meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What an SAE folder holds: SAELens' tensors, copied to host memory (a snapshot), and its config."""
+    tensors = {name: getattr(sae, name).detach().to("cpu", copy=True).contiguous() for name in SAE_LENS_TENSORS}
+    return tensors, sae_lens_cfg(sae, meta)
+
+
+def write_files(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
+    """Write :func:`sae_files`' output into an existing folder (callers make it atomic)."""
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    atomic_write_json(folder / CFG_FILE, cfg)
+
+
 def write_sae_files(sae: TopKSAE, folder: Path, meta: dict[str, Any]) -> None:
     """Write the two files into an existing folder (callers make it atomic)."""
-    tensors = {name: getattr(sae, name).detach().cpu().contiguous() for name in SAE_LENS_TENSORS}
-    save_file(tensors, str(folder / WEIGHTS_FILE))
-    atomic_write_json(folder / CFG_FILE, sae_lens_cfg(sae, meta))
+    write_files(folder, *sae_files(sae, meta))
 
 
 def save_sae(sae: TopKSAE, folder: Path, meta: dict[str, Any]) -> None:

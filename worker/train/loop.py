@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from clipscope.sae.io import WEIGHTS_FILE, save_sae
 from clipscope.sae.metrics import FiringTracker, ReconstructionStats
 from clipscope.sae.model import TopKSAE
 from worker.context import Context
-from worker.train.checkpoint import checkpoint_dirs, load_latest, save_checkpoint
+from worker.train.checkpoint import CheckpointWriter, checkpoint_dirs, load_latest
 from worker.train.data import EpochOrder, VectorSource, split_images
 from worker.train.recipes import Recipe, make_recipe
 
@@ -183,7 +184,8 @@ def train(
     end = order.total_steps if stop_after is None else min(order.total_steps, stop_after)
     started, start_step = time.perf_counter(), step
     bar = tqdm(total=order.total_steps, initial=step, unit="step", desc=f"train {cfg.train.recipe}", disable=not ctx.settings.progress)
-    with bar:
+    writer = CheckpointWriter(run_dir, meta, tc.keep_checkpoints)
+    with bar, closing(writer):  # a stop, or an error, waits for the checkpoint being written
         while step < end:
             x = source.gather(order.rows(step))
             lr = recipe.lr_at(step)
@@ -198,8 +200,7 @@ def train(
                 _log_point(url, sae_id, step, tc.batch_size, window, tracker, lr, sae, heldout if evaluate_now else None, bar)
                 window = _Window(train_cache.d, device)
             if step % tc.checkpoint_every == 0 and step < order.total_steps:
-                state = {"optimizer": optimizer.state_dict(), "tracker": tracker.state_dict(), "window": window.state_dict()}
-                save_checkpoint(run_dir, step, sae, meta, state, tc.keep_checkpoints)
+                writer.save(step, sae, {"optimizer": optimizer.state_dict(), "tracker": tracker.state_dict(), "window": window.state_dict()})
     elapsed = time.perf_counter() - started
     if step < order.total_steps:  # stopped on request, as if killed: the next call resumes from the last checkpoint
         return TrainResult(key, sae_dir, {}, step - start_step)
