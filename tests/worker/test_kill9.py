@@ -132,10 +132,9 @@ def test_kill_nine_at_random_points_then_resume_to_the_same_outputs(tmp_path):
 
     rnd = random.Random(1234)
     for stage in ("extract", "train", "precompute"):
-        window = took[stage]  # kills land at random points of the stage's own duration on this machine
         landed = 0
-        for _ in range(3):
-            landed += _kill_in_stage(stage, victim, tmp_path, rnd.uniform(0.0, window))
+        for _ in range(3):  # at random points of the stage's own duration here, short of its end (noise)
+            landed += _kill_in_stage(stage, victim, tmp_path, rnd.uniform(0.02, 0.75) * took[stage])
             _never_ready_unless_complete(victim)
         assert landed >= 1, f"no kill landed inside {stage}"
         _run([stage, "run.toml"], victim, tmp_path)
