@@ -9,18 +9,17 @@ from typing import Any
 
 import torch
 from PIL import Image
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.clip.preprocess import build_transform, preprocess_descriptor
 from clipscope.config import ModelConfig
-from clipscope.db.models import Feature, Sae
+from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
 
-from backend.services.features import label_dict, labels_of, top_examples
+from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 
 class _Loaded:
     def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):
@@ -73,12 +72,7 @@ class Analyzer:
 def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int = 30, strip: int = 6) -> dict[str, Any]:
     """The firing features ranked by activation and by activation relative to the feature's own maximum."""
     ids = list(acts)
-    stats, labels = {}, {}
-    if ids:  # plain rows of the columns shown: not the features' JSON columns, up to 500 x 3 documents to decode
-        stats = {f.idx: f for f in session.execute(
-            select(Feature.idx, Feature.max_activation, Feature.frequency).where(Feature.sae_id == sae.id, Feature.idx.in_(ids))
-        )}
-        labels = labels_of(session, sae.id, ids)
+    stats, labels = maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids)  # plain rows, no JSON columns
     entries = []
     for f, a in acts.items():
         mx = stats[f].max_activation if f in stats else 0.0

@@ -54,6 +54,7 @@ EXAMPLE_COLUMNS = (
 _SAE, _FEATURES = bindparam("sae"), bindparam("features", expanding=True)
 _FEATURE_ROWS = select(*LIST_COLUMNS).where(Feature.sae_id == _SAE, Feature.idx.in_(_FEATURES))
 _FEATURE_DETAIL = select(*DETAIL_COLUMNS).where(Feature.sae_id == _SAE, Feature.idx == bindparam("idx"))
+_MAXIMA = select(Feature.idx, Feature.max_activation, Feature.frequency).where(Feature.sae_id == _SAE, Feature.idx.in_(_FEATURES))
 _LABELS = select(*LABEL_COLUMNS).where(Label.sae_id == _SAE, Label.feature.in_(_FEATURES))
 _EXAMPLES = select(*EXAMPLE_COLUMNS).join(Image, Image.id == FeatureExample.image_id)
 _ORDER = (FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
@@ -81,6 +82,11 @@ def list_features(
     labels = labels_of(session, sae.id, ids)
     strips = top_examples(session, sae.id, ids, limit=strip)
     return [{**feature_stats(rows[i]), "label": label_dict(labels.get(i)), "examples": strips.get(i, [])} for i in ids], len(order)
+
+
+def maxima_of(session: Session, sae_id: int, features: list[int]) -> dict[int, Any]:
+    """``(idx, max_activation, frequency)`` of each of ``features``: what live analysis ranks by."""
+    return {f.idx: f for f in _rows(session, _MAXIMA, sae=sae_id, features=features)} if features else {}
 
 
 def labels_of(session: Session, sae_id: int, features: list[int]) -> dict[int, Any]:
