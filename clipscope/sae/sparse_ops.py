@@ -57,19 +57,33 @@ def _masked_topk(pre: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.T
     return topk_unsorted(pre.masked_fill(~mask, float("-inf")), k)
 
 
+_ENCODE_ROWS = 128
+"""On the CPU, batches larger than twice this are encoded this many rows at a time: a chunk's
+pre-activations (``[128, 49152]`` fp32, 25 MB) are still in cache when the top-k reads them, and
+the whole ``[batch, d_sae]`` matrix never exists (800 MB at batch 4,096, where this saves ~10 %
+of the encoder's time on 2 threads). On a GPU the batch is one product."""
+
+
+def _encode(xc, weight, b_enc, k: int, aux_mask, k_aux: int) -> tuple[torch.Tensor, ...]:
+    """``(values, indices, aux_values, aux_indices)`` before the ReLU; the aux pair is empty without a mask."""
+    pre = gemm.linear(xc, weight, b_enc)
+    values, indices = topk_unsorted(pre, k)
+    if aux_mask is not None and k_aux > 0:
+        return values, indices, *_masked_topk(pre, aux_mask, k_aux)
+    return values, indices, values.new_zeros(xc.shape[0], 0), indices.new_zeros(xc.shape[0], 0)
+
+
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, b_enc, b_dec, k: int, aux_mask, k_aux: int, sink):
         xc = x - b_dec
-        pre = gemm.linear(xc, weight, b_enc)
-        values, indices = topk_unsorted(pre, k)
-        values = values.clamp_min(0)
-        if aux_mask is not None and k_aux > 0:
-            aux_values, aux_indices = _masked_topk(pre, aux_mask, k_aux)
-            aux_values = torch.where(torch.isfinite(aux_values), aux_values.clamp_min(0), torch.zeros_like(aux_values))
+        if xc.device.type == "cpu" and xc.shape[0] > 2 * _ENCODE_ROWS:
+            parts = zip(*(_encode(rows, weight, b_enc, k, aux_mask, k_aux) for rows in xc.split(_ENCODE_ROWS)))
+            values, indices, aux_values, aux_indices = (torch.cat(p) for p in parts)
         else:
-            aux_values = values.new_zeros(x.shape[0], 0)
-            aux_indices = indices.new_zeros(x.shape[0], 0)
+            values, indices, aux_values, aux_indices = _encode(xc, weight, b_enc, k, aux_mask, k_aux)
+        values = values.clamp_min(0)
+        aux_values = torch.where(torch.isfinite(aux_values), aux_values.clamp_min(0), torch.zeros_like(aux_values))
         ctx.sink = sink
         ctx.save_for_backward(xc, weight, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)

@@ -7,6 +7,7 @@ from clipscope.config import TrainConfig
 from clipscope.sae.dense_reference import DenseTopKSAE
 from clipscope.sae.metrics import FiringTracker
 from clipscope.sae.model import TopKSAE
+from clipscope.sae import sparse_ops
 from clipscope.sae.sparse_ops import topk_unsorted
 from worker.train.loop import train_step
 from worker.train.recipes import make_recipe
@@ -33,9 +34,14 @@ def _tracker(dead_every: int):
     return tracker
 
 
-@pytest.mark.parametrize(("recipe", "auxk_k"), [("seed", 20), ("topk", 20), ("topk", 200)])
-def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k):
-    """``auxk_k`` 200 asks for more latents than are dead (128): the slots past them hold nothing."""
+@pytest.mark.parametrize(("recipe", "auxk_k", "chunk_rows"), [("seed", 20, None), ("topk", 20, None), ("topk", 200, None), ("seed", 20, 5), ("topk", 20, 5)])
+def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk_rows, monkeypatch):
+    """``auxk_k`` 200 asks for more latents than are dead (128): the slots past them hold nothing.
+    ``chunk_rows`` 5: the CPU encoder takes the batch of 32 five rows at a time (the last chunk two)."""
+    if chunk_rows:
+        monkeypatch.setattr(sparse_ops, "_ENCODE_ROWS", chunk_rows)
+        calls = []
+        monkeypatch.setattr(sparse_ops, "_encode", lambda xc, *a, real=sparse_ops._encode: calls.append(len(xc)) or real(xc, *a))  # noqa: E731
     cfg = TrainConfig(recipe=recipe, auxk_k=auxk_k)
     sparse, dense = pair(use_b_dec=recipe == "topk")
     x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
@@ -58,6 +64,8 @@ def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k):
             continue
         assert b.grad.abs().sum() > 0, name
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    if chunk_rows:
+        assert calls == [5] * 6 + [2], "the encoder must have run in chunks"
 
 
 def test_input_gradient_equals_the_dense_reference():
