@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import jinja2
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 import clipscope
 from starlette.middleware.sessions import SessionMiddleware
 
 from backend import charts
+from backend.assets import ImmutableFiles, static_url
 from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
-        version=clipscope.__version__, htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
+        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
     )
     app.state.templates = templates
     if settings.auth == "password":
@@ -60,10 +61,10 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
             same_site="lax", https_only=False, max_age=14 * 24 * 3600,
         )
     app.add_middleware(CsrfMiddleware)  # outermost: refuses cross-site writes before anything else runs
-    app.mount("/static", StaticFiles(directory=str(FRONTEND / "static")), name="static")
+    app.mount("/static", ImmutableFiles(directory=str(FRONTEND / "static")), name="static")
     thumbs = Path(settings.data_dir) / "thumbnails"
     thumbs.mkdir(parents=True, exist_ok=True)
-    app.mount("/thumbnails", StaticFiles(directory=str(thumbs)), name="thumbnails")
+    app.mount("/thumbnails", ImmutableFiles(directory=str(thumbs)), name="thumbnails")
 
     from backend.routes import api, pages
 

@@ -283,3 +283,24 @@ def test_reads_on_the_event_loop_by_default_for_sqlite_only():
     assert Settings(database_url="postgresql+psycopg://u@h/db").resolved_reads_in_event_loop is False
     assert Settings(database_url="postgresql+psycopg://u@h/db", reads_in_event_loop="yes").resolved_reads_in_event_loop is True
     assert Settings(database_url="sqlite:///x.db", reads_in_event_loop="no").resolved_reads_in_event_loop is False
+
+
+def test_thumbnails_and_static_files_are_named_by_content_and_cached_for_good(web, tmp_path):
+    from backend.assets import IMMUTABLE, static_url
+
+    client, key = web
+    page = client.get(f"/saes/{key}/features").text
+    thumb = re.search(r'<img src="(/thumbnails/[^"]+)"', page).group(1)
+    links = re.findall(r'(?:href|src)="(/static/[^"?]+\?v=[0-9a-f]{12})"', page)
+    assert len(links) == 2  # the stylesheet and htmx
+    for url in (thumb, *links):
+        first = client.get(url)
+        assert first.status_code == 200 and first.headers["cache-control"] == IMMUTABLE, url
+        again = client.get(url, headers={"if-none-match": first.headers["etag"]})
+        assert again.status_code == 304 and again.headers["cache-control"] == IMMUTABLE, url
+    asset = tmp_path / "app.css"
+    asset.write_text("a {}")
+    before = static_url(tmp_path, "app.css")
+    (tmp_path / "other.css").write_text("a { color: red }")
+    assert static_url(tmp_path, "other.css") != before.replace("app.css", "other.css")  # the URL follows the bytes
+    assert before == static_url(tmp_path, "app.css")
