@@ -105,7 +105,7 @@ def serve(
     _setup()
     create_app()  # fail here, with a clear message, if the database is not ready
     typer.echo(f"ClipScope explorer: http://{host}:{port}/", err=True)
-    uvicorn.run("backend.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
+    uvicorn.run("backend.app:serve_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 
 @app.command("export")
