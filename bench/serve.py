@@ -84,7 +84,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(client: httpx.Client, urls, seconds: float, concurrency: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(client: httpx.Client, urls, seconds: float, concurrency: int, server_pid: int) -> dict:
+    """Requests/s and latency quantiles under ``concurrency`` clients, and the server's CPU per request:
+    steadier than requests/s on a shared machine, and the ratio that matters once the one server
+    process is the bottleneck."""
+    cpu_before = cpu_seconds(server_pid)
     deadline = time.perf_counter() + seconds
     latencies: list[float] = []
 
@@ -104,7 +114,8 @@ def load(client: httpx.Client, urls, seconds: float, concurrency: int) -> dict:
             latencies += result
     elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100)
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98]}
+    return {"requests": len(latencies), "rps": len(latencies) / elapsed, "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98],
+            "server_cpu_ms_per_request": 1000 * (cpu_seconds(server_pid) - cpu_before) / len(latencies)}
 
 
 def jpeg_512() -> bytes:
@@ -144,8 +155,8 @@ def main() -> None:
                 (data_dir / "thumbnails" / f"{name}.html").write_bytes(b"x" * len(client.get(fn(random.Random(0))).content))
             results = {}
             for name, fn in (("feature_page", feature), ("feature_list", listing)):
-                results[f"static_{name}_size"] = load(client, lambda r, name=name: f"/thumbnails/{name}.html", a.seconds, a.concurrency)
-                results[name] = load(client, fn, a.seconds, a.concurrency)
+                results[f"static_{name}_size"] = load(client, lambda r, name=name: f"/thumbnails/{name}.html", a.seconds, a.concurrency, server.pid)
+                results[name] = load(client, fn, a.seconds, a.concurrency, server.pid)
             jpeg = jpeg_512()
             post = lambda: client.post(f"/api/saes/{key}/analyze", files={"file": ("x.jpg", jpeg, "image/jpeg")})  # noqa: E731
             post()  # loads CLIP and the SAE
@@ -166,6 +177,8 @@ def main() -> None:
         **results,
         "feature_page_over_static": results["feature_page"]["rps"] / results["static_feature_page_size"]["rps"],
         "feature_list_over_static": results["feature_list"]["rps"] / results["static_feature_list_size"]["rps"],
+        "server_cpu_static_over_feature_page": results["static_feature_page_size"]["server_cpu_ms_per_request"] / results["feature_page"]["server_cpu_ms_per_request"],
+        "server_cpu_static_over_feature_list": results["static_feature_list_size"]["server_cpu_ms_per_request"] / results["feature_list"]["server_cpu_ms_per_request"],
         "analyze_512_jpeg_p50_ms": 1000 * statistics.median(lat),
         "analyze_8_concurrent_images_per_s": codes.count(200) / concurrent_s,
     }, indent=2))
