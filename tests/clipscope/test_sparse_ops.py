@@ -174,3 +174,28 @@ def test_both_decode_backwards_give_autograds_gradients(trains_w, use_sink):
             torch.testing.assert_close(weight_grad, expected[2], rtol=1e-5, atol=1e-5)
         else:
             assert weight_grad is None
+
+
+@pytest.mark.parametrize("recipe", ["seed", "topk"])
+def test_a_training_step_off_the_cpu_never_reads_a_value_back_to_the_host(recipe, monkeypatch):
+    """On the meta device tensors have shapes but no values, so an operation that would read one
+    back to the host (``.item()``, ``nonzero``, ``bincount``, ``unique``: a stall of a GPU every
+    step) raises there; and the code takes its off-CPU paths, as on a GPU. torch has no meta kernel
+    for a CSR-times-dense product, so that product alone is replaced by a check of its operands."""
+    products = []
+
+    def accumulate_grad(self, name, by_sample, dense):
+        param = getattr(self, name)
+        assert by_sample.layout == torch.sparse_csr and by_sample.shape == (param.shape[0], dense.shape[0])
+        assert dense.shape[1] == param.shape[1]
+        products.append(name)
+        param.grad = torch.empty_like(param)
+
+    monkeypatch.setattr(TopKSAE, "accumulate_grad", accumulate_grad)
+    sae = TopKSAE(D_IN, D_SAE, K, use_b_dec=recipe == "topk").to("meta")
+    r = make_recipe(TrainConfig(recipe=recipe), 100, D_IN, D_SAE)
+    r.prepare(sae)
+    tracker = FiringTracker(D_SAE, dead_after=1, device="meta")
+    optimizer = torch.optim.Adam(r.parameters(sae), lr=1e-3, foreach=True)  # fused Adam has no meta kernel: one CUDA kernel
+    train_step(sae, r, optimizer, tracker, torch.empty(16, D_IN, device="meta"), 0, 1e-3)
+    assert sorted(products) == (["W_dec", "encoder_weight"] if recipe == "topk" else ["encoder_weight"])  # seed's decoder is frozen
