@@ -10,6 +10,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -54,6 +55,23 @@ def time_steps(parts, xs, first_step: int, device: str) -> float:
     return (time.perf_counter() - started) / len(xs)
 
 
+def host_syncs(parts, xs, first_step: int) -> list[str]:
+    """On a GPU, the distinct lines where ClipScope's steps wait for the device (CUDA's sync debug mode);
+    the tests check the same on the meta device, this confirms it on the real one."""
+    sae, recipe, optimizer, tracker = parts
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i, x in enumerate(xs):
+                train_step(sae, recipe, optimizer, tracker, x, first_step + i, recipe.base_lr)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recipe", choices=["seed", "topk"], default="seed")
@@ -76,6 +94,7 @@ def main() -> None:
         for kind, parts in sides.items():
             times[kind].append(time_steps(parts, xs, 1 + r * a.steps, a.device))
     dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
+    syncs = host_syncs(sides["sparse"], xs[:3], 1 + a.rounds * a.steps) if a.device.startswith("cuda") else None
     print(json.dumps({
         "shape": f"d={d}, d_sae={a.d_sae}, k={a.k}, batch {a.batch}, recipe {a.recipe}, {a.dead_fraction:.0%} dead, {a.device}, {torch.get_num_threads()} threads",
         "clipscope_encoder_gemm": gemm.cpu_kernel() if a.device == "cpu" else "torch (F.linear)",
@@ -83,6 +102,7 @@ def main() -> None:
         "clipscope_steps_per_s": 1 / sparse,
         "speedup": dense / sparse,
         "seed_run_estimate_s": 17_760 * sparse,
+        **({"clipscope_host_syncs": syncs} if syncs is not None else {}),
     }, indent=2))
 
 
