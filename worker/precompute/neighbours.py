@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import torch
 
+from clipscope.sae import gemm
+
 
 @torch.no_grad()
 def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(indices, cosines)``, each ``[d_sae, n]``, excluding the feature itself; rows computed in chunks."""
+    """``(indices, cosines)``, each ``[d_sae, n]``, most similar first, excluding the feature itself.
+
+    The cosine matrix is symmetric, so each block of ``chunk`` rows is multiplied only with itself
+    and the rows after it, and that one product serves twice: along its rows for the block's own
+    features, down its columns for every later feature. Each feature keeps a running top ``n``.
+    Half the products of the whole matrix (at 49,152 features: 0.93 TFLOP instead of 1.86).
+    """
     w = torch.nn.functional.normalize(W_dec.float(), dim=1)
     d_sae = w.shape[0]
     n = min(n, d_sae - 1)
-    indices = torch.empty(d_sae, n, dtype=torch.long, device=w.device)
-    cosines = torch.empty(d_sae, n, dtype=torch.float32, device=w.device)
+    cosines = torch.full((d_sae, n), float("-inf"), device=w.device)
+    indices = torch.full((d_sae, n), -1, dtype=torch.long, device=w.device)
+
+    def keep(rows: slice, cos: torch.Tensor, idx: torch.Tensor) -> None:
+        """Merge candidate columns into the running top ``n`` of ``rows``."""
+        merged, at = torch.cat([cosines[rows], cos], dim=1).topk(n, dim=1)
+        indices[rows] = torch.cat([indices[rows], idx], dim=1).gather(1, at)
+        cosines[rows] = merged
+
     for start in range(0, d_sae, chunk):
-        sims = w[start : start + chunk] @ w.T
-        rows = torch.arange(sims.shape[0], device=w.device)
-        sims[rows, rows + start] = float("-inf")
-        cos, idx = sims.topk(n, dim=1)
-        indices[start : start + chunk], cosines[start : start + chunk] = idx, cos
+        end = min(d_sae, start + chunk)
+        sims = gemm.linear(w[start:end], w[start:], None)  # [block, d_sae - start]: columns from `start` on
+        own = torch.arange(end - start, device=w.device)
+        sims[own, own] = float("-inf")  # a feature is not its own neighbour
+        cos, idx = sims.topk(min(n, sims.shape[1]), dim=1)
+        keep(slice(start, end), cos, idx + start)
+        if end < d_sae:
+            cos, idx = sims[:, end - start :].topk(min(n, end - start), dim=0)
+            keep(slice(end, d_sae), cos.T, idx.T + start)
     return indices, cosines
