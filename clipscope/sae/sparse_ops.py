@@ -22,6 +22,13 @@ from clipscope.sae import gemm
 _BLOCK = 8
 
 
+def on_cpu(t: torch.Tensor) -> bool:
+    """Whether work on ``t`` takes the paths measured fastest on the CPU. Elsewhere (a GPU) it takes
+    paths that never read a value back to the host; the tests switch this off to check those
+    paths' arithmetic on the CPU too."""
+    return t.device.type == "cpu"
+
+
 def topk_unsorted(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``pre.topk(k, dim=-1, sorted=False)`` of a 2-D tensor: the same values (indices equal up to ties).
 
@@ -34,7 +41,7 @@ def topk_unsorted(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """
     batch, width = pre.shape
     blocks = width // _BLOCK
-    if pre.device.type != "cpu" or width % _BLOCK or blocks < 2 * k:
+    if not on_cpu(pre) or width % _BLOCK or blocks < 2 * k:
         return pre.topk(k, dim=-1, sorted=False)
     grouped = pre.reshape(batch, blocks, _BLOCK)
     best_blocks = grouped.amax(-1).topk(k, dim=-1, sorted=False).indices
@@ -43,17 +50,24 @@ def topk_unsorted(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return values, best_blocks.gather(1, slot // _BLOCK) * _BLOCK + slot % _BLOCK
 
 
-def _masked_topk(pre: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _aux_columns(mask: torch.Tensor, k: int) -> torch.Tensor | None:
+    """On the CPU, AuxK's candidate columns when there are at least ``k`` (found once a batch, not per
+    encoder chunk); None elsewhere, where their number would have to be read back to the host."""
+    if not on_cpu(mask):
+        return None
+    columns = mask.nonzero().squeeze(1)
+    return columns if len(columns) >= k else None
+
+
+def _masked_topk(pre: torch.Tensor, mask: torch.Tensor, columns: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top k of each row among the columns where ``mask`` holds; slots past their count hold -inf.
 
-    On the CPU the masked columns are gathered first (AuxK's dead latents are usually few); on a
-    GPU that would need the host to learn their number, so the others are masked to -inf instead.
+    With ``columns`` (the CPU) those columns are gathered first: AuxK's dead latents are usually
+    few. Without, the others are masked to -inf instead.
     """
-    if pre.device.type == "cpu":
-        columns = mask.nonzero().squeeze(1)
-        if len(columns) >= k:
-            values, slot = topk_unsorted(pre.index_select(1, columns), k)
-            return values, columns[slot]
+    if columns is not None:
+        values, slot = topk_unsorted(pre.index_select(1, columns), k)
+        return values, columns[slot]
     return topk_unsorted(pre.masked_fill(~mask, float("-inf")), k)
 
 
@@ -64,12 +78,12 @@ the whole ``[batch, d_sae]`` matrix never exists (800 MB at batch 4,096, where t
 of the encoder's time on 2 threads). On a GPU the batch is one product."""
 
 
-def _encode(xc, weight, b_enc, k: int, aux_mask, k_aux: int) -> tuple[torch.Tensor, ...]:
+def _encode(xc, weight, b_enc, k: int, aux_mask, aux_columns, k_aux: int) -> tuple[torch.Tensor, ...]:
     """``(values, indices, aux_values, aux_indices)`` before the ReLU; the aux pair is empty without a mask."""
     pre = gemm.linear(xc, weight, b_enc)
     values, indices = topk_unsorted(pre, k)
     if aux_mask is not None and k_aux > 0:
-        return values, indices, *_masked_topk(pre, aux_mask, k_aux)
+        return values, indices, *_masked_topk(pre, aux_mask, aux_columns, k_aux)
     return values, indices, values.new_zeros(xc.shape[0], 0), indices.new_zeros(xc.shape[0], 0)
 
 
@@ -77,11 +91,12 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, b_enc, b_dec, k: int, aux_mask, k_aux: int, sink):
         xc = x - b_dec
-        if xc.device.type == "cpu" and xc.shape[0] > 2 * _ENCODE_ROWS:
-            parts = zip(*(_encode(rows, weight, b_enc, k, aux_mask, k_aux) for rows in xc.split(_ENCODE_ROWS)))
-            values, indices, aux_values, aux_indices = (torch.cat(p) for p in parts)
+        aux_columns = _aux_columns(aux_mask, k_aux) if aux_mask is not None and k_aux > 0 else None
+        if on_cpu(xc) and xc.shape[0] > 2 * _ENCODE_ROWS:
+            chunks = (_encode(rows, weight, b_enc, k, aux_mask, aux_columns, k_aux) for rows in xc.split(_ENCODE_ROWS))
+            values, indices, aux_values, aux_indices = (torch.cat(p) for p in zip(*chunks))
         else:
-            values, indices, aux_values, aux_indices = _encode(xc, weight, b_enc, k, aux_mask, k_aux)
+            values, indices, aux_values, aux_indices = _encode(xc, weight, b_enc, k, aux_mask, aux_columns, k_aux)
         values = values.clamp_min(0)
         aux_values = torch.where(torch.isfinite(aux_values), aux_values.clamp_min(0), torch.zeros_like(aux_values))
         ctx.sink = sink
@@ -202,7 +217,7 @@ def sparse_decode(
     gradient is an SDDMM (:class:`_SparseDecodeCPU`); elsewhere, where that has not been measured
     yet, it is ``embedding_bag``'s own backward.
     """
-    if W_dec.device.type == "cpu":
+    if on_cpu(W_dec):
         return _decode_sddmm(codes, W_dec, sink)
     return _decode_embedding_bag(codes, W_dec, sink)
 
@@ -252,7 +267,7 @@ def _crow(sorted_keys: torch.Tensor, d_sae: int, n_samples: int) -> torch.Tensor
     back to the host to size its output, which would stall a GPU every step (``searchsorted``
     takes ~5x ``bincount``'s time on the CPU at batch 64, 0.75 ms against 0.16 ms).
     """
-    if sorted_keys.device.type != "cpu":
+    if not on_cpu(sorted_keys):
         bounds = torch.arange(d_sae + 1, device=sorted_keys.device) * n_samples
         return torch.searchsorted(sorted_keys, bounds)
     crow = torch.zeros(d_sae + 1, dtype=torch.long)

@@ -27,6 +27,19 @@ def pair(use_b_dec: bool, seed: int = 0):
     return sparse, dense
 
 
+@pytest.fixture(params=["cpu", "accelerator"])
+def paths(request, monkeypatch):
+    """Which of sparse_ops' paths run: the CPU's, or those a GPU takes (no value read back to the
+    host: plain top-k, masked AuxK, embedding_bag decode, CSR by binary search), here on the CPU.
+    Yields the names of the path-specific functions that ran, to check the choice took effect."""
+    if request.param == "accelerator":
+        monkeypatch.setattr(sparse_ops, "on_cpu", lambda t: False)
+    ran = []
+    for name in ("_decode_sddmm", "_decode_embedding_bag"):
+        monkeypatch.setattr(sparse_ops, name, lambda *a, name=name, real=getattr(sparse_ops, name): ran.append(name) or real(*a))
+    yield request.param, ran
+
+
 def _tracker(dead_every: int):
     tracker = FiringTracker(D_SAE, dead_after=1)
     tracker.since_fired.zero_()
@@ -35,9 +48,11 @@ def _tracker(dead_every: int):
 
 
 @pytest.mark.parametrize(("recipe", "auxk_k", "chunk_rows"), [("seed", 20, None), ("topk", 20, None), ("topk", 200, None), ("seed", 20, 5), ("topk", 20, 5)])
-def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk_rows, monkeypatch):
+def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk_rows, paths, monkeypatch):
     """``auxk_k`` 200 asks for more latents than are dead (128): the slots past them hold nothing.
-    ``chunk_rows`` 5: the CPU encoder takes the batch of 32 five rows at a time (the last chunk two)."""
+    ``chunk_rows`` 5: the CPU encoder takes the batch of 32 five rows at a time (the last chunk two);
+    a GPU takes it whole."""
+    kind, ran = paths
     if chunk_rows:
         monkeypatch.setattr(sparse_ops, "_ENCODE_ROWS", chunk_rows)
         calls = []
@@ -65,7 +80,8 @@ def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk
         assert b.grad.abs().sum() > 0, name
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     if chunk_rows:
-        assert calls == [5] * 6 + [2], "the encoder must have run in chunks"
+        assert calls == ([5] * 6 + [2] if kind == "cpu" else [32]), "the CPU encoder runs in chunks, a GPU's whole"
+    assert set(ran) == {"_decode_sddmm" if kind == "cpu" else "_decode_embedding_bag"}
 
 
 def test_input_gradient_equals_the_dense_reference():
@@ -79,9 +95,9 @@ def test_input_gradient_equals_the_dense_reference():
 
 
 @pytest.mark.parametrize("recipe", ["seed", "topk"])
-def test_training_steps_stay_equal_to_the_dense_reference(recipe):
+def test_training_steps_stay_equal_to_the_dense_reference(recipe, paths):
     """Five steps of the real training step (kept gradient buffers, parallel-gradient removal,
-    renormalisation) on both implementations."""
+    renormalisation) on both implementations, through the CPU's paths and a GPU's."""
     cfg = TrainConfig(recipe=recipe)
     sparse, dense = pair(use_b_dec=recipe == "topk")
     sides = []
@@ -93,6 +109,7 @@ def test_training_steps_stay_equal_to_the_dense_reference(recipe):
         x = torch.randn(16, D_IN, generator=torch.Generator().manual_seed(10 + step))
         for sae, r, opt, tracker in sides:
             train_step(sae, r, opt, tracker, x, step, 1e-3)
+    assert set(paths[1]) == {"_decode_sddmm" if paths[0] == "cpu" else "_decode_embedding_bag"}
     torch.testing.assert_close(sides[0][3].since_fired, sides[1][3].since_fired, rtol=0, atol=0)
     for name in ("encoder_weight", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-4, atol=1e-5, msg=name)
