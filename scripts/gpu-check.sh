@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--smoke" ]; then
   py=.venv/bin/python
   seed_run=(--images 3200 --eval-images 500 --epochs 1); steps_small=(--steps 2 --rounds 1); steps_large=(--steps 1 --rounds 1 --batch 256)
-  extract=(--images 64 --batch 32 --workers 2)
+  extract=(--images 32 --copies 2 --batch 32 --workers 2)
 else
   py=python3
   if [ -d .whl ]; then
@@ -20,7 +20,7 @@ else
     export PYTHONPATH=/tmp/site
   fi
   seed_run=(); steps_small=(--steps 50 --rounds 3); steps_large=(--steps 10 --rounds 3 --batch 4096)
-  extract=(--images 2048 --batch 256 --workers 12)
+  extract=(--images 2048 --copies 8 --batch 256 --workers 14)
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 run() {  # name, command...: the command's stdout (JSON) to $out/name.json, everything to the log
@@ -34,5 +34,8 @@ run train_seed_64 $py bench/train_step.py --recipe seed --batch 64 "${steps_smal
 run train_topk_64 $py bench/train_step.py --recipe topk --batch 64 "${steps_small[@]}"
 run train_seed_large $py bench/train_step.py --recipe seed "${steps_large[@]}"
 run train_topk_large $py bench/train_step.py --recipe topk "${steps_large[@]}"
-run extract_fp32 $py bench/extract.py "${extract[@]}" --precision fp32
-run extract_bf16 $py bench/extract.py "${extract[@]}" --precision bf16
+for precision in fp32 bf16; do
+  for resize in pil torch; do
+    run "extract_${precision}_$resize" $py bench/extract.py "${extract[@]}" --precision $precision --resize $resize
+  done
+done

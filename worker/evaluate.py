@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache
 from clipscope.clip.loading import LoadedClip
-from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.clip.zeroshot import build_classifier, correct_at_k, template_set, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
 from clipscope.db.models import Evaluation, Sae
@@ -56,15 +56,15 @@ def evaluate_dataset(
     if not dataset.classes:
         raise ValueError(f"{spec.name} has no class names: zero-shot evaluation needs a labelled set")
     classifier = build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device)
-    transform = build_transform(preprocess_descriptor(cfg.model))
-    loader = image_loader(dataset, transform, cfg.evaluate.batch_size, ctx.settings.num_workers, ctx.device)
+    preprocess = ImagePreprocess(preprocess_descriptor(cfg.model))
+    loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.num_workers, ctx.device)
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
     n, worst = 0, 0.0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)
     with torch.inference_mode(), bar:
         for images, labels in loader:
             keep = labels >= 0
-            images, labels = images[keep].to(ctx.device), labels[keep].to(ctx.device)
+            images, labels = preprocess.to_device(images, ctx.device)[keep.to(ctx.device)], labels[keep].to(ctx.device)
             if len(labels) == 0:
                 continue
             with autocast(ctx.device, cfg.evaluate.precision):

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from clipscope.activation_cache import ActivationCache, cache_dir_for
 from clipscope.clip.hooks import residual_at, token_slice, tokens_per_image
 from clipscope.clip.loading import LoadedClip, load_clip, weights_identity
-from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
 from worker.batches import autocast, image_loader
 from worker.context import Context
@@ -66,14 +66,15 @@ def extract(
         return ExtractResult(cache, 0)
     start = cache.n_done
     clip = clip or load_clip(model_cfg, ctx.device, cache_dir=ctx.layout.models)
-    loader = image_loader(dataset, build_transform(descriptor), extract_cfg.batch_size, ctx.settings.num_workers, ctx.device, start)
+    preprocess = ImagePreprocess(descriptor)
+    loader = image_loader(dataset, preprocess, extract_cfg.batch_size, ctx.settings.num_workers, ctx.device, start)
     writer = cache.writer()
     select = token_slice(model_cfg.tokens)
     since_commit = 0
     bar = tqdm(total=cache.n_images, initial=start, unit="img", desc="extract", disable=not ctx.settings.progress)
     with torch.inference_mode(), bar:
         for images, labels in loader:
-            images = images.to(ctx.device, non_blocking=True)
+            images = preprocess.to_device(images, ctx.device)
             with autocast(ctx.device, model_cfg.precision):
                 resid = residual_at(clip.visual, images, model_cfg.layer)[:, select]
             writer.write(resid.to(torch.float16).cpu().numpy(), labels.numpy().astype(np.int64))

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
-from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
@@ -24,7 +24,7 @@ from backend.services.features import label_dict, labels_of, maxima_of, top_exam
 class _Loaded:
     def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):
         self.clip, self.sae, self.model_cfg = clip, sae, model_cfg
-        self.transform = build_transform(preprocess_descriptor(model_cfg))
+        self.preprocess = ImagePreprocess(preprocess_descriptor(model_cfg))
 
 
 class Analyzer:
@@ -56,7 +56,7 @@ class Analyzer:
     def activations(self, sae: Sae, images: list[Image.Image]) -> list[dict[int, float]]:
         """Per image, ``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
         loaded = self._get(sae)
-        batch = torch.stack([loaded.transform(img) for img in images]).to(self.device)
+        batch = loaded.preprocess(images, self.device)
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
         b, t, d = resid.shape
         code = loaded.sae.encode(resid.reshape(b * t, d).float())

@@ -1,14 +1,19 @@
 """The image preprocessing of a model config, known without loading any weights.
 
-Extraction, evaluation and live analysis all build their transform here, and its descriptor is
+Extraction, evaluation and live analysis all build their preprocessing here, and its descriptor is
 hashed into activation-cache names, so "same preprocessing" is checked, not assumed.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Callable
 
+import torch
+from PIL import Image
+
 from clipscope.config import ModelConfig
+from clipscope.errors import ClipScopeError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -28,6 +33,7 @@ def preprocess_descriptor(cfg: ModelConfig) -> dict[str, Any]:
         "std": list(tag_cfg.get("std") or OPENAI_STD),
         "interpolation": tag_cfg.get("interpolation") or "bicubic",
         "resize_mode": tag_cfg.get("resize_mode") or "shortest",
+        **({"resize": "torch"} if cfg.resize == "torch" else {}),  # absent for PIL: older caches keep their names
     }
 
 
@@ -43,3 +49,67 @@ def build_transform(descriptor: dict[str, Any]) -> Callable:
         resize_mode=descriptor["resize_mode"],
         interpolation=descriptor["interpolation"],
     )
+
+
+class ImagePreprocess:
+    """A descriptor's preprocessing, split where the work runs: ``host`` in the image-decoding
+    workers, ``collate`` when they batch, ``to_device`` in the stage that runs CLIP.
+
+    With PIL (the default) the workers do everything and ``to_device`` moves the batch. With
+    ``"resize": "torch"`` the workers only hand over the decoded pixels (uint8, any size) and the
+    device resizes, crops and normalises them with torchvision, the same antialiased filter as PIL
+    on the same uint8 grid; images of equal size are resized together.
+    """
+
+    def __init__(self, descriptor: dict[str, Any]):
+        self.descriptor = descriptor
+        self.on_device = descriptor.get("resize") == "torch"
+        if not self.on_device:
+            self._pil = build_transform(descriptor)
+            return
+        size, mode = list(descriptor["size"]), descriptor["resize_mode"]
+        if mode == "shortest" and size[0] == size[1]:
+            self._resize_to: list[int] = size[:1]  # the shorter side, as torchvision's Resize(int)
+        elif mode == "squash":
+            self._resize_to = size
+        else:
+            raise ClipScopeError(f"resize = 'torch' supports the 'shortest' (square) and 'squash' resize modes, not {mode!r}; use resize = 'pil'.")
+        from torchvision.transforms import InterpolationMode
+
+        self._size = size
+        self._interpolation = InterpolationMode(descriptor["interpolation"])
+
+    def host(self, image: Image.Image) -> torch.Tensor:
+        """In a worker: the model input (PIL) or the decoded ``[3, H, W]`` uint8 pixels (torch)."""
+        if not self.on_device:
+            return self._pil(image)
+        from torchvision.transforms.v2 import functional as TF
+
+        return TF.pil_to_tensor(image.convert("RGB"))
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]):
+        """``(images, labels)``: images stacked (PIL), or kept as a list of differently sized pixels (torch)."""
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        images = [image for image, _ in items]
+        return (images if self.on_device else torch.stack(images)), labels
+
+    def to_device(self, images, device: str | torch.device) -> torch.Tensor:
+        """The ``[B, 3, H, W]`` float model input on ``device``, in the order given."""
+        if not self.on_device:
+            return images.to(device, non_blocking=True)
+        from torchvision.transforms.v2 import functional as TF
+
+        pixels = [image.to(device, non_blocking=True) for image in images]
+        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, image in enumerate(pixels):
+            by_size[tuple(image.shape)].append(i)
+        out = torch.empty(len(pixels), 3, *self._size, device=device)
+        for rows in by_size.values():
+            batch = TF.resize(torch.stack([pixels[i] for i in rows]), self._resize_to, self._interpolation, antialias=True)
+            batch = TF.to_dtype(TF.center_crop(batch, self._size), torch.float32, scale=True)
+            out[torch.tensor(rows, device=device)] = TF.normalize(batch, self.descriptor["mean"], self.descriptor["std"])
+        return out
+
+    def __call__(self, images: list[Image.Image], device: str | torch.device = "cpu") -> torch.Tensor:
+        """Everything at once, in one process (live analysis)."""
+        return self.to_device(self.collate([(self.host(image), -1) for image in images])[0], device)

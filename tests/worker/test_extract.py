@@ -69,3 +69,27 @@ def test_a_killed_extraction_resumes_and_ends_equal_to_an_uninterrupted_one(ctx,
     assert result.extracted == 6 and seen == list(range(4, 10))
     np.testing.assert_array_equal(result.cache.activations(), reference.activations())
     np.testing.assert_array_equal(result.cache.labels(), reference.labels())
+
+
+def test_resizing_on_the_device_fills_a_cache_of_its_own_close_to_pils(ctx, random_clip):
+    """Through two decoding workers that hand over raw pixels of mixed sizes, as on a GPU machine."""
+    ctx.settings.num_workers = 2
+    spec = DatasetSpec(name="imagefolder", root=_folder_of_photos(ctx.layout.datasets / "photos"))
+    pil = extract(ctx, MODEL, spec, SMALL, clip=random_clip).cache
+    on_device = extract(ctx, MODEL.model_copy(update={"resize": "torch"}), spec, SMALL, clip=random_clip).cache
+    assert on_device.path != pil.path and on_device.meta["key"]["preprocess"]["resize"] == "torch"
+    a, b = (c.activations().astype(np.float32) for c in (pil, on_device))
+    assert list(on_device.labels()) == list(pil.labels())
+    relative = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
+    assert relative.max() < 2e-3, relative  # fp16 storage alone rounds at ~5e-4
+
+
+def _folder_of_photos(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(512, 384), (384, 512), (300, 300), (120, 90), (512, 384), (640, 427), (512, 384)]):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        small = Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8))
+        small.resize((w, h), Image.Resampling.BILINEAR).save(root / f"c{i % 2}" / f"{i}.jpg", quality=90)
+    return root
