@@ -72,19 +72,52 @@ def extract(
     select = token_slice(model_cfg.tokens)
     since_commit = 0
     bar = tqdm(total=cache.n_images, initial=start, unit="img", desc="extract", disable=not ctx.settings.progress)
+
+    def write(batch: _InFlight) -> None:
+        nonlocal since_commit
+        writer.write(batch.wait(), batch.labels.numpy().astype(np.int64))
+        since_commit += len(batch.labels)
+        if since_commit >= extract_cfg.flush_every:
+            writer.commit()
+            since_commit = 0
+        bar.update(len(batch.labels))
+
+    in_flight = None
     with torch.inference_mode(), bar:
-        for images, labels in loader:
-            images = preprocess.to_device(images, ctx.device)
-            with autocast(ctx.device, model_cfg.precision):
-                resid = residual_at(clip.visual, images, model_cfg.layer)[:, select]
-            writer.write(resid.to(torch.float16).cpu().numpy(), labels.numpy().astype(np.int64))
-            since_commit += len(images)
-            if since_commit >= extract_cfg.flush_every:
-                writer.commit()
-                since_commit = 0
-            bar.update(len(images))
-    writer.commit()
+        try:
+            for images, labels in loader:
+                images = preprocess.to_device(images, ctx.device)
+                with autocast(ctx.device, model_cfg.precision):
+                    resid = residual_at(clip.visual, images, model_cfg.layer)[:, select]
+                queued = _InFlight(resid.to(torch.float16), labels)
+                if in_flight is not None:  # written while the device runs the batch just queued
+                    finished, in_flight = in_flight, None  # never written twice, even if writing fails
+                    write(finished)
+                in_flight = queued
+        finally:  # also when stopped: the finished batch is kept, as it was before batches overlapped
+            if in_flight is not None:
+                write(in_flight)
+            writer.commit()
     return ExtractResult(cache, cache.n_images - start)
+
+
+class _InFlight:
+    """A batch's activations on their way to the host. On a GPU the copy is queued behind the forward
+    pass and waited for only after the next batch's forward is queued, so the device keeps working
+    while the host writes one batch and prepares the next; elsewhere it is the tensor itself."""
+
+    def __init__(self, acts: torch.Tensor, labels: torch.Tensor):
+        self.labels = labels
+        self.host = acts.to("cpu", non_blocking=True)  # into pinned memory when copied from a GPU
+        self.done = None
+        if acts.is_cuda:
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.numpy()
 
 
 def _vision_cfg(model_cfg: ModelConfig) -> dict:

@@ -71,6 +71,32 @@ def test_a_killed_extraction_resumes_and_ends_equal_to_an_uninterrupted_one(ctx,
     np.testing.assert_array_equal(result.cache.labels(), reference.labels())
 
 
+
+def test_a_failed_write_neither_loses_nor_repeats_a_batch(ctx, tmp_path, random_clip, monkeypatch):
+    """The first commit fails (a full disk, say) after its batch was written; a rerun ends equal to an
+    uninterrupted extraction, with no batch written twice (one batch is in flight while another is written)."""
+    from clipscope.activation_cache import CacheWriter
+    from tests.conftest import make_context
+
+    reference = extract(make_context(tmp_path / "ref"), MODEL, SPEC, SMALL, clip=random_clip).cache
+    real_commit, calls = CacheWriter.commit, []
+
+    def fails_first(self):
+        calls.append(self.position)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        real_commit(self)
+
+    monkeypatch.setattr(CacheWriter, "commit", fails_first)
+    with pytest.raises(OSError, match="No space"):
+        extract(ctx, MODEL, SPEC, SMALL, clip=random_clip)
+    assert calls == [4, 4], "the failed commit is retried once on the way out, at the same position"
+    monkeypatch.setattr(CacheWriter, "commit", real_commit)
+    result = extract(ctx, MODEL, SPEC, SMALL, clip=random_clip)
+    assert result.extracted == 6
+    np.testing.assert_array_equal(result.cache.activations(), reference.activations())
+    np.testing.assert_array_equal(result.cache.labels(), reference.labels())
+
 def test_resizing_on_the_device_fills_a_cache_of_its_own_close_to_pils(ctx, random_clip):
     """Through two decoding workers that hand over raw pixels of mixed sizes, as on a GPU machine."""
     ctx.settings.num_workers = 2
