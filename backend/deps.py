@@ -20,12 +20,17 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request, committed when the handler returns without error."""
+    """One session per request, committed when the handler returns without error.
+
+    Its dependency has ``scope="function"``: FastAPI's default for a dependency with ``yield`` runs
+    the code after it once the response is sent, so a browser following a write's 303 could read
+    before the commit, and a commit that failed would already have answered success.
+    """
     with session_scope(request.app.state.database_url) as session:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

@@ -98,6 +98,33 @@ def test_saving_a_label_appends_revisions_shown_as_history(web):
     assert "blue squares" in r.text and "r1" in r.text and 'name="base_revision" value="2"' in r.text
 
 
+
+@pytest.mark.parametrize("via", ["page", "api"])
+def test_a_write_is_committed_before_its_answer_is_sent(web_data, tmp_path, monkeypatch, via):
+    """A browser follows the 303 at once: the label must already be committed when the answer leaves.
+    And a commit that fails must answer an error, never a success."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import Session
+
+    from tests.backend.conftest import private_app
+
+    key = web_data[1]
+    with TestClient(private_app(web_data, tmp_path), raise_server_exceptions=False) as client:
+        form = with_token(client, text="blue", category="semantic", author="ann", base_revision=0)
+        real_commit = Session.commit
+
+        def failing_commit(self):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Session, "commit", failing_commit)
+        if via == "page":
+            r = client.post(f"/saes/{key}/features/2/label", follow_redirects=False, data=form)
+        else:
+            r = client.post(f"/api/saes/{key}/features/2/labels", json={"text": "blue", "category": "semantic", "author": "ann"})
+        monkeypatch.setattr(Session, "commit", real_commit)
+        assert r.status_code == 500, "the write was lost: the answer must say so"
+        assert client.get(f"/api/saes/{key}/features/2/labels").json() == []
+
 def test_a_concurrent_edit_is_a_conflict_that_shows_both_versions_and_loses_nothing(web):
     client, key = web
     client.post(f"/api/saes/{key}/features/4/labels", json={"text": "dots", "category": "visual", "author": "ann"})
