@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clipscope.activation_cache import ActivationCache  # noqa: E402
+from device_waits import host_waits  # noqa: E402
 from clipscope.config import load_config  # noqa: E402
 from clipscope.sae import gemm  # noqa: E402
 from clipscope.settings import Settings  # noqa: E402
@@ -66,6 +67,16 @@ def adam_floor(d: int, d_sae: int, steps: int, device: str) -> float:
     return time.perf_counter() - started
 
 
+def host_syncs(work: Path, cfg, train_cache, eval_cache, device: str, steps: int) -> dict:
+    """On a GPU: how often the real training loop waits for the device (CUDA's sync debug mode), over
+    the first ``steps`` steps of a fresh run. Logging points and checkpoints read values back by
+    design; anything near one wait per step would tie the host to the device."""
+    settings = Settings(data_dir=work / "sync-check", device=device, progress=False)
+    with host_waits() as where:
+        train(Context(settings), cfg, train_cache, eval_cache, stop_after=steps)
+    return {"steps": steps, "waits_per_step": sum(where.values()) / steps, "where": dict(where.most_common(8))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=75_750, help="training vectors (Food-101 train: 75,750)")
@@ -88,6 +99,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     steps = int(result.metrics["steps"])
     floor = adam_floor(d, cfg.sae.d_sae, steps, a.device)
+    syncs = host_syncs(work, cfg, train_cache, eval_cache, a.device, min(steps, 300)) if a.device.startswith("cuda") else None
     print(json.dumps({
         "run": f"{cfg.name}: {steps} steps of batch {cfg.train.batch_size}, d_sae {cfg.sae.d_sae}, k {cfg.sae.k}, {a.device}"
                f" ({torch.cuda.get_device_name() if a.device.startswith('cuda') else f'{torch.get_num_threads()} threads, {gemm.cpu_kernel()}'})",
@@ -97,6 +109,7 @@ def main() -> None:
         "loop_over_floor": result.metrics["train_seconds"] / floor,
         "heldout_evr": result.metrics["evr"],
         "l0": result.metrics["l0"],
+        "host_waits": syncs,
     }, indent=2))
 
 

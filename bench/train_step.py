@@ -10,7 +10,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipscope.config import TrainConfig  # noqa: E402
+from device_waits import host_waits  # noqa: E402
 from clipscope.sae import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
@@ -59,17 +59,10 @@ def host_syncs(parts, xs, first_step: int) -> list[str]:
     """On a GPU, the distinct lines where ClipScope's steps wait for the device (CUDA's sync debug mode);
     the tests check the same on the meta device, this confirms it on the real one."""
     sae, recipe, optimizer, tracker = parts
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for i, x in enumerate(xs):
-                train_step(sae, recipe, optimizer, tracker, x, first_step + i, recipe.base_lr)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()})
+    with host_waits() as where:
+        for i, x in enumerate(xs):
+            train_step(sae, recipe, optimizer, tracker, x, first_step + i, recipe.base_lr)
+    return sorted(where)
 
 
 def main() -> None:

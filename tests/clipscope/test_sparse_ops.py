@@ -214,5 +214,9 @@ def test_a_training_step_off_the_cpu_never_reads_a_value_back_to_the_host(recipe
     r.prepare(sae)
     tracker = FiringTracker(D_SAE, dead_after=1, device="meta")
     optimizer = torch.optim.Adam(r.parameters(sae), lr=1e-3, foreach=True)  # fused Adam has no meta kernel: one CUDA kernel
-    train_step(sae, r, optimizer, tracker, torch.empty(16, D_IN, device="meta"), 0, 1e-3)
+    out = train_step(sae, r, optimizer, tracker, torch.empty(16, D_IN, device="meta"), 0, 1e-3)
     assert sorted(products) == (["W_dec", "encoder_weight"] if recipe == "topk" else ["encoder_weight"])  # seed's decoder is frozen
+    # what the training loop sums every step stays on the device: a host tensor there would be
+    # copied to the GPU every step, a copy that waits for the device
+    outputs = {"loss": out.loss, "mse": out.mse, "x_hat": out.x_hat, **out.extra}
+    assert {name: t.device.type for name, t in outputs.items()} == dict.fromkeys(outputs, "meta")

@@ -106,7 +106,9 @@ class SeedRecipe(Recipe):
         mse = F.mse_loss(x_hat, x)
         l1 = code.values.abs().sum(-1).mean()
         coef = self.l1_coefficient(step)
-        return StepOutput(mse + coef * l1, mse, x_hat, code, {"l1": l1.detach(), "l1_coef": torch.tensor(coef)})
+        # the coefficient as a tensor filled on the device: torch.tensor(coef) would be a host tensor,
+        # and the training loop's copy of it to a GPU would wait for the device every step
+        return StepOutput(mse + coef * l1, mse, x_hat, code, {"l1": l1.detach(), "l1_coef": torch.full_like(l1.detach(), coef)})
 
 
 class TopKRecipe(Recipe):
