@@ -11,6 +11,7 @@ taken in the same pass and shares the backward.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -98,7 +99,9 @@ class _TopKEncode(torch.autograd.Function):
         else:
             values, indices, aux_values, aux_indices = _encode(xc, weight, b_enc, k, aux_mask, aux_columns, k_aux)
         values = values.clamp_min(0)
-        aux_values = torch.where(torch.isfinite(aux_values), aux_values.clamp_min(0), torch.zeros_like(aux_values))
+        if aux_values.shape[1]:
+            aux_values = torch.where(torch.isfinite(aux_values), aux_values.clamp_min(0), torch.zeros_like(aux_values))
+        ctx.set_materialize_grads(False)  # no zero tensors for the index outputs (one kernel each on a GPU)
         ctx.sink = sink
         ctx.save_for_backward(xc, weight, indices, values, aux_indices, aux_values)
         ctx.mark_non_differentiable(indices, aux_indices)
@@ -107,8 +110,10 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_values, _g_indices, g_aux, _g_aux_indices):
         xc, weight, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        if g_values is None:  # the loss does not read the code's values
+            g_values = torch.zeros_like(values)
         codes, grads = [indices], [g_values * (values > 0)]
-        if aux_indices.shape[1] > 0:
+        if aux_indices.shape[1] > 0 and g_aux is not None:  # AuxK slots the loss did not read add nothing
             codes.append(aux_indices)
             grads.append(g_aux * (aux_values > 0))
         idx, g = torch.cat(codes, dim=1), torch.cat(grads, dim=1)
@@ -239,9 +244,20 @@ def _decode_embedding_bag(codes, W_dec: torch.Tensor, sink) -> list[torch.Tensor
 
 
 def _sample_of_slot(indices: torch.Tensor) -> torch.Tensor:
-    """For ``[batch, slots]`` indices, the sample (row) of every flattened slot."""
-    batch, slots = indices.shape
-    return torch.arange(batch, device=indices.device).repeat_interleave(slots)
+    """For ``[batch, slots]`` indices, the sample (row) of every flattened slot (read-only: kept per shape)."""
+    return _samples_of_slots(*indices.shape, indices.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _samples_of_slots(batch: int, slots: int, device: torch.device) -> torch.Tensor:
+    """Kept, as the shapes repeat every step: on a GPU each rebuild is kernels the host must launch."""
+    return torch.arange(batch, device=device).repeat_interleave(slots)
+
+
+@functools.lru_cache(maxsize=8)
+def _row_bounds(d_sae: int, n_samples: int, device: torch.device) -> torch.Tensor:
+    """The first key of every latent's row, ``latent * n_samples`` (read-only: kept per shape)."""
+    return torch.arange(d_sae + 1, device=device) * n_samples
 
 
 def _latent_layout(indices: list[torch.Tensor], d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -268,8 +284,7 @@ def _crow(sorted_keys: torch.Tensor, d_sae: int, n_samples: int) -> torch.Tensor
     takes ~5x ``bincount``'s time on the CPU at batch 64, 0.75 ms against 0.16 ms).
     """
     if not on_cpu(sorted_keys):
-        bounds = torch.arange(d_sae + 1, device=sorted_keys.device) * n_samples
-        return torch.searchsorted(sorted_keys, bounds)
+        return torch.searchsorted(sorted_keys, _row_bounds(d_sae, n_samples, sorted_keys.device))
     crow = torch.zeros(d_sae + 1, dtype=torch.long)
     crow[1:] = torch.bincount(sorted_keys // n_samples, minlength=d_sae).cumsum(0)
     return crow

@@ -220,3 +220,20 @@ def test_a_training_step_off_the_cpu_never_reads_a_value_back_to_the_host(recipe
     # copied to the GPU every step, a copy that waits for the device
     outputs = {"loss": out.loss, "mse": out.mse, "x_hat": out.x_hat, **out.extra}
     assert {name: t.device.type for name, t in outputs.items()} == dict.fromkeys(outputs, "meta")
+
+
+def test_an_auxk_code_the_loss_does_not_read_adds_no_gradient():
+    """Autograd hands the encoder no gradient for unread outputs (it does not make zeros for them)."""
+    g = torch.Generator().manual_seed(5)
+    weight, b_enc, b_dec = torch.randn(D_SAE, D_IN, generator=g), torch.randn(D_SAE, generator=g) * 0.1, torch.zeros(D_IN)
+    x = torch.randn(8, D_IN, generator=g)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True
+    grads = []
+    for mask, k_aux in ((None, 0), (dead, 20)):
+        w, b = weight.clone().requires_grad_(), b_enc.clone().requires_grad_()
+        values, _, aux_values, _ = sparse_ops.topk_encode(x, w, b, b_dec, K, mask, k_aux)
+        assert aux_values.shape[1] == k_aux and (k_aux == 0 or aux_values.abs().sum() > 0)
+        (values * torch.arange(K)).sum().backward()
+        grads.append((w.grad, b.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
