@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clipscope.activation_cache import ActivationCache  # noqa: E402
-from device_waits import host_waits  # noqa: E402
 from clipscope.config import load_config  # noqa: E402
 from clipscope.sae import gemm  # noqa: E402
 from clipscope.settings import Settings  # noqa: E402
 from worker.context import Context  # noqa: E402
 from worker.train.loop import _adam, train  # noqa: E402
+from device_waits import host_waits  # noqa: E402
 
 
 def synthetic_cache(root: Path, name: str, n: int, d: int, seed: int) -> ActivationCache:

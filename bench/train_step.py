@@ -17,13 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipscope.config import TrainConfig  # noqa: E402
-from device_waits import host_waits  # noqa: E402
 from clipscope.sae import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402
 from worker.train.loop import _adam, train_step  # noqa: E402
 from worker.train.recipes import make_recipe  # noqa: E402
+from device_waits import host_waits  # noqa: E402
 
 
 def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str, dead_fraction: float):

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from clipscope.config import ModelConfig
 from clipscope.errors import ClipScopeError
@@ -78,6 +79,7 @@ class ImagePreprocess:
 
         self._size = size
         self._interpolation = InterpolationMode(descriptor["interpolation"])
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def host(self, image: Image.Image) -> torch.Tensor:
         """In a worker: the model input (PIL) or the decoded ``[3, H, W]`` uint8 pixels (torch)."""
@@ -88,10 +90,11 @@ class ImagePreprocess:
         return TF.pil_to_tensor(image.convert("RGB"))
 
     def collate(self, items: list[tuple[torch.Tensor, int]]):
-        """``(images, labels)``: images stacked (PIL), or kept as a list of differently sized pixels (torch)."""
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        images = [image for image, _ in items]
-        return (images if self.on_device else torch.stack(images)), labels
+        """``(images, labels)``: images stacked (PIL; in a worker straight into shared memory), or kept as a
+        list of differently sized pixels (torch)."""
+        if not self.on_device:
+            return default_collate(items)
+        return [image for image, _ in items], torch.tensor([label for _, label in items], dtype=torch.long)
 
     def to_device(self, images, device: str | torch.device) -> torch.Tensor:
         """The ``[B, 3, H, W]`` float model input on ``device``, in the order given."""
@@ -99,6 +102,8 @@ class ImagePreprocess:
             return images.to(device, non_blocking=True)
         from torchvision.transforms.v2 import functional as TF
 
+        device = torch.device(device)
+        mean, std = self._normalisation(device)
         pixels = [image.to(device, non_blocking=True) for image in images]
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, image in enumerate(pixels):
@@ -107,9 +112,22 @@ class ImagePreprocess:
         for rows in by_size.values():
             batch = TF.resize(torch.stack([pixels[i] for i in rows]), self._resize_to, self._interpolation, antialias=True)
             batch = TF.to_dtype(TF.center_crop(batch, self._size), torch.float32, scale=True)
-            out[torch.tensor(rows, device=device)] = TF.normalize(batch, self.descriptor["mean"], self.descriptor["std"])
+            out.index_copy_(0, _on(device, rows), batch.sub_(mean).div_(std))
         return out
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as ``[3, 1, 1]`` tensors on ``device``, copied there once: a copy from
+        ordinary host memory to a GPU waits for the device (torchvision's ``normalize`` makes one per call)."""
+        if device not in self._stats:
+            self._stats[device] = tuple(torch.tensor(self.descriptor[k]).view(3, 1, 1).to(device) for k in ("mean", "std"))
+        return self._stats[device]
 
     def __call__(self, images: list[Image.Image], device: str | torch.device = "cpu") -> torch.Tensor:
         """Everything at once, in one process (live analysis)."""
         return self.to_device(self.collate([(self.host(image), -1) for image in images])[0], device)
+
+
+def _on(device: torch.device, rows: list[int]) -> torch.Tensor:
+    """``rows`` as an index tensor on ``device``; to a GPU through pinned memory, so the copy does not wait for it."""
+    index = torch.tensor(rows)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
