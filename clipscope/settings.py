@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,9 +39,11 @@ class Settings(BaseSettings):
         description="Whether torchvision datasets may be downloaded when missing. "
         "When false, a missing file fails at once with the path to put it at.",
     )
-    num_workers: int = Field(
-        default=2,
-        description="Image-decoding worker processes for extraction (0 decodes in the main process).",
+    num_workers: NonNegativeInt | Literal["auto"] = Field(
+        default="auto",
+        description="Image-decoding worker processes for extraction and evaluation (0 decodes in the main process). "
+        "'auto': one per CPU core this process may use, less one for the main process, at most 16 (on a GPU "
+        "machine decoding is what keeps the GPU fed).",
     )
     cpu_gemm: Literal["onednn", "mkl"] = Field(
         default="onednn",
@@ -108,6 +110,15 @@ class Settings(BaseSettings):
         if self.reads_in_event_loop == "auto":
             return self.resolved_database_url.startswith("sqlite")
         return self.reads_in_event_loop == "yes"
+
+    @property
+    def resolved_num_workers(self) -> int:
+        """``num_workers`` with 'auto' decided by the cores this process may run on."""
+        if self.num_workers != "auto":
+            return self.num_workers
+        import os
+
+        return max(1, min(16, len(os.sched_getaffinity(0)) - 1))
 
     def resolved_device(self) -> str:
         """The concrete torch device string for ``device='auto'``."""

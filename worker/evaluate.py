@@ -57,7 +57,7 @@ def evaluate_dataset(
         raise ValueError(f"{spec.name} has no class names: zero-shot evaluation needs a labelled set")
     classifier = build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device)
     preprocess = ImagePreprocess(preprocess_descriptor(cfg.model))
-    loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.num_workers, ctx.device)
+    loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.resolved_num_workers, ctx.device)
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
     n, worst = 0, 0.0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)

@@ -67,7 +67,7 @@ def extract(
     start = cache.n_done
     clip = clip or load_clip(model_cfg, ctx.device, cache_dir=ctx.layout.models)
     preprocess = ImagePreprocess(descriptor)
-    loader = image_loader(dataset, preprocess, extract_cfg.batch_size, ctx.settings.num_workers, ctx.device, start)
+    loader = image_loader(dataset, preprocess, extract_cfg.batch_size, ctx.settings.resolved_num_workers, ctx.device, start)
     writer = cache.writer()
     select = token_slice(model_cfg.tokens)
     since_commit = 0

@@ -48,3 +48,17 @@ def test_b_dec_defaults_follow_the_recipe():
     assert parse_config({"train": {"recipe": "seed"}}).use_b_dec is False
     assert parse_config({"train": {"recipe": "topk"}}).use_b_dec is True
     assert parse_config({"train": {"recipe": "seed"}, "sae": {"use_b_dec": True}}).use_b_dec is True
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (16, 15), (64, 16)])
+def test_auto_decoding_workers_follow_the_cores_this_process_may_use(monkeypatch, cores, workers):
+    import os
+
+    from clipscope.settings import Settings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert Settings(num_workers="auto").resolved_num_workers == workers
+    assert Settings(num_workers=3).resolved_num_workers == 3
+    monkeypatch.setenv("CLIPSCOPE_NUM_WORKERS", "-1")
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        Settings()
