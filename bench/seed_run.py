@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -23,14 +24,17 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("bench.seed_run")
 sys.path.insert(0, str(ROOT))
 
 from clipscope.activation_cache import ActivationCache  # noqa: E402
 from clipscope.config import load_config  # noqa: E402
+from clipscope.sae.io import load_sae  # noqa: E402
 from clipscope.sae import gemm  # noqa: E402
 from clipscope.settings import Settings  # noqa: E402
 from worker.context import Context  # noqa: E402
-from worker.train.loop import _adam, train  # noqa: E402
+from worker.train.loop import train  # noqa: E402
+from worker.train.step import adam  # noqa: E402
 from device_waits import host_waits  # noqa: E402
 
 
@@ -55,7 +59,7 @@ def adam_floor(d: int, d_sae: int, steps: int, device: str) -> float:
     params = [torch.nn.Parameter(torch.zeros(d_sae, d, device=device)), torch.nn.Parameter(torch.zeros(d_sae, device=device))]
     for p in params:
         p.grad = torch.randn_like(p)
-    optimizer = _adam(params, 1e-3)
+    optimizer = adam(params, 1e-3)
     optimizer.step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -67,14 +71,23 @@ def adam_floor(d: int, d_sae: int, steps: int, device: str) -> float:
     return time.perf_counter() - started
 
 
-def host_syncs(work: Path, cfg, train_cache, eval_cache, device: str, steps: int) -> dict:
+def host_syncs(work: Path, cfg, train_cache, eval_cache, device: str, steps: int, graphs: str) -> dict:
     """On a GPU: how often the real training loop waits for the device (CUDA's sync debug mode), over
     the first ``steps`` steps of a fresh run. Logging points and checkpoints read values back by
     design; anything near one wait per step would tie the host to the device."""
-    settings = Settings(data_dir=work / "sync-check", device=device, progress=False)
+    settings = Settings(data_dir=work / f"sync-check-{graphs}", device=device, progress=False, cuda_graphs=graphs)
     with host_waits() as where:
         train(Context(settings), cfg, train_cache, eval_cache, stop_after=steps)
     return {"steps": steps, "waits_per_step": sum(where.values()) / steps, "where": dict(where.most_common(8))}
+
+
+@torch.no_grad()
+def relative_difference(sae, reference) -> float:
+    """The largest weight difference, relative to the largest weight of the same tensor."""
+    return max(
+        float((getattr(sae, n) - getattr(reference, n)).abs().max() / getattr(reference, n).abs().max().clamp_min(1e-30))
+        for n in ("W_enc", "b_enc", "W_dec", "b_dec")
+    )
 
 
 def main() -> None:
@@ -84,34 +97,48 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's (15)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "seed.toml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cuda-graphs", choices=["no", "yes", "both"], default="no",
+                        help="the setting cuda_graphs; 'both' runs twice and compares the trained weights")
     a = parser.parse_args()
     cfg = load_config(a.config)
     if a.epochs is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": a.epochs})})
     work = Path(tempfile.mkdtemp(prefix="clipscope-bench-seed-run-"))
-    settings = Settings(data_dir=work / "data", device=a.device, progress=False)
-    ctx = Context(settings)
+    caches = Context(Settings(data_dir=work / "data", device=a.device, progress=False)).layout.activations
     d = 768
-    train_cache = synthetic_cache(ctx.layout.activations, "bench-train", a.images, d, 0)
-    eval_cache = synthetic_cache(ctx.layout.activations, "bench-eval", a.eval_images, d, 1)
-    started = time.perf_counter()
-    result = train(ctx, cfg, train_cache, eval_cache)
-    wall = time.perf_counter() - started
-    steps = int(result.metrics["steps"])
-    floor = adam_floor(d, cfg.sae.d_sae, steps, a.device)
-    syncs = host_syncs(work, cfg, train_cache, eval_cache, a.device, min(steps, 300)) if a.device.startswith("cuda") else None
+    train_cache = synthetic_cache(caches, "bench-train", a.images, d, 0)
+    eval_cache = synthetic_cache(caches, "bench-eval", a.eval_images, d, 1)
+    on_gpu = a.device.startswith("cuda")
+    report, weights, steps = {}, {}, "no"
+    for graphs in (["no", "yes"] if a.cuda_graphs == "both" else [a.cuda_graphs]):
+        ctx = Context(Settings(data_dir=work / f"run-graphs-{graphs}", device=a.device, progress=False, cuda_graphs=graphs))
+        started = time.perf_counter()
+        try:
+            result = train(ctx, cfg, train_cache, eval_cache)
+        except Exception as exc:  # keep the other run's figures; the log holds the traceback
+            log.exception("seed run with cuda_graphs=%s failed", graphs)
+            report[f"cuda_graphs_{graphs}"] = {"error": repr(exc)}
+            continue
+        wall = time.perf_counter() - started
+        steps = int(result.metrics["steps"])
+        floor = adam_floor(d, cfg.sae.d_sae, steps, a.device)
+        weights[graphs] = load_sae(result.sae_dir)[0]
+        report[f"cuda_graphs_{graphs}"] = {
+            "training_loop_s": result.metrics["train_seconds"],
+            "whole_call_s": wall,
+            "adam_floor_s": floor,
+            "loop_over_floor": result.metrics["train_seconds"] / floor,
+            "heldout_evr": result.metrics["evr"],
+            "l0": result.metrics["l0"],
+            "host_waits": host_syncs(work, cfg, train_cache, eval_cache, a.device, min(steps, 300), graphs) if on_gpu else None,
+        }
+    if len(weights) == 2:  # the same arithmetic; atomics in scatter-adds make the sums differ in the last bits
+        report["graphs_vs_eager_max_relative_weight_difference"] = relative_difference(weights["yes"], weights["no"])
     print(json.dumps({
         "run": f"{cfg.name}: {steps} steps of batch {cfg.train.batch_size}, d_sae {cfg.sae.d_sae}, k {cfg.sae.k}, {a.device}"
-               f" ({torch.cuda.get_device_name() if a.device.startswith('cuda') else f'{torch.get_num_threads()} threads, {gemm.cpu_kernel()}'})",
-        "training_loop_s": result.metrics["train_seconds"],
-        "whole_call_s": wall,
-        "adam_floor_s": floor,
-        "loop_over_floor": result.metrics["train_seconds"] / floor,
-        "heldout_evr": result.metrics["evr"],
-        "l0": result.metrics["l0"],
-        "host_waits": syncs,
+               f" ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads, {gemm.cpu_kernel()}'})",
+        **report,
     }, indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ from clipscope.sae import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402
-from worker.train.loop import _adam, train_step  # noqa: E402
+from worker.train.step import adam, train_step  # noqa: E402
 from worker.train.recipes import make_recipe  # noqa: E402
 from device_waits import host_waits  # noqa: E402
 
@@ -33,7 +33,7 @@ def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str, 
     recipe.initialise(sae, torch.randn(256, d, device=device))
     recipe.prepare(sae)
     params = recipe.parameters(sae)
-    optimizer = torch.optim.Adam(params, lr=recipe.base_lr) if kind == "dense" else _adam(params, recipe.base_lr)
+    optimizer = torch.optim.Adam(params, lr=recipe.base_lr) if kind == "dense" else adam(params, recipe.base_lr)
     tracker = FiringTracker(d_sae, dead_after=10_000_000, device=device)
     if dead_fraction > 0:  # a mid-training state: these latents never fire, so AuxK does its real work
         dead = torch.arange(0, d_sae, round(1 / dead_fraction), device=device)

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         "'auto': one per CPU core this process may use, less one for the main process, at most 16 (on a GPU "
         "machine decoding is what keeps the GPU fed).",
     )
+    cuda_graphs: Literal["no", "yes"] = Field(
+        default="no",
+        description="Train on a GPU with the step captured once as a CUDA graph and replayed (worker/train/graphed.py): "
+        "one launch per step instead of ~70, for small batches where launching is slower than the GPU's work. "
+        "Same arithmetic as the eager step; off until measured on a GPU (scripts/gpu-check.sh compares both).",
+    )
     cpu_gemm: Literal["onednn", "mkl"] = Field(
         default="onednn",
         description="Kernel of the SAE encoder's dense product on the CPU: 'onednn' (torch's oneDNN matmul, "

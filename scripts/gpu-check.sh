@@ -29,7 +29,7 @@ run() {  # name, command...: the command's stdout (JSON) to $out/name.json, ever
   "$@" 2>>"$out/log.txt" | tee "$out/$name.json" | tee -a "$out/log.txt"
 }
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee "$out/log.txt"
-run seed_run $py bench/seed_run.py "${seed_run[@]}"
+run seed_run $py bench/seed_run.py "${seed_run[@]}" --cuda-graphs both
 run train_seed_64 $py bench/train_step.py --recipe seed --batch 64 "${steps_small[@]}"
 run train_topk_64 $py bench/train_step.py --recipe topk --batch 64 "${steps_small[@]}"
 run train_seed_large $py bench/train_step.py --recipe seed "${steps_large[@]}"

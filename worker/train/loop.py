@@ -25,7 +25,9 @@ from clipscope.sae.model import TopKSAE
 from worker.context import Context
 from worker.train.checkpoint import CheckpointWriter, checkpoint_dirs, load_latest
 from worker.train.data import EpochOrder, VectorSource, split_images
-from worker.train.recipes import Recipe, make_recipe
+from worker.train.graphed import GraphedStep, portable_optimizer_state
+from worker.train.recipes import make_recipe
+from worker.train.step import adam, train_step
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +177,13 @@ def train(
         recipe.initialise(sae, source.sample(32_768, tc.seed))
         step = 0
     recipe.prepare(sae)
-    optimizer = _adam(recipe.parameters(sae), recipe.lr_at(step))
+    graphs = _use_graphs(ctx.settings.cuda_graphs, device)
+    optimizer = adam(recipe.parameters(sae), recipe.lr_at(step), capturable=graphs)
     if resumed is not None:
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # checkpoints are saved portable (capturable off)
+            group["capturable"] = graphs
+    step_fn = GraphedStep(sae, recipe, optimizer, tracker, tc.batch_size) if graphs else None
     with session_scope(url) as s:  # points logged after the checkpoint will be logged again
         s.execute(delete(TrainingPoint).where(TrainingPoint.sae_id == sae_id, TrainingPoint.step > step))
 
@@ -189,7 +195,7 @@ def train(
         while step < end:
             x = source.gather(order.rows(step))
             lr = recipe.lr_at(step)
-            out = train_step(sae, recipe, optimizer, tracker, x, step, lr)
+            out = step_fn(x, step, lr) if step_fn else train_step(sae, recipe, optimizer, tracker, x, step, lr)
             with torch.no_grad():
                 window.stats.update(x, out.x_hat, out.code)
                 window.add(out)
@@ -200,7 +206,7 @@ def train(
                 _log_point(url, sae_id, step, tc.batch_size, window, tracker, lr, sae, heldout if evaluate_now else None, bar)
                 window = _Window(train_cache.d, device)
             if step % tc.checkpoint_every == 0 and step < order.total_steps:
-                writer.save(step, sae, {"optimizer": optimizer.state_dict(), "tracker": tracker.state_dict(), "window": window.state_dict()})
+                writer.save(step, sae, {"optimizer": portable_optimizer_state(optimizer), "tracker": tracker.state_dict(), "window": window.state_dict()})
     elapsed = time.perf_counter() - started
     if step < order.total_steps:  # stopped on request, as if killed: the next call resumes from the last checkpoint
         return TrainResult(key, sae_dir, {}, step - start_step)
@@ -220,33 +226,15 @@ def train(
     return TrainResult(key, sae_dir, metrics, step - start_step)
 
 
-def train_step(sae: TopKSAE, recipe: Recipe, optimizer: torch.optim.Optimizer, tracker: FiringTracker, x: torch.Tensor, step: int, lr: float):
-    """One optimisation step, with no host synchronisation (the benchmark times exactly this)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    out = recipe.loss(sae, x, step, tracker)
-    sae.zero_grad_()
-    out.loss.backward()
-    recipe.before_step(sae)
-    optimizer.step()
-    recipe.after_step(sae)
-    with torch.no_grad():
-        tracker.update(out.code)
-    return out
-
-
 def _weights_label(cfg: RunConfig) -> str:
     if cfg.model.weights_file is not None:
         return "file"
     return "none" if cfg.model.is_random else cfg.model.pretrained
 
 
-def _adam(params, lr: float) -> torch.optim.Adam:
-    """Fused Adam (one kernel over all parameters; CPU and CUDA in torch >= 2.4), else the default."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
+def _use_graphs(setting: str, device: str) -> bool:
+    """Whether steps replay as a CUDA graph: asked for, and on a GPU."""
+    return setting == "yes" and torch.device(device).type == "cuda"
 
 
 def _heldout(eval_cache, held_rows, train_cache, tc, device) -> torch.Tensor:

@@ -40,6 +40,7 @@ class Recipe:
 
     def __init__(self, cfg: TrainConfig, total_steps: int, d_in: int, d_sae: int):
         self.cfg, self.total_steps, self.d_in, self.d_sae = cfg, total_steps, d_in, d_sae
+        self.scalars: dict[str, torch.Tensor] = {}
 
     def initialise(self, sae: TopKSAE, sample: torch.Tensor) -> None:
         """Set the starting weights (a fresh run only; a resumed run loads them)."""
@@ -58,7 +59,25 @@ class Recipe:
     def lr_at(self, step: int) -> float:
         return self.base_lr
 
+    def step_scalars(self, step: int) -> dict[str, float]:
+        """The loss's numbers that change with the step (the seed recipe's L1 coefficient)."""
+        return {}
+
+    def set_step(self, step: int, device: torch.device) -> None:
+        """Write ``step_scalars(step)`` into ``self.scalars``, tensors kept on the device and filled in place,
+        which ``step_loss`` reads: a captured CUDA graph replays the loss as it was, and reads them anew."""
+        for name, value in self.step_scalars(step).items():
+            if name not in self.scalars or self.scalars[name].device != torch.device(device):
+                self.scalars[name] = torch.empty((), device=device)
+            self.scalars[name].fill_(value)
+
     def loss(self, sae: TopKSAE, x: torch.Tensor, step: int, tracker: FiringTracker) -> StepOutput:
+        """The loss of step ``step`` on batch ``x``."""
+        self.set_step(step, x.device)
+        return self.step_loss(sae, x, tracker)
+
+    def step_loss(self, sae: TopKSAE, x: torch.Tensor, tracker: FiringTracker) -> StepOutput:
+        """The loss at the step last given to ``set_step``."""
         raise NotImplementedError
 
     def before_step(self, sae: TopKSAE) -> None:
@@ -100,15 +119,16 @@ class SeedRecipe(Recipe):
             return c.l1_end
         return c.l1_start + (c.l1_end - c.l1_start) * step / c.l1_warmup_steps
 
-    def loss(self, sae: TopKSAE, x: torch.Tensor, step: int, tracker: FiringTracker) -> StepOutput:
+    def step_scalars(self, step: int) -> dict[str, float]:
+        return {"l1_coef": self.l1_coefficient(step)}
+
+    def step_loss(self, sae: TopKSAE, x: torch.Tensor, tracker: FiringTracker) -> StepOutput:
         code = sae.encode(x)
         x_hat = sae.decode(code)
         mse = F.mse_loss(x_hat, x)
         l1 = code.values.abs().sum(-1).mean()
-        coef = self.l1_coefficient(step)
-        # the coefficient as a tensor filled on the device: torch.tensor(coef) would be a host tensor,
-        # and the training loop's copy of it to a GPU would wait for the device every step
-        return StepOutput(mse + coef * l1, mse, x_hat, code, {"l1": l1.detach(), "l1_coef": torch.full_like(l1.detach(), coef)})
+        coef = self.scalars["l1_coef"]  # on the device: a host number copied there would wait for a GPU every step
+        return StepOutput(mse + coef * l1, mse, x_hat, code, {"l1": l1.detach(), "l1_coef": coef.clone()})
 
 
 class TopKRecipe(Recipe):
@@ -149,7 +169,7 @@ class TopKRecipe(Recipe):
             lr *= (self.total_steps - step) / decay_steps
         return lr
 
-    def loss(self, sae: TopKSAE, x: torch.Tensor, step: int, tracker: FiringTracker) -> StepOutput:
+    def step_loss(self, sae: TopKSAE, x: torch.Tensor, tracker: FiringTracker) -> StepOutput:
         """FVU + AuxK: the residual reconstructed from the top ``k_aux`` dead latents (Gao et al. 2024).
 
         AuxK is computed every step with a mask instead of a data-dependent branch, so it never
