@@ -73,12 +73,16 @@ def test_a_graphed_run_trains_exactly_as_the_eager_step(recipe_name, monkeypatch
 
     monkeypatch.setattr(type(recipe), "step_scalars", step_scalars)
     sizes = [BATCH, BATCH, BATCH, BATCH, 7, BATCH, BATCH, BATCH]
+    kept = {}
     for step, size in enumerate(sizes):
         x = torch.randn(size, D_IN, generator=torch.Generator().manual_seed(100 + step))
         lr = eager[1].lr_at(step)
         want = train_step(*eager, x, step, lr)
         got = graphed(x, step, lr)
         assert all(torch.is_tensor(g["lr"]) for g in graphed_parts[2].param_groups), "the replayed Adam reads a tensor"
+        tensors = {name: t for name, t in recipe.scalars.items()} | {f"lr{i}": g["lr"] for i, g in enumerate(graphed_parts[2].param_groups)}
+        assert all(tensors[name] is t for name, t in kept.items()), "a graph reads the tensors it captured: written in place, never replaced"
+        kept = tensors
         torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-7)
         for name, value in want.extra.items():
             torch.testing.assert_close(got.extra[name], value, rtol=1e-5, atol=1e-7)

@@ -67,8 +67,8 @@ class Recipe:
         """Write ``step_scalars(step)`` into ``self.scalars``, tensors kept on the device and filled in place,
         which ``step_loss`` reads: a captured CUDA graph replays the loss as it was, and reads them anew."""
         for name, value in self.step_scalars(step).items():
-            if name not in self.scalars or self.scalars[name].device != torch.device(device):
-                self.scalars[name] = torch.empty((), device=device)
+            if name not in self.scalars or self.scalars[name].device.type != torch.device(device).type:
+                self.scalars[name] = torch.empty((), device=device)  # then kept: a graph reads this very tensor
             self.scalars[name].fill_(value)
 
     def loss(self, sae: TopKSAE, x: torch.Tensor, step: int, tracker: FiringTracker) -> StepOutput:
