@@ -21,19 +21,21 @@ from clipscope.sae import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402
+from worker.train.graphed import GraphedStep  # noqa: E402
 from worker.train.step import adam, train_step  # noqa: E402
 from worker.train.recipes import make_recipe  # noqa: E402
 from device_waits import host_waits  # noqa: E402
 
 
 def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str, dead_fraction: float):
+    """``kind``: "dense" (the reference), "sparse" (ClipScope's step) or "graphed" (ClipScope's step as a CUDA graph)."""
     cls = DenseTopKSAE if kind == "dense" else TopKSAE
     sae = cls(d, d_sae, k, use_b_dec=recipe_name == "topk").to(device)
     recipe = make_recipe(TrainConfig(recipe=recipe_name), 17_760, d, d_sae)
     recipe.initialise(sae, torch.randn(256, d, device=device))
     recipe.prepare(sae)
     params = recipe.parameters(sae)
-    optimizer = torch.optim.Adam(params, lr=recipe.base_lr) if kind == "dense" else adam(params, recipe.base_lr)
+    optimizer = torch.optim.Adam(params, lr=recipe.base_lr) if kind == "dense" else adam(params, recipe.base_lr, capturable=kind == "graphed")
     tracker = FiringTracker(d_sae, dead_after=10_000_000, device=device)
     if dead_fraction > 0:  # a mid-training state: these latents never fire, so AuxK does its real work
         dead = torch.arange(0, d_sae, round(1 / dead_fraction), device=device)
@@ -43,13 +45,20 @@ def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str, 
     return sae, recipe, optimizer, tracker
 
 
-def time_steps(parts, xs, first_step: int, device: str) -> float:
-    sae, recipe, optimizer, tracker = parts
+def stepper(kind: str, parts, batch: int):
+    """``run(x, step)``: one training step of that side."""
+    if kind == "graphed":
+        graphed = GraphedStep(*parts, batch_size=batch)
+        return lambda x, step: graphed(x, step, parts[1].base_lr)
+    return lambda x, step: train_step(*parts, x, step, parts[1].base_lr)
+
+
+def time_steps(run, xs, first_step: int, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     started = time.perf_counter()
     for i, x in enumerate(xs):
-        train_step(sae, recipe, optimizer, tracker, x, first_step + i, recipe.base_lr)
+        run(x, first_step + i)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - started) / len(xs)
@@ -79,15 +88,19 @@ def main() -> None:
     d = 768
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(a.batch, d, generator=g).to(a.device) for _ in range(a.steps)]
-    sides = {kind: build(kind, a.recipe, d, a.d_sae, a.k, a.device, a.dead_fraction) for kind in ("dense", "sparse")}
-    for parts in sides.values():
-        time_steps(parts, xs[:1], 0, a.device)  # warm-up
-    times: dict[str, list[float]] = {kind: [] for kind in sides}
+    on_gpu = a.device.startswith("cuda")
+    kinds = ("dense", "sparse", "graphed") if on_gpu else ("dense", "sparse")  # graphs need CUDA
+    parts = {kind: build(kind, a.recipe, d, a.d_sae, a.k, a.device, a.dead_fraction) for kind in kinds}
+    runs = {kind: stepper(kind, parts[kind], a.batch) for kind in kinds}
+    for run in runs.values():
+        time_steps(run, xs[:2], 0, a.device)  # warm-up (a graph is captured at its second step)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for r in range(a.rounds):
-        for kind, parts in sides.items():
-            times[kind].append(time_steps(parts, xs, 1 + r * a.steps, a.device))
+        for kind, run in runs.items():
+            times[kind].append(time_steps(run, xs, 2 + r * a.steps, a.device))
     dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
-    syncs = host_syncs(sides["sparse"], xs[:3], 1 + a.rounds * a.steps) if a.device.startswith("cuda") else None
+    graphed = statistics.median(times["graphed"]) if on_gpu else None
+    syncs = host_syncs(parts["sparse"], xs[:3], 2 + a.rounds * a.steps) if on_gpu else None
     print(json.dumps({
         "shape": f"d={d}, d_sae={a.d_sae}, k={a.k}, batch {a.batch}, recipe {a.recipe}, {a.dead_fraction:.0%} dead, {a.device}, {torch.get_num_threads()} threads",
         "clipscope_encoder_gemm": gemm.cpu_kernel() if a.device == "cpu" else "torch (F.linear)",
@@ -95,7 +108,8 @@ def main() -> None:
         "clipscope_steps_per_s": 1 / sparse,
         "speedup": dense / sparse,
         "seed_run_estimate_s": 17_760 * sparse,
-        **({"clipscope_host_syncs": syncs} if syncs is not None else {}),
+        **({"clipscope_cuda_graph_steps_per_s": 1 / graphed, "cuda_graph_speedup": dense / graphed,
+            "clipscope_host_syncs": syncs} if on_gpu else {}),
     }, indent=2))
 
 
