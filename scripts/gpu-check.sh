@@ -23,10 +23,11 @@ else
   extract=(--images 2048 --copies 8 --batch 256 --workers 14)
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-run() {  # name, command...: the command's stdout (JSON) to $out/name.json, everything to the log
+run() {  # name, command...: the JSON the command prints to $out/name.json, all its output to the log
   local name=$1; shift
   echo "== $name: $*" | tee -a "$out/log.txt"
-  "$@" 2>>"$out/log.txt" | tee "$out/$name.json" | tee -a "$out/log.txt"
+  "$@" 2>>"$out/log.txt" | tee -a "$out/log.txt" | sed -n '/^{$/,/^}$/p' > "$out/$name.json"
+  cat "$out/$name.json"
 }
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee "$out/log.txt"
 run seed_run $py bench/seed_run.py "${seed_run[@]}" --cuda-graphs both
