@@ -4,8 +4,7 @@ FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    CLIPSCOPE_DATA_DIR=/data \
-    CLIPSCOPE_NUM_WORKERS=4
+    CLIPSCOPE_DATA_DIR=/data
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \

@@ -55,6 +55,17 @@ def test_compose_runs_db_migration_gpu_worker_and_web_in_order():
     assert (ROOT / services["worker"]["command"][2]).is_file()
 
 
+
+def test_the_gpu_worker_has_shared_memory_for_its_decoding_workers():
+    """DataLoader workers hand each batch over through /dev/shm, whose Docker default (64 MB) holds not
+    one batch of the seed recipe's extraction: up to 16 workers, two batches each in flight."""
+    from clipscope.config import load_config
+
+    batch_bytes = load_config(ROOT / "configs" / "seed.toml").extract.batch_size * 3 * 224 * 224 * 4
+    size = re.fullmatch(r"(\d+)([kmg])b?", str(compose()["services"]["worker"]["shm_size"]).lower())
+    assert size, "shm_size must be set on the GPU worker"
+    assert int(size[1]) * 1024 ** "kmg".index(size[2]) * 1024 >= 16 * 2 * batch_bytes
+
 def test_dockerfile_copies_what_exists_runs_as_non_root_with_healthcheck_and_volume():
     text = (ROOT / "Dockerfile").read_text()
     for src in re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.M):
