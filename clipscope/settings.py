@@ -124,7 +124,8 @@ class Settings(BaseSettings):
             return self.num_workers
         import os
 
-        return max(1, min(16, len(os.sched_getaffinity(0)) - 1))
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has no affinity
+        return max(1, min(16, usable - 1))
 
     def resolved_device(self) -> str:
         """The concrete torch device string for ``device='auto'``."""

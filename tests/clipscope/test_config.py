@@ -58,6 +58,9 @@ def test_auto_decoding_workers_follow_the_cores_this_process_may_use(monkeypatch
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert Settings(num_workers="auto").resolved_num_workers == workers
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert Settings(num_workers="auto").resolved_num_workers == workers
     assert Settings(num_workers=3).resolved_num_workers == 3
     monkeypatch.setenv("CLIPSCOPE_NUM_WORKERS", "-1")
     with pytest.raises(ValueError, match="greater than or equal to 0"):
