@@ -130,4 +130,4 @@ class ImagePreprocess:
 def _on(device: torch.device, rows: list[int]) -> torch.Tensor:
     """``rows`` as an index tensor on ``device``; to a GPU through pinned memory, so the copy does not wait for it."""
     index = torch.tensor(rows)
-    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index.to(device)

@@ -58,3 +58,10 @@ def test_a_resize_mode_the_torch_path_does_not_implement_is_a_clear_error():
     descriptor = {**preprocess_descriptor(TORCH_CFG), "resize_mode": "longest"}
     with pytest.raises(ClipScopeError, match="resize = 'pil'"):
         ImagePreprocess(descriptor)
+
+
+def test_the_device_share_never_reads_a_value_back_to_the_host():
+    """On the meta device tensors have no values: any read back to the host (a GPU stall) would raise."""
+    images = [torch.empty(3, h, w, dtype=torch.uint8, device="meta") for h, w in [(384, 512), (300, 300), (384, 512)]]
+    out = ImagePreprocess(preprocess_descriptor(TORCH_CFG)).to_device(images, "meta")
+    assert out.shape == (3, 3, 224, 224) and out.device.type == "meta"
