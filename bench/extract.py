@@ -79,6 +79,12 @@ def main() -> None:
             b = b if len(b) == size else torch.cat([b] * -(-size // len(b)))[:size]
             residual_at(clip.visual, b.to(a.device), 10)[:, :1].to(torch.float16).cpu()
         forward_s = time.perf_counter() - started
+    with torch.inference_mode():  # what mixed precision does to the hooked activations (CLS), same inputs as fp32
+        first = batches[0].to(a.device)
+        exact = residual_at(clip.visual, first, 10)[:, 0].float()
+        with autocast(a.device, a.precision):
+            mixed = residual_at(clip.visual, first, 10)[:, 0].float()
+        precision_error = float(((mixed - exact).norm(dim=-1) / exact.norm(dim=-1)).max())
 
     # the workers' share: decoding plus the host's part of the preprocessing, one image at a time, one thread
     preprocess = ImagePreprocess(preprocess_descriptor(model))
@@ -106,6 +112,7 @@ def main() -> None:
         "forward_only_images_per_s": n_images / forward_s,
         "end_to_end_images_per_s": n_images / e2e_s,
         "end_to_end_over_forward": forward_s / e2e_s,
+        "activation_relative_error_vs_fp32": precision_error,
         "worker_ms_per_image": host_ms,
         "workers_images_per_s_at_most": a.workers * 1000 / host_ms,
         "host_waits_in_device_preprocessing": waits,
