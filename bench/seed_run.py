@@ -109,7 +109,7 @@ def main() -> None:
     train_cache = synthetic_cache(caches, "bench-train", a.images, d, 0)
     eval_cache = synthetic_cache(caches, "bench-eval", a.eval_images, d, 1)
     on_gpu = a.device.startswith("cuda")
-    report, weights, steps = {}, {}, "no"
+    report, weights, steps = {}, {}, "?"
     for graphs in (["no", "yes"] if a.cuda_graphs == "both" else [a.cuda_graphs]):
         ctx = Context(Settings(data_dir=work / f"run-graphs-{graphs}", device=a.device, progress=False, cuda_graphs=graphs))
         started = time.perf_counter()
@@ -139,6 +139,7 @@ def main() -> None:
                f" ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads, {gemm.cpu_kernel()}'})",
         **report,
     }, indent=2))
+
 
 if __name__ == "__main__":
     main()
