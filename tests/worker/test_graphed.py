@@ -115,8 +115,6 @@ def test_a_checkpoint_of_a_graphed_run_resumes_without_graphs():
 def test_a_graphed_training_run_killed_and_resumed_ends_as_an_eager_one(tmp_path, monkeypatch, recipe_name):
     """The real loop with graphs on (the stand-in in place of CUDA's): checkpoints saved from it resume
     it, and it ends where the eager run does."""
-    from functools import partial
-
     from clipscope.sae.io import load_sae
     from tests.conftest import array_cache, make_context
     from tests.worker.test_train import planted_data, small_config
