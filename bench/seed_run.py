@@ -125,6 +125,7 @@ def main() -> None:
         weights[graphs] = load_sae(result.sae_dir)[0]
         report[f"cuda_graphs_{graphs}"] = {
             "training_loop_s": result.metrics["train_seconds"],
+            "of_which_checkpoints_s": result.metrics["checkpoint_seconds"],  # snapshots, and waits for the disk
             "whole_call_s": wall,
             "adam_floor_s": floor,
             "loop_over_floor": result.metrics["train_seconds"] / floor,

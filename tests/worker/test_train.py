@@ -158,3 +158,16 @@ def test_topk_recipe_removes_the_parallel_decoder_gradient_before_the_step():
     assert parallel.abs().max() > 1e-4, "the raw gradient has a parallel part to remove"
     recipe.before_step(sae)
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=1), torch.zeros(128), atol=1e-6, rtol=0)
+
+
+def test_the_time_training_waits_for_checkpoints_is_reported(ctx, data_cache, monkeypatch):
+    """A checkpoint is written in the background; when the disk is slower than the steps between two
+    checkpoints, the next one waits for it, and that wait is in the metrics (``checkpoint_seconds``)."""
+    import time
+
+    from worker.train import checkpoint
+
+    real_write = checkpoint._write
+    monkeypatch.setattr(checkpoint, "_write", lambda *a: (time.sleep(0.5), real_write(*a)))
+    result = train(ctx, small_config("seed", checkpoint_every=3), data_cache)  # 12 steps: checkpoints at 3, 6, 9
+    assert 0.6 <= result.metrics["checkpoint_seconds"] <= result.metrics["train_seconds"]

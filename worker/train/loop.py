@@ -191,6 +191,7 @@ def train(
     started, start_step = time.perf_counter(), step
     bar = tqdm(total=order.total_steps, initial=step, unit="step", desc=f"train {cfg.train.recipe}", disable=not ctx.settings.progress)
     writer = CheckpointWriter(run_dir, meta, tc.keep_checkpoints)
+    checkpoint_s = 0.0
     with bar, closing(writer):  # a stop, or an error, waits for the checkpoint being written
         while step < end:
             x = source.gather(order.rows(step))
@@ -206,13 +207,15 @@ def train(
                 _log_point(url, sae_id, step, tc.batch_size, window, tracker, lr, sae, heldout if evaluate_now else None, bar)
                 window = _Window(train_cache.d, device)
             if step % tc.checkpoint_every == 0 and step < order.total_steps:
+                saving = time.perf_counter()  # the snapshot, plus any wait for the previous write to finish
                 writer.save(step, sae, {"optimizer": portable_optimizer_state(optimizer), "tracker": tracker.state_dict(), "window": window.state_dict()})
+                checkpoint_s += time.perf_counter() - saving
     elapsed = time.perf_counter() - started
     if step < order.total_steps:  # stopped on request, as if killed: the next call resumes from the last checkpoint
         return TrainResult(key, sae_dir, {}, step - start_step)
 
     metrics = {**heldout_metrics(sae, heldout), "dead_fraction": tracker.dead_fraction(), "dead_after": dead_after,
-               "steps": step, "train_seconds": elapsed}
+               "steps": step, "train_seconds": elapsed, "checkpoint_seconds": checkpoint_s}
     save_sae(sae, sae_dir, {**meta, "metrics": metrics})
     with session_scope(url) as s:
         row = s.get(Sae, sae_id)
