@@ -109,7 +109,7 @@ def main() -> None:
     train_cache = synthetic_cache(caches, "bench-train", a.images, d, 0)
     eval_cache = synthetic_cache(caches, "bench-eval", a.eval_images, d, 1)
     on_gpu = a.device.startswith("cuda")
-    report, weights, steps = {}, {}, "?"
+    report, weights, steps, floor = {}, {}, "?", None
     for graphs in (["no", "yes"] if a.cuda_graphs == "both" else [a.cuda_graphs]):
         ctx = Context(Settings(data_dir=work / f"run-graphs-{graphs}", device=a.device, progress=False, cuda_graphs=graphs))
         started = time.perf_counter()
@@ -121,7 +121,7 @@ def main() -> None:
             continue
         wall = time.perf_counter() - started
         steps = int(result.metrics["steps"])
-        floor = adam_floor(d, cfg.sae.d_sae, steps, a.device)
+        floor = floor or adam_floor(d, cfg.sae.d_sae, steps, a.device)  # the same for both runs: measured once
         weights[graphs] = load_sae(result.sae_dir)[0]
         report[f"cuda_graphs_{graphs}"] = {
             "training_loop_s": result.metrics["train_seconds"],

@@ -64,13 +64,12 @@ def time_steps(run, xs, first_step: int, device: str) -> float:
     return (time.perf_counter() - started) / len(xs)
 
 
-def host_syncs(parts, xs, first_step: int) -> list[str]:
+def host_syncs(run, xs, first_step: int) -> list[str]:
     """On a GPU, the distinct lines where ClipScope's steps wait for the device (CUDA's sync debug mode);
     the tests check the same on the meta device, this confirms it on the real one."""
-    sae, recipe, optimizer, tracker = parts
     with host_waits() as where:
         for i, x in enumerate(xs):
-            train_step(sae, recipe, optimizer, tracker, x, first_step + i, recipe.base_lr)
+            run(x, first_step + i)
     return sorted(where)
 
 
@@ -100,7 +99,7 @@ def main() -> None:
             times[kind].append(time_steps(run, xs, 2 + r * a.steps, a.device))
     dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
     graphed = statistics.median(times["graphed"]) if on_gpu else None
-    syncs = host_syncs(parts["sparse"], xs[:3], 2 + a.rounds * a.steps) if on_gpu else None
+    syncs = host_syncs(runs["sparse"], xs[:3], 2 + a.rounds * a.steps) if on_gpu else None
     print(json.dumps({
         "shape": f"d={d}, d_sae={a.d_sae}, k={a.k}, batch {a.batch}, recipe {a.recipe}, {a.dead_fraction:.0%} dead, {a.device}, {torch.get_num_threads()} threads",
         "clipscope_encoder_gemm": gemm.cpu_kernel() if a.device == "cpu" else "torch (F.linear)",

@@ -116,7 +116,7 @@ class _TopKEncode(torch.autograd.Function):
         if aux_indices.shape[1] > 0 and g_aux is not None:  # AuxK slots the loss did not read add nothing
             codes.append(aux_indices)
             grads.append(g_aux * (aux_values > 0))
-        idx, g = torch.cat(codes, dim=1), torch.cat(grads, dim=1)
+        idx, g = (codes[0], grads[0]) if len(codes) == 1 else (torch.cat(codes, dim=1), torch.cat(grads, dim=1))
         need_x, need_w, need_benc, need_bdec = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_benc = grad_bdec = None
         flat_idx = idx.reshape(-1)
@@ -243,14 +243,10 @@ def _decode_embedding_bag(codes, W_dec: torch.Tensor, sink) -> list[torch.Tensor
     return outs
 
 
-def _sample_of_slot(indices: torch.Tensor) -> torch.Tensor:
-    """For ``[batch, slots]`` indices, the sample (row) of every flattened slot (read-only: kept per shape)."""
-    return _samples_of_slots(*indices.shape, indices.device)
-
-
 @functools.lru_cache(maxsize=8)
 def _samples_of_slots(batch: int, slots: int, device: torch.device) -> torch.Tensor:
-    """Kept, as the shapes repeat every step: on a GPU each rebuild is kernels the host must launch."""
+    """For ``[batch, slots]`` indices, the sample (row) of every flattened slot. Kept per shape (read-only),
+    as the shapes repeat every step: on a GPU each rebuild is kernels the host must launch."""
     return torch.arange(batch, device=device).repeat_interleave(slots)
 
 
@@ -270,7 +266,7 @@ def _latent_layout(indices: list[torch.Tensor], d_sae: int) -> tuple[torch.Tenso
     latents = torch.cat([i.reshape(-1) for i in indices])
     samples, offset = [], 0
     for i in indices:
-        samples.append(_sample_of_slot(i) + offset)
+        samples.append(_samples_of_slots(*i.shape, i.device) + offset)
         offset += i.shape[0]
     key, order = torch.sort(latents * offset + torch.cat(samples))
     return _crow(key, d_sae, offset), key % offset, order
