@@ -43,12 +43,48 @@ def template_set(spec: str | Sequence[str]) -> tuple[str, list[str]]:
 
 @torch.no_grad()
 def build_classifier(model, model_name: str, class_names: Sequence[str], templates: Sequence[str], device) -> torch.Tensor:
-    """``[embed_dim, n_classes]`` unit-norm class embeddings (mean over templates), open_clip's builder."""
+    """``[embed_dim, n_classes]`` unit-norm class embeddings (mean over templates), open_clip's builder.
+
+    The prompts are encoded over their own length where that is exact (:class:`TrimmedPrompts`).
+    """
     import open_clip
 
+    encoder = TrimmedPrompts(model) if TrimmedPrompts.exact_for(model) else model
     return open_clip.build_zero_shot_classifier(
-        model, tokenizer=open_clip.get_tokenizer(model_name), classnames=list(class_names), templates=list(templates), device=device
+        encoder, tokenizer=open_clip.get_tokenizer(model_name), classnames=list(class_names), templates=list(templates), device=device
     )
+
+
+class TrimmedPrompts:
+    """``model.encode_text`` run over the batch's longest prompt instead of the full context (77 tokens).
+
+    Exact for open_clip's ``CLIP`` text tower (:meth:`exact_for`): its attention is causal, so no
+    position sees the padding after it, and the pooled position (the end-of-text token, the largest
+    id) lies within the longest prompt. The CIFAR templates are at most ~15 tokens: building the
+    classifier of 30 classes x 18 templates on 2 CPU cores took 22 s over 77 tokens, 3 s trimmed.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    @staticmethod
+    def exact_for(model) -> bool:
+        from open_clip.model import CLIP
+
+        return isinstance(model, CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        length = int(text.argmax(dim=-1).max()) + 1
+        text = text[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(text).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        x = text_global_pool(x, text, m.text_pool_type)
+        x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
 
 
 def zero_shot_logits(model, image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
