@@ -12,6 +12,11 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.goto(base + "/")
     assert page.locator(f"#sae-{key}").is_visible()
     assert page.get_by_text("random-initialised CLIP weights").first.is_visible()
+    facts = page.locator(f"#sae-{key} .facts dt").count()
+    for i in range(facts):  # every fact's value stands right under its name, never on the next grid row
+        name = page.locator(f"#sae-{key} .facts dt").nth(i).bounding_box()
+        value = page.locator(f"#sae-{key} .facts dd").nth(i).bounding_box()
+        assert abs(value["x"] - name["x"]) < 1 and 0 <= value["y"] - (name["y"] + name["height"]) < 8, i
     shot(page, "1-overview")
 
     page.click(f"#sae-{key} h2 a")
