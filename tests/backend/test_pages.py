@@ -87,6 +87,14 @@ def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
     assert client.get("/saes/nope/features/1").status_code == 404
 
 
+def test_a_dead_features_page_offers_no_collage_to_download(web):
+    client, key = web
+    dead = client.get(f"/api/saes/{key}/features", params={"dead": "only", "per_page": 1}).json()["features"][0]["index"]
+    page = client.get(f"/saes/{key}/features/{dead}").text
+    assert "Never fires on the precompute images." in page
+    assert "collage.png" not in page
+    assert client.get(f"/saes/{key}/features/{dead}/collage.png").status_code == 404
+
 def test_saving_a_label_appends_revisions_shown_as_history(web):
     client, key = web
     r = client.post(f"/saes/{key}/features/2/label", data=with_token(client, **{"text": "blue", "category": "semantic", "author": "ann", "base_revision": 0}), follow_redirects=False)
