@@ -11,7 +11,11 @@ from markupsafe import Markup, escape
 def line_chart(
     xs: Sequence[float], series: dict[str, Sequence[float | None]], width: int = 560, height: int = 200, y_label: str = ""
 ) -> Markup:
-    """Lines over a shared x axis; ``None`` values are gaps. Each series gets its own colour and legend entry."""
+    """Lines over a shared x axis, each series with its own colour and legend entry.
+
+    ``None`` means "not measured at this x" (the held-out EVR is measured every few logged steps): the
+    line joins the measured points on either side. A non-finite value (a diverged loss) breaks it.
+    """
     colours = ["#2563eb", "#dc2626", "#059669", "#d97706"]
     pad_l, pad_r, pad_t, pad_b = 48, 10, 10, 34
     values = [v for s in series.values() for v in s if v is not None and math.isfinite(v)]
@@ -33,7 +37,9 @@ def line_chart(
         colour = colours[i % len(colours)]
         segments, current = [], []
         for x, y in zip(xs, ys):
-            if y is None or not math.isfinite(y):
+            if y is None:
+                continue
+            if not math.isfinite(y):
                 if current:
                     segments.append(current)
                 current = []
