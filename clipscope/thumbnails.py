@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from pathlib import Path
@@ -41,3 +42,11 @@ def ensure_thumbnail(data_dir: Path, image: Image.Image, size: int) -> tuple[str
         square_thumbnail(image, size).save(buf, format="WEBP", quality=85, method=4)
         atomic_write_bytes(path, buf.getvalue())
     return digest, rel
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """A ``data:`` URL of the image, lossless (PNG, fast compression): for a page to show an image that is
+    never stored, such as an upload as the model saw it."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -15,7 +15,7 @@ from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
-from backend.services.analyze import rank_features
+from backend.services.analyze import Analysis, rank_features
 from backend.uploads import BadUpload, decode_upload
 from backend.services.features import FeatureQuery, feature_detail, list_features
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
@@ -110,8 +110,8 @@ async def api_import(request: Request, sae: SaeDep, session: SessionDep, file: U
         raise HTTPException(400, str(exc)) from None
 
 
-async def analyze_upload(request: Request, sae, file: UploadFile) -> dict[int, float]:
-    """Check and decode the upload, queue it for analysis, and wait for its activations.
+async def analyze_upload(request: Request, sae, file: UploadFile) -> Analysis:
+    """Check and decode the upload, queue it for analysis, and wait for its result.
 
     Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400
     (empty, truncated, corrupt, polyglot), 503 with Retry-After (analysis queue full).
@@ -136,5 +136,5 @@ async def analyze_upload(request: Request, sae, file: UploadFile) -> dict[int, f
                         400: {"description": "Empty, truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
 async def api_analyze(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500)) -> dict[str, Any]:
     require_ready(sae)
-    acts = await analyze_upload(request, sae, file)
-    return rank_features(session, sae, acts, limit=limit)
+    analysis = await analyze_upload(request, sae, file)
+    return rank_features(session, sae, analysis.activations, limit=limit)

@@ -19,6 +19,7 @@ from backend.services.features import FeatureQuery, feature_detail, list_feature
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage
+from clipscope.thumbnails import png_data_uri
 
 router = APIRouter(include_in_schema=False)
 
@@ -157,8 +158,10 @@ def analyze_form(request: Request, sae: SaeDep):
 async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...)):
     require_ready(sae)
     try:
-        acts = await analyze_upload(request, sae, file)
+        analysis = await analyze_upload(request, sae, file)
     except HTTPException as exc:
         return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None, error=exc.detail)
-    result = rank_features(session, sae, acts)
-    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename)
+    result = rank_features(session, sae, analysis.activations)
+    view = analysis.model_view
+    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename,
+                  model_view={"src": png_data_uri(view), "width": view.width, "height": view.height})

@@ -37,7 +37,7 @@ class AnalysisPool:
         self._lock = threading.Lock()
 
     def submit(self, sae: Sae, image: Image.Image) -> Future:
-        """A future of ``{feature: activation}`` for the image; raises :class:`PoolFull` at once when full."""
+        """A future of the image's :class:`~backend.services.analyze.Analysis`; raises :class:`PoolFull` at once when full."""
         job = _Job(sae, image)
         try:
             self._queue.put_nowait(job)
@@ -65,10 +65,10 @@ class AnalysisPool:
                 by_sae.setdefault(job.sae.key, []).append(job)
             for group in by_sae.values():
                 try:
-                    results = self.analyzer.activations(group[0].sae, [j.image for j in group])
+                    results = self.analyzer.analyse(group[0].sae, [j.image for j in group])
                 except Exception as exc:  # delivered to each waiting request, which reports it
                     for j in group:
                         j.future.set_exception(exc)
                 else:
-                    for j, acts in zip(group, results):
-                        j.future.set_result(acts)
+                    for j, result in zip(group, results):
+                        j.future.set_result(result)

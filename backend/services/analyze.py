@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,16 @@ from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
+
+@dataclass
+class Analysis:
+    """One analysed image: the features that fire, and the model input it became."""
+
+    activations: dict[int, float]
+    """``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
+    model_view: Image.Image
+    """What CLIP saw: the resized, cropped image (normalisation undone)."""
+
 
 class _Loaded:
     def __init__(self, clip: LoadedClip, sae: TopKSAE, model_cfg: ModelConfig):
@@ -53,8 +64,8 @@ class Analyzer:
         return loaded
 
     @torch.inference_mode()
-    def activations(self, sae: Sae, images: list[Image.Image]) -> list[dict[int, float]]:
-        """Per image, ``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
+    def analyse(self, sae: Sae, images: list[Image.Image]) -> list[Analysis]:
+        """Each image's firing features and model input, in one batch through CLIP and the SAE."""
         loaded = self._get(sae)
         batch = loaded.preprocess(images, self.device)
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
@@ -66,7 +77,7 @@ class Analyzer:
             for f, v in zip(idx, val):
                 if v > 0 and v > acts.get(f, 0.0):
                     acts[f] = v
-        return out
+        return [Analysis(acts, view) for acts, view in zip(out, loaded.preprocess.pixels(batch))]
 
 
 def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int = 30, strip: int = 6) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class ImagePreprocess:
     def __init__(self, descriptor: dict[str, Any]):
         self.descriptor = descriptor
         self.on_device = descriptor.get("resize") == "torch"
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if not self.on_device:
             self._pil = build_transform(descriptor)
             return
@@ -79,7 +80,6 @@ class ImagePreprocess:
 
         self._size = size
         self._interpolation = InterpolationMode(descriptor["interpolation"])
-        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def host(self, image: Image.Image) -> torch.Tensor:
         """In a worker: the model input (PIL) or the decoded ``[3, H, W]`` uint8 pixels (torch)."""
@@ -125,6 +125,12 @@ class ImagePreprocess:
     def __call__(self, images: list[Image.Image], device: str | torch.device = "cpu") -> torch.Tensor:
         """Everything at once, in one process (live analysis)."""
         return self.to_device(self.collate([(self.host(image), -1) for image in images])[0], device)
+
+    def pixels(self, batch: torch.Tensor) -> list[Image.Image]:
+        """What the model saw: each ``[3, H, W]`` model input of ``batch`` as an RGB image (normalisation undone)."""
+        mean, std = self._normalisation(batch.device)
+        rgb = (batch * std + mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        return [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in rgb]
 
 
 def _on(device: torch.device, rows: list[int]) -> torch.Tensor:

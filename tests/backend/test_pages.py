@@ -1,3 +1,4 @@
+import base64
 import io
 import re
 
@@ -195,7 +196,7 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
     assert rel == sorted(rel, reverse=True)
     from clipscope.clip.hooks import residual_at
     from clipscope.clip.loading import load_clip
-    from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+    from clipscope.clip.preprocess import OPENAI_MEAN, OPENAI_STD, build_transform, preprocess_descriptor
     from clipscope.config import ModelConfig
     from clipscope.sae.io import load_sae
 
@@ -209,6 +210,12 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
     assert [e["index"] for e in body["by_activation"]] == [i for _, i in expected]
     page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}, data=with_token(client))
     assert page.status_code == 200 and "features fire on" in page.text and "of its max" in page.text
+    seen = re.search(r'<figure class="model-view">\s*<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page.text)
+    assert seen, "the page shows the image as the model saw it"
+    view = np.asarray(Image.open(io.BytesIO(base64.b64decode(seen.group(1)))).convert("RGB")).astype(float)
+    expected = image[0] * torch.tensor(OPENAI_STD).view(3, 1, 1) + torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+    assert view.shape == (224, 224, 3)
+    assert np.abs(view - 255 * expected.permute(1, 2, 0).numpy()).max() <= 1, "exactly the crop CLIP saw, not the upload"
 
 
 @pytest.mark.parametrize("payload", [b"", b"not an image at all", _png()[:60]])

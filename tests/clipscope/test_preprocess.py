@@ -37,6 +37,24 @@ def test_the_torch_resize_gives_the_pil_model_input_within_one_pixel_level_in_or
     assert float(per_image.max()) < 0.05, per_image  # a mix-up of images would be far larger
 
 
+
+@pytest.mark.parametrize("cfg", [PIL_CFG, TORCH_CFG], ids=["pil", "torch"])
+def test_the_model_input_turns_back_into_the_resized_and_cropped_image(cfg):
+    images = [photo(512, 384, 0), photo(300, 420, 1)]
+    pil_steps = build_transform(preprocess_descriptor(PIL_CFG)).transforms[:-2]  # resize, crop, RGB; not ToTensor, Normalize
+    expected = [np.asarray(img).astype(int) for img in (apply_steps(pil_steps, image) for image in images)]
+    pre = ImagePreprocess(preprocess_descriptor(cfg))
+    views = pre.pixels(pre(images))
+    assert [v.size for v in views] == [(224, 224)] * 2 and all(v.mode == "RGB" for v in views)
+    for view, want in zip(views, expected):
+        assert np.abs(np.asarray(view).astype(int) - want).max() <= (0 if cfg is PIL_CFG else 2)
+
+
+def apply_steps(steps, image: Image.Image) -> Image.Image:
+    for step in steps:
+        image = step(image)
+    return image
+
 def test_pil_preprocessing_runs_in_the_workers_and_the_torch_one_hands_over_pixels():
     img = photo(512, 384, 0)
     pil, tv = ImagePreprocess(preprocess_descriptor(PIL_CFG)), ImagePreprocess(preprocess_descriptor(TORCH_CFG))
