@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU benchmark of issue 7 in one prepared run, for a lent GPU machine (a few minutes of its
-# time). Here, first: ./scripts/gpu-wheels.sh (the packages that machine lacks, into .whl/); then
-# through the device tool: `bash scripts/gpu-check.sh` with carry [".whl"]. Results land in $OUT
-# (there) or artifacts/gpu-check/ (elsewhere): one JSON per benchmark and the whole log.
+# Every GPU check of issue 7 in one prepared run, for a lent GPU machine (a few minutes of its time):
+# first the tests that need CUDA (tests/cuda), then every GPU benchmark. Here, first:
+# ./scripts/gpu-wheels.sh (the packages that machine lacks, into .whl/); then through the device
+# tool: `bash scripts/gpu-check.sh` with carry [".whl"]. Results land in $OUT (there) or
+# artifacts/gpu-check/ (elsewhere), three files, since that tool brings back at most eight:
+# results.json (each benchmark's JSON by name, rewritten after every step, so a run cut short
+# keeps what finished), cuda_tests.txt and log.txt (all output).
 # `--smoke` runs every step at toy sizes with .venv's Python, to check the script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +26,27 @@ else
   extract=(--images 2048 --copies 8 --batch 256 --workers 14)
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-run() {  # name, command...: the JSON the command prints to $out/name.json, all its output to the log
+parts=$(mktemp -d)
+run() {  # name, command...: the JSON the command prints goes into results.json under name, all its output to the log
   local name=$1; shift
   echo "== $name: $*" | tee -a "$out/log.txt"
-  "$@" 2>>"$out/log.txt" | tee -a "$out/log.txt" | sed -n '/^{$/,/^}$/p' > "$out/$name.json"
-  cat "$out/$name.json"
+  "$@" 2>>"$out/log.txt" | tee -a "$out/log.txt" | sed -n '/^{$/,/^}$/p' > "$parts/$name.json"
+  cat "$parts/$name.json"
+  $py - "$parts" "$out/results.json" <<'PY'
+import json, pathlib, sys
+def parsed(text):
+    try:
+        return json.loads(text) if text.strip() else None  # None: the step printed no JSON (see log.txt)
+    except ValueError:
+        return {"unparsed": text}
+parts = sorted(pathlib.Path(sys.argv[1]).glob("*.json"), key=lambda p: p.stat().st_mtime)
+json.dump({p.stem: parsed(p.read_text()) for p in parts}, open(sys.argv[2], "w"), indent=2)
+PY
 }
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee "$out/log.txt"
+echo "== tests that need CUDA" | tee -a "$out/log.txt"
+$py -m pytest -q -p no:cacheprovider tests/cuda 2>&1 | tee "$out/cuda_tests.txt" >> "$out/log.txt"
+tail -n 3 "$out/cuda_tests.txt"
 run seed_run $py bench/seed_run.py "${seed_run[@]}" --cuda-graphs both
 run train_seed_64 $py bench/train_step.py --recipe seed --batch 64 "${steps_small[@]}"
 run train_topk_64 $py bench/train_step.py --recipe topk --batch 64 "${steps_small[@]}"

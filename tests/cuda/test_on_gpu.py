@@ -1,0 +1,101 @@
+"""What only a real GPU can show: the CUDA paths' arithmetic, no wait for the device inside a training
+step, a captured CUDA graph of the step, and preprocessing on the device. Skipped without CUDA;
+``scripts/gpu-check.sh`` runs them first on a lent GPU machine.
+
+The CPU suite covers the same code through its stand-ins (the GPU's paths switched on on the CPU in
+``tests/clipscope/test_sparse_ops.py``, the meta device, a stand-in graph in
+``tests/worker/test_graphed.py``); these tests check what the stand-ins assume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
+from clipscope.config import ModelConfig, TrainConfig
+from clipscope.sae.dense_reference import DenseTopKSAE
+from clipscope.sae.metrics import FiringTracker
+from clipscope.sae.model import TopKSAE
+from worker.train.graphed import GraphedStep
+from worker.train.recipes import make_recipe
+from worker.train.step import adam, train_step
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu-check.sh runs these on one)")
+
+D_IN, D_SAE, K, BATCH = 64, 1024, 16, 32
+CUDA = torch.device("cuda")
+
+
+def side(recipe_name: str, cls=TopKSAE, capturable: bool = False, seed: int = 0):
+    """An SAE (initialised from a fixed sample), its recipe, fused Adam and a tracker with some dead latents, on the GPU."""
+    sae = cls(D_IN, D_SAE, K, use_b_dec=recipe_name == "topk")
+    recipe = make_recipe(TrainConfig(recipe=recipe_name, auxk_k=32, l1_warmup_steps=5, lr_warmup_steps=3), 40, D_IN, D_SAE)
+    recipe.initialise(sae, torch.randn(256, D_IN, generator=torch.Generator().manual_seed(seed)))
+    sae.to(CUDA)
+    recipe.prepare(sae)
+    tracker = FiringTracker(D_SAE, dead_after=1, device=CUDA)
+    tracker.since_fired[::3] = 5  # every third latent dead: AuxK has work
+    return sae, recipe, adam(recipe.parameters(sae), recipe.lr_at(0), capturable=capturable), tracker
+
+
+def batch(step: int, size: int = BATCH) -> torch.Tensor:
+    return (torch.randn(size, D_IN, generator=torch.Generator().manual_seed(100 + step)) * 2 + 0.5).to(CUDA)
+
+
+@pytest.mark.parametrize("recipe_name", ["seed", "topk"])
+def test_cuda_training_steps_stay_equal_to_the_dense_reference(recipe_name):
+    sparse, dense = side(recipe_name), side(recipe_name, DenseTopKSAE)
+    dense[0].load_state_dict(sparse[0].state_dict())
+    for step in range(6):
+        for parts in (sparse, dense):
+            train_step(*parts, batch(step), step, parts[1].lr_at(step))
+    assert torch.equal(sparse[3].since_fired, dense[3].since_fired)
+    for name in ("encoder_weight", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(sparse[0], name), getattr(dense[0], name), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("recipe_name", ["seed", "topk"])
+def test_a_cuda_training_step_never_waits_for_the_device(recipe_name):
+    """With sync debugging set to "error", torch raises at any operation that makes the host wait for
+    the GPU (a value read back, a copy from ordinary host memory, an output sized by its values)."""
+    parts = side(recipe_name)
+    for step in range(2):  # the first steps create Adam's state and the kept gradient buffers
+        train_step(*parts, batch(step), step, parts[1].lr_at(step))
+    x = [batch(step) for step in range(2, 6)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 6):
+            out = train_step(*parts, x[step - 2], step, parts[1].lr_at(step))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()
+
+
+@pytest.mark.parametrize("recipe_name", ["seed", "topk"])
+def test_the_step_captured_as_a_cuda_graph_trains_as_the_eager_one(recipe_name):
+    eager, graphed_parts = side(recipe_name), side(recipe_name, capturable=True)
+    graphed = GraphedStep(*graphed_parts, batch_size=BATCH)
+    sizes = [BATCH, BATCH, BATCH, BATCH, 7, BATCH, BATCH, BATCH]
+    for step, size in enumerate(sizes):
+        x, lr = batch(step, size), eager[1].lr_at(step)
+        want = train_step(*eager, x, step, lr)
+        got = graphed(x, step, lr)
+        torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-6)
+    assert graphed.captured and not graphed.failed, "the capture itself worked on this GPU"
+    assert torch.equal(graphed_parts[3].since_fired, eager[3].since_fired)
+    for name in ("encoder_weight", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(graphed_parts[0], name), getattr(eager[0], name), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resizing_on_the_gpu_gives_the_cpus_model_input():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h)) for w, h in [(512, 384), (300, 420), (512, 384)]]
+    pre = ImagePreprocess(preprocess_descriptor(ModelConfig(pretrained="none", resize="torch")))
+    on_gpu, on_cpu = pre(images, CUDA), pre(images, "cpu")
+    assert on_gpu.device.type == "cuda"
+    level = 1 / 255 / min(pre.descriptor["std"])
+    assert float((on_gpu.cpu() - on_cpu).abs().max()) <= 1.01 * level
