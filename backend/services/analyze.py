@@ -22,6 +22,7 @@ from clipscope.sae.model import TopKSAE
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 
+
 @dataclass
 class Analysis:
     """One analysed image: the features that fire, and the model input it became."""
