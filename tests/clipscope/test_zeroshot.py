@@ -1,3 +1,5 @@
+import copy
+
 import open_clip
 import pytest
 import torch
@@ -38,12 +40,13 @@ def test_the_classifier_equals_open_clips_over_the_full_context(random_clip, tex
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["pool_last", "no_causal_mask"])
-def test_a_text_tower_where_trimming_would_change_the_result_gets_the_full_context(random_clip, text_lengths, monkeypatch, change):
-    if change == "pool_last":
-        monkeypatch.setattr(random_clip.model, "text_pool_type", "last")
-    else:
-        monkeypatch.setattr(random_clip.model, "attn_mask", None)
-    assert not TrimmedPrompts.exact_for(random_clip.model)
-    build_classifier(random_clip.model, "ViT-B-32", CLASSES[:2], TEMPLATES[:2], "cpu")
+@pytest.mark.parametrize("change", [{"text_pool_type": "last"}, {"attn_mask": None}], ids=["pool_last", "no_causal_mask"])
+def test_a_text_tower_where_trimming_would_change_the_result_gets_the_full_context(random_clip, text_lengths, change):
+    model = copy.copy(random_clip.model)  # shares the towers; the session's model keeps its attributes and buffers
+    model._buffers = dict(model._buffers)
+    for name, value in change.items():
+        setattr(model, name, value)
+    assert not TrimmedPrompts.exact_for(model)
+    build_classifier(model, "ViT-B-32", CLASSES[:2], TEMPLATES[:2], "cpu")
     assert set(text_lengths) == {77}
+    assert random_clip.model.attn_mask is not None and random_clip.model.text_pool_type == "argmax"
