@@ -112,7 +112,7 @@ async def feature_page(request: Request, sae: str, idx: int):
 @router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse, dependencies=[CsrfForm])
 def save_label_form(
     request: Request, sae: SaeDep, idx: int, session: SessionDep,
-    text: Annotated[str, Form()] = "", category: Annotated[str, Form()] = "unclear",
+    text: Annotated[str, Form()] = "", category: Annotated[str, Form()] = "",
     author: Annotated[str, Form()] = "", base_revision: Annotated[int, Form()] = 0,
 ):
     require_feature(sae, idx)
