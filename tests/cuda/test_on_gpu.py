@@ -1,6 +1,7 @@
 """What only a real GPU can show: the CUDA paths' arithmetic, no wait for the device inside a training
-step, a captured CUDA graph of the step, and preprocessing on the device. Skipped without CUDA;
-``scripts/gpu-check.sh`` runs them first on a lent GPU machine.
+step, a captured CUDA graph of the step, and preprocessing on the device. Collected only where CUDA
+is (``tests/conftest.py``), skipped when named without it; ``scripts/gpu-check.sh`` runs them first
+on a lent GPU machine.
 
 The CPU suite covers the same code through its stand-ins (the GPU's paths switched on on the CPU in
 ``tests/clipscope/test_sparse_ops.py``, the meta device, a stand-in graph in
