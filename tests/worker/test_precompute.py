@@ -33,6 +33,22 @@ def test_group_topk_streamed_in_chunks_equals_a_full_sort():
         assert acc.payload[g].tolist() == best.tolist()
 
 
+
+def test_group_topk_breaks_ties_for_the_entry_seen_first():
+    """Scores 0..3 only, so nearly every entry ties with one kept: the earlier one must stay, across and within chunks."""
+    rng = np.random.default_rng(1)
+    groups = torch.from_numpy(rng.integers(0, 5, 400))
+    scores = torch.from_numpy(rng.integers(0, 4, 400).astype(np.float64))
+    acc = GroupTopK(5, 6)
+    for lo in range(0, 400, 11):
+        sl = slice(lo, lo + 11)
+        acc.update(groups[sl], scores[sl], torch.arange(400)[sl], scores[sl].float())
+    for g in range(5):
+        mine = [i for i in range(400) if groups[i] == g]
+        best = sorted(mine, key=lambda i: (-scores[i], i))[:6]  # highest score, then arrival
+        assert acc.payload[g].tolist() == best
+        assert acc.scores[g].tolist() == [scores[i].item() for i in best]
+
 def test_an_images_activation_is_its_maximum_over_tokens():
     indices = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1]])  # 2 images x 2 tokens, k = 2
     values = torch.tensor([[1.0, 2.0], [5.0, 0.0], [0.5, 0.25], [0.0, 0.0]])

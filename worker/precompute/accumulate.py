@@ -24,6 +24,11 @@ class GroupTopK:
 
     @torch.no_grad()
     def update(self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor, values: torch.Tensor) -> None:
+        # An entry enters its group's top k only by beating the k-th score kept so far (an equal score
+        # loses to the entry seen first), so the rest are dropped before the sorts: once the groups
+        # fill up, that is nearly every entry.
+        entering = scores.double() > self.scores[groups, -1]
+        groups, scores, payload, values = groups[entering], scores[entering], payload[entering], values[entering]
         if groups.numel() == 0:
             return
         k = self.k
