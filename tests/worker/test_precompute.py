@@ -57,10 +57,11 @@ def test_an_images_activation_is_its_maximum_over_tokens():
     assert got == [(10, 0, 1.0), (10, 1, 5.0), (11, 0, 0.5), (11, 2, 0.25)]
 
 
-@pytest.mark.parametrize("chunk", [7, 3, 64])
-def test_neighbours_equal_brute_force_cosines(chunk):
-    """Blocks of 7 (the last one short), of fewer rows than neighbours asked for, and one block."""
-    w = torch.randn(30, 8, generator=torch.Generator().manual_seed(chunk))
+@pytest.mark.parametrize(("atoms", "chunk"), [(30, 7), (30, 3), (30, 64), (200, 64)])
+def test_neighbours_equal_brute_force_cosines(atoms, chunk):
+    """Blocks of 7 (the last one short), of fewer rows than neighbours asked for, one block, and blocks of
+    64 rows, whose later columns take the grouped top-k (rows in 8 groups of 8, 4 of them candidates)."""
+    w = torch.randn(atoms, 8, generator=torch.Generator().manual_seed(chunk))
     idx, cos = decoder_neighbours(w, 4, chunk=chunk)
     unit = torch.nn.functional.normalize(w, dim=1)
     sims = unit @ unit.T

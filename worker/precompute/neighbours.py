@@ -36,6 +36,23 @@ def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 2048) -> tuple[
         cos, idx = sims.topk(min(n, sims.shape[1]), dim=1)
         keep(slice(start, end), cos, idx + start)
         if end < d_sae:
-            cos, idx = sims[:, end - start :].topk(min(n, end - start), dim=0)
+            cos, idx = _topk_down_columns(sims[:, end - start :], min(n, end - start))
             keep(slice(end, d_sae), cos.T, idx.T + start)
     return indices, cosines
+
+
+def _topk_down_columns(sims: torch.Tensor, n: int, block: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sims.topk(n, dim=0)``, reading the column-strided matrix mostly in contiguous rows.
+
+    Rows are grouped by ``block``; the top ``n`` of a column lie within the ``n`` groups with the
+    largest maxima there (the rule of :func:`clipscope.sae.sparse_ops.topk_unsorted`), so the strided
+    top-k runs over ``n * block`` candidates instead of every row: 443 -> 186 ms for the first block
+    of 2,048 atoms at 49,152 features on 2 CPU cores.
+    """
+    rows, cols = sims.shape
+    if rows % block or rows // block < n:
+        return sims.topk(n, dim=0)
+    grouped = sims.view(rows // block, block, cols)
+    best = grouped.amax(1).topk(n, dim=0).indices
+    values, at = grouped.gather(0, best[:, None, :].expand(n, block, cols)).view(n * block, cols).topk(n, dim=0)
+    return values, best.gather(0, at // block) * block + at % block
