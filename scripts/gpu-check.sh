@@ -27,10 +27,11 @@ else
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 parts=$(mktemp -d)
+step_limit=${STEP_LIMIT:-300}  # seconds for one step (STEP_LIMIT): a hung step loses itself, not the steps after it
 run() {  # name, command...: the JSON the command prints goes into results.json under name, all its output to the log
   local name=$1; shift
   echo "== $name: $*" | tee -a "$out/log.txt"
-  "$@" 2>>"$out/log.txt" | tee -a "$out/log.txt" | sed -n '/^{$/,/^}$/p' > "$parts/$name.json"
+  timeout -k 10 "$step_limit" "$@" 2>>"$out/log.txt" | tee -a "$out/log.txt" | sed -n '/^{$/,/^}$/p' > "$parts/$name.json"
   cat "$parts/$name.json"
   $py - "$parts" "$out/results.json" <<'PY'
 import json, pathlib, sys
@@ -45,7 +46,7 @@ PY
 }
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } | tee "$out/log.txt"
 echo "== tests that need CUDA" | tee -a "$out/log.txt"
-$py -m pytest -q -p no:cacheprovider tests/cuda 2>&1 | tee "$out/cuda_tests.txt" >> "$out/log.txt"
+timeout -k 10 "$step_limit" $py -m pytest -q -p no:cacheprovider tests/cuda 2>&1 | tee "$out/cuda_tests.txt" >> "$out/log.txt"
 tail -n 3 "$out/cuda_tests.txt"
 run seed_run $py bench/seed_run.py "${seed_run[@]}" --cuda-graphs both
 run train_seed_64 $py bench/train_step.py --recipe seed --batch 64 "${steps_small[@]}"
