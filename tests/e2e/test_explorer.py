@@ -1,8 +1,12 @@
 """The explorer in a real browser: browse, filter, label, analyze. Screenshots land in artifacts/screenshots/."""
 
 
+import re
+
 import numpy as np
+import pytest
 from PIL import Image
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 
 def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_path):
@@ -57,6 +61,19 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
         page.click("form.label-form button")
     page.wait_for_selector("#label-editor .error")
     assert "empty" in page.locator("#label-editor .error").inner_text()
+
+    page.focus("textarea[name=text]")
+    with pytest.raises(PlaywrightTimeout):  # typing in a field moves the caret, not the page
+        with page.expect_navigation(timeout=1000):
+            page.keyboard.press("ArrowRight")
+    page.locator("h1").click()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_url(f"**/features/{int(idx) + 1}")
+    page.keyboard.press("ArrowLeft")
+    page.wait_for_url(f"**/features/{idx}")
+    with page.expect_navigation():
+        page.keyboard.press("r")
+    assert re.search(r"/features/\d+$", page.url)
 
     page.goto(f"{base}/saes/{key}/features?labelled=yes")
     rows = page.locator(".feature-row")
