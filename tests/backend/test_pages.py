@@ -96,6 +96,7 @@ def test_a_dead_features_page_offers_no_collage_to_download(web):
     assert "collage.png" not in page
     assert client.get(f"/saes/{key}/features/{dead}/collage.png").status_code == 404
 
+
 def test_a_first_label_needs_its_category_chosen_and_a_relabel_starts_from_the_current_one(web):
     client, key = web
     select = lambda page: re.search(r'<select name="category" required>(.*?)</select>', page, re.S).group(1)  # noqa: E731
@@ -106,6 +107,7 @@ def test_a_first_label_needs_its_category_chosen_and_a_relabel_starts_from_the_c
     assert client.get(f"/api/saes/{key}/features/4/labels").json() == []
     client.post(f"/saes/{key}/features/4/label", data=with_token(client, text="stripes", category="visual", author="ann", base_revision=0))
     assert selected(client.get(f"/saes/{key}/features/4").text) == ["visual"]
+
 
 def test_saving_a_label_appends_revisions_shown_as_history(web):
     client, key = web
