@@ -347,7 +347,7 @@ def test_thumbnails_and_static_files_are_named_by_content_and_cached_for_good(we
     page = client.get(f"/saes/{key}/features").text
     thumb = re.search(r'<img src="(/thumbnails/[^"]+)"', page).group(1)
     links = re.findall(r'(?:href|src)="(/static/[^"?]+\?v=[0-9a-f]{12})"', page)
-    assert len(links) == 2  # the stylesheet and htmx
+    assert len(links) == 3  # the stylesheet, htmx and the keyboard navigation
     for url in (thumb, *links):
         first = client.get(url)
         assert first.status_code == 200 and first.headers["cache-control"] == IMMUTABLE, url
