@@ -85,7 +85,7 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.goto(f"{base}/saes/{key}/analyze")
     page.set_input_files("input[type=file]", str(image))
     page.click("#analyze-form button")
-    page.wait_for_selector(".analyze-by_activation .feature-row")
+    page.wait_for_selector(".analyze-by_activation .feature-row", timeout=120_000)  # the first analysis loads CLIP: slow on a busy machine
     assert page.locator(".analyze-by_activation .feature-row").count() >= 1
     assert "features fire on" in page.content()
     shot(page, "5-analyze")
