@@ -27,14 +27,15 @@ class GroupTopK:
         # An entry enters its group's top k only by beating the k-th score kept so far (an equal score
         # loses to the entry seen first), so the rest are dropped before the sorts: once the groups
         # fill up, that is nearly every entry.
-        entering = scores.double() > self.scores[groups, -1]
+        scores = scores.double()
+        entering = scores > self.scores[groups, -1]
         groups, scores, payload, values = groups[entering], scores[entering], payload[entering], values[entering]
         if groups.numel() == 0:
             return
         k = self.k
         touched = torch.unique(groups)
         all_g = torch.cat([touched.repeat_interleave(k), groups])
-        all_s = torch.cat([self.scores[touched].flatten(), scores.double()])
+        all_s = torch.cat([self.scores[touched].flatten(), scores])
         all_p = torch.cat([self.payload[touched].flatten(), payload])
         all_v = torch.cat([self.values[touched].flatten(), values.float()])
         order = torch.argsort(all_s, descending=True, stable=True)
