@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -175,6 +176,11 @@ class FeatureExample(Base):
     rank: Mapped[int] = mapped_column(Integer, doc="0 = highest activation (top) or first sample (interval).")
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
     activation: Mapped[float] = mapped_column(Float)
+    token_map: Mapped[bytes | None] = mapped_column(
+        LargeBinary, nullable=True,
+        doc="Top examples of an SAE over several tokens: the activation on each token as uint8 fractions of "
+        "`activation` (clipscope/token_maps.py); null for CLS-only SAEs and interval samples.",
+    )
 
 
 class Label(Base):

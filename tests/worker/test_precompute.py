@@ -9,7 +9,7 @@ from clipscope.db.session import session_scope
 from clipscope.sae.io import load_sae
 from tests.conftest import array_cache
 from worker.datasets import build_dataset
-from worker.precompute.accumulate import GroupTopK, per_image_entries
+from worker.precompute.accumulate import GroupTopK
 from worker.precompute.neighbours import decoder_neighbours
 from worker.precompute.stage import precompute
 from worker.train.loop import train
@@ -49,12 +49,20 @@ def test_group_topk_breaks_ties_for_the_entry_seen_first():
         assert acc.payload[g].tolist() == best
         assert acc.scores[g].tolist() == [scores[i].item() for i in best]
 
-def test_an_images_activation_is_its_maximum_over_tokens():
-    indices = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1]])  # 2 images x 2 tokens, k = 2
-    values = torch.tensor([[1.0, 2.0], [5.0, 0.0], [0.5, 0.25], [0.0, 0.0]])
-    img, feat, val = per_image_entries(indices, values, torch.tensor([10, 11]), 2, 4)
-    got = sorted(zip(img.tolist(), feat.tolist(), val.tolist()))
-    assert got == [(10, 0, 1.0), (10, 1, 5.0), (11, 0, 0.5), (11, 2, 0.25)]
+def test_group_topk_carries_each_entrys_bytes_with_it():
+    """The extra bytes (a token map) follow their entry through streamed updates, ties and evictions."""
+    rng = np.random.default_rng(2)
+    groups = torch.from_numpy(rng.integers(0, 5, 300))
+    scores = torch.from_numpy(rng.integers(0, 6, 300).astype(np.float64))
+    extra = torch.arange(300)[:, None].mul(torch.tensor([1, 7, 13])).remainder(256).to(torch.uint8)
+    acc = GroupTopK(5, 4, extra=3)
+    for lo in range(0, 300, 23):
+        sl = slice(lo, lo + 23)
+        acc.update(groups[sl], scores[sl], torch.arange(300)[sl], scores[sl].float(), extra[sl])
+    for g in range(5):
+        assert acc.extra[g].tolist() == extra[acc.payload[g]].tolist()
+    with pytest.raises(ValueError, match="extra bytes"):
+        acc.update(groups[:3], scores[:3], torch.arange(3), scores[:3].float())
 
 
 @pytest.mark.parametrize(("atoms", "chunk"), [(30, 7), (30, 3), (30, 64), (200, 64)])
@@ -192,3 +200,32 @@ def test_thumbnails_are_stored_once_by_content_hash(trained):
 
     with PILImage.open(files[0]) as im:
         assert im.format == "WEBP" and im.size == (32, 32)
+
+
+def test_top_examples_of_a_patch_sae_keep_where_the_feature_fired(tmp_path):
+    """Over 5 tokens an image's activation is its maximum over them, and each top example stores its
+    activation on every token as a byte fraction of that maximum; CLS-only SAEs store none."""
+    from clipscope.sae.model import TopKSAE
+    from worker.precompute.stage import compute
+
+    torch.manual_seed(0)
+    sae = TopKSAE(D, D_SAE, K)
+    acts = np.random.default_rng(3).normal(size=(60, 5, D)).astype(np.float16)
+    cache = array_cache(tmp_path / "acts", acts, tokens="all")
+    tb = compute(sae, cache, PC, tmp_path / "spill", "cpu")
+    with torch.no_grad():
+        x = torch.from_numpy(acts.astype(np.float32).reshape(-1, D))
+        z = torch.cat([sae.encode(x[i : i + 50]).to_dense() for i in range(0, len(x), 50)]).view(60, 5, D_SAE)
+    checked = 0
+    for f in range(D_SAE):
+        for slot, row in enumerate(tb.top.payload[f].tolist()):
+            if row < 0:
+                continue
+            tokens = z[row, :, f]
+            assert tb.top.values[f, slot].item() == pytest.approx(tokens.max().item(), rel=1e-6)
+            expected = (tokens / tokens.max() * 255).round().clamp(0, 255)
+            assert tb.top.extra[f, slot].tolist() == expected.to(torch.uint8).tolist()
+            checked += 1
+    assert checked > D_SAE
+    cls = compute(sae, array_cache(tmp_path / "cls", acts[:, 0]), PC, tmp_path / "spill2", "cpu")
+    assert cls.top.extra is None

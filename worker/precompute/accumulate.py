@@ -12,21 +12,27 @@ import torch
 class GroupTopK:
     """For each of ``n_groups`` groups, the ``k`` entries with the highest score seen so far.
 
-    Each entry carries an int64 ``payload`` (an image row) and a float ``value``. Ties between
-    equal scores go to the entry seen first, so results are deterministic.
+    Each entry carries an int64 ``payload`` (an image row), a float ``value`` and, when ``extra`` > 0,
+    ``extra`` bytes (``self.extra``: an image's token map). Ties between equal scores go to the
+    entry seen first, so results are deterministic.
     """
 
-    def __init__(self, n_groups: int, k: int, device: str | torch.device = "cpu"):
+    def __init__(self, n_groups: int, k: int, device: str | torch.device = "cpu", extra: int = 0):
         self.k = k
         self.scores = torch.full((n_groups, k), float("-inf"), dtype=torch.float64, device=device)
         self.payload = torch.full((n_groups, k), -1, dtype=torch.long, device=device)
         self.values = torch.zeros((n_groups, k), dtype=torch.float32, device=device)
+        self.extra = torch.zeros((n_groups, k, extra), dtype=torch.uint8, device=device) if extra else None
 
     @torch.no_grad()
-    def update(self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor, values: torch.Tensor) -> None:
+    def update(
+        self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor, values: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> None:
         # An entry enters its group's top k only by beating the k-th score kept so far (an equal score
         # loses to the entry seen first), so the rest are dropped before the sorts: once the groups
         # fill up, that is nearly every entry.
+        if (extra is None) != (self.extra is None):
+            raise ValueError("extra bytes must be given exactly when the accumulator keeps them")
         scores = scores.double()
         entering = scores > self.scores[groups, -1]
         groups, scores, payload, values = groups[entering], scores[entering], payload[entering], values[entering]
@@ -45,6 +51,9 @@ class GroupTopK:
         rank = torch.arange(len(g_sorted), device=g_sorted.device) - first
         keep = rank < k
         sel, g_keep, r_keep = order[keep], g_sorted[keep], rank[keep]
+        if self.extra is not None:  # gathered before the kept slots are overwritten below
+            all_e = torch.cat([self.extra[touched].flatten(0, 1), extra[entering]])
+            self.extra[g_keep, r_keep] = all_e[sel]
         self.scores[g_keep, r_keep] = all_s[sel]
         self.payload[g_keep, r_keep] = all_p[sel]
         self.values[g_keep, r_keep] = all_v[sel]
@@ -63,23 +72,6 @@ class FeatureStats:
         self.count.index_add_(0, features, torch.ones_like(features))
         self.total.index_add_(0, features, values.double())
         self.max.scatter_reduce_(0, features, values.float(), reduce="amax")
-
-
-def per_image_entries(indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, tokens_per_image: int, d_sae: int):
-    """Sparse codes of ``len(rows) * tokens_per_image`` vectors -> firing entries per image.
-
-    An image's activation of a feature is its maximum over the image's tokens. Returns
-    ``(image_rows, features, values)`` with values > 0, one entry per (image, feature).
-    """
-    img = rows.repeat_interleave(tokens_per_image)[:, None].expand_as(indices)
-    fired = values > 0
-    img, feat, val = img[fired], indices[fired], values[fired]
-    if tokens_per_image == 1:
-        return img, feat, val
-    key = img * d_sae + feat
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    best = torch.zeros(len(uniq), dtype=val.dtype, device=val.device).scatter_reduce_(0, inverse, val, reduce="amax", include_self=False)
-    return uniq // d_sae, uniq % d_sae, best
 
 
 def sample_priority(image_rows: np.ndarray, features: np.ndarray, seed: int) -> np.ndarray:

@@ -26,8 +26,9 @@ from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.sae.model import TopKSAE
 from clipscope.thumbnails import ensure_thumbnail
+from clipscope.token_maps import per_image_entries, quantise
 from worker.context import Context
-from worker.precompute.accumulate import FeatureStats, GroupTopK, log_histogram, per_image_entries, sample_priority
+from worker.precompute.accumulate import FeatureStats, GroupTopK, log_histogram, sample_priority
 from worker.precompute.neighbours import decoder_neighbours
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     n, t, d_sae = cache.n_images, cache.tokens_per_image, sae.d_sae
     acts = cache.activations()
     stats = FeatureStats(d_sae, device)
-    top = GroupTopK(d_sae, pc.top_k, device)
+    # Over several tokens an image's top examples also keep where in it the feature fired (token maps).
+    top = GroupTopK(d_sae, pc.top_k, device, extra=t if t > 1 else 0)
     per_batch = max(1, pc.batch_size // t)
     spill_dir.mkdir(parents=True, exist_ok=True)
     chunks: list[Path] = []
@@ -73,9 +75,13 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
         x = torch.from_numpy(np.asarray(acts[start:end], dtype=np.float32).reshape(-1, cache.d)).to(device)
         code = sae.encode(x)
         rows = torch.arange(start, end, device=device)
-        img, feat, val = per_image_entries(code.indices, code.values, rows, t, d_sae)
+        if t > 1:
+            img, feat, val, token_map = per_image_entries(code.indices, code.values, rows, t, d_sae, maps=True)
+            top.update(feat, val, img, val, quantise(token_map, val))
+        else:
+            img, feat, val = per_image_entries(code.indices, code.values, rows, t, d_sae)
+            top.update(feat, val, img, val)
         stats.update(feat, val)
-        top.update(feat, val, img, val)
         path = spill_dir / f"entries_{len(chunks):06d}.npz"
         np.savez(path, img=img.cpu().numpy().astype(np.int32), feat=feat.cpu().numpy().astype(np.int32), val=val.float().cpu().numpy())
         chunks.append(path)
@@ -198,9 +204,11 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
 
 def _example_rows(sae_id: int, tb: FeatureTables, row_to_id: dict[int, int], n_int: int, per_interval: int):
     top_p, top_v = tb.top.payload.tolist(), tb.top.values.tolist()
+    maps = tb.top.extra.numpy() if tb.top.extra is not None else None
     for f, (rows, vals) in enumerate(zip(top_p, top_v)):
         for rank, (r, v) in enumerate((r, v) for r, v in zip(rows, vals) if r >= 0):
-            yield {"sae_id": sae_id, "feature": f, "bucket": -1, "rank": rank, "image_id": row_to_id[r], "activation": v}
+            token_map = maps[f, rank].tobytes() if maps is not None else None
+            yield {"sae_id": sae_id, "feature": f, "bucket": -1, "rank": rank, "image_id": row_to_id[r], "activation": v, "token_map": token_map}
     if not n_int:
         return
     s_p = tb.samples.payload.view(-1, n_int, per_interval).tolist()
@@ -209,7 +217,7 @@ def _example_rows(sae_id: int, tb: FeatureTables, row_to_id: dict[int, int], n_i
         for b in range(n_int):
             picked = sorted(((v, r) for r, v in zip(s_p[f][b], s_v[f][b]) if r >= 0), reverse=True)
             for rank, (v, r) in enumerate(picked):
-                yield {"sae_id": sae_id, "feature": f, "bucket": b, "rank": rank, "image_id": row_to_id[r], "activation": v}
+                yield {"sae_id": sae_id, "feature": f, "bucket": b, "rank": rank, "image_id": row_to_id[r], "activation": v, "token_map": None}
 
 
 def _upsert_images(session, infos: list[dict]) -> dict[tuple[str, int], int]:

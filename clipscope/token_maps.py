@@ -1,0 +1,107 @@
+"""Where on an image a feature fires: its activation on each token an SAE reads, laid out as patches.
+
+An SAE over the ``patches`` or ``all`` tokens codes every token of an image, and an image's
+activation of a feature is its maximum over them. The per-token values (a *token map*) show where
+in the image the feature fires. ViT-B/32 at 224 x 224 has 7 x 7 patches in row-major order after
+the CLS token; in ``all`` mode the map's first value is the CLS token's, which has no place.
+
+Stored maps are one byte per token, the fraction of the image's activation
+(``round(255 * value / activation)``): a heatmap needs no more, and a feature's twelve top images
+cost 12 x 49 bytes. A page draws one as a veil over the image (``veil_data_uri``): clear where the
+feature fires at the image's maximum, darkest where it does not fire.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+VEIL_RGB = (17, 24, 39)
+VEIL_ALPHA = 215
+"""Opacity (of 255) of the veil over a patch where the feature does not fire; a patch at the image's maximum is clear."""
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """How a token map is laid out: ``side`` x ``side`` patches starting at token ``offset``."""
+
+    side: int
+    offset: int
+
+    def patches(self, token_map: Sequence[float]) -> list[float]:
+        return list(token_map[self.offset : self.offset + self.side * self.side])
+
+
+def patch_grid(tokens: str, n_tokens: int) -> PatchGrid | None:
+    """The patch layout of an SAE's token maps, or None when its tokens have no place (CLS only)."""
+    if tokens == "cls":
+        return None
+    offset = 1 if tokens == "all" else 0
+    side = math.isqrt(max(n_tokens - offset, 0))
+    if side == 0 or side * side != n_tokens - offset:
+        return None
+    return PatchGrid(side, offset)
+
+
+def per_image_entries(indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, tokens_per_image: int, d_sae: int, maps: bool = False):
+    """Sparse codes of ``len(rows) * tokens_per_image`` vectors -> firing entries per image.
+
+    An image's activation of a feature is its maximum over the image's tokens. Returns
+    ``(image_rows, features, values)`` with values > 0, one entry per (image, feature), and with
+    ``maps`` a fourth tensor ``[entries, tokens_per_image]``: each entry's activation on every
+    token of its image (0 where the feature did not fire).
+    """
+    t = tokens_per_image
+    img = rows.repeat_interleave(t)[:, None].expand_as(indices)
+    fired = values > 0
+    img, feat, val = img[fired], indices[fired], values[fired]
+    if t == 1:
+        return (img, feat, val, val[:, None].clone()) if maps else (img, feat, val)
+    key = img * d_sae + feat
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    best = torch.zeros(len(uniq), dtype=val.dtype, device=val.device).scatter_reduce_(0, inverse, val, reduce="amax", include_self=False)
+    if not maps:
+        return uniq // d_sae, uniq % d_sae, best
+    token = torch.arange(len(rows) * t, device=val.device).remainder(t)[:, None].expand_as(indices)[fired]
+    token_map = torch.zeros(len(uniq), t, dtype=val.dtype, device=val.device)
+    token_map[inverse, token] = val  # a token's code names each feature once, so no two writes meet
+    return uniq // d_sae, uniq % d_sae, best, token_map
+
+
+def quantise(maps: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """``[n, tokens]`` activations and each row's maximum ``[n]`` -> uint8 fractions (255 = the maximum)."""
+    frac = maps / activation.clamp_min(torch.finfo(maps.dtype).tiny)[:, None]
+    return (frac.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def fractions(stored: bytes) -> list[float]:
+    """A stored token map as fractions of the image's activation."""
+    return [b / 255 for b in stored]
+
+
+def veil_image(fractions_: Sequence[float], tokens: str) -> Image.Image | None:
+    """A ``side x side`` RGBA image to lay over the image, scaled without smoothing; None when the
+    SAE's tokens have no place on the image."""
+    grid = patch_grid(tokens, len(fractions_))
+    if grid is None:
+        return None
+    alpha = bytes(round(VEIL_ALPHA * (1 - min(max(f, 0.0), 1.0))) for f in grid.patches(fractions_))
+    veil = Image.new("RGBA", (grid.side, grid.side), (*VEIL_RGB, 0))
+    veil.putalpha(Image.frombytes("L", (grid.side, grid.side), alpha))
+    return veil
+
+
+def veil_data_uri(fractions_: Sequence[float], tokens: str) -> str | None:
+    """``veil_image`` as a PNG ``data:`` URL, for a page to lay over a thumbnail."""
+    veil = veil_image(fractions_, tokens)
+    if veil is None:
+        return None
+    buf = io.BytesIO()
+    veil.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
