@@ -56,9 +56,11 @@ def test_parallel_gradient_removal_leaves_only_orthogonal_components():
     x_hat, _ = sae(x)
     (x_hat - x).pow(2).sum().backward()
     assert sae.W_dec.grad.abs().sum() > 0
+    before = sae.W_dec.grad.norm(dim=1)
     sae.remove_parallel_decoder_grad_()
-    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)
-    torch.testing.assert_close(parallel, torch.zeros(64), atol=1e-5, rtol=0)
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(dim=1)  # rows are unit norm: the component left along each
+    # float32 leaves a residue proportional to the gradient's size (it was up to 1.8e-5 absolute on some draws)
+    torch.testing.assert_close(parallel / before.clamp_min(1e-12), torch.zeros(64), atol=1e-6, rtol=0)
 
 
 def test_tied_init_sets_decoder_to_normalised_encoder_transpose():
