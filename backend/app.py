@@ -24,6 +24,7 @@ from backend.services.analyze import Analyzer
 from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
 from clipscope.settings import Settings, get_settings
+from clipscope.token_maps import veil_data_uri
 
 FRONTEND = Path(__file__).resolve().parents[1] / "frontend"
 HTMX = "vendor/htmx-2.0.11.min.js"
@@ -51,7 +52,8 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
-        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES
+        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES,
+        veil=veil_data_uri,
     )
     app.state.templates = templates
     if settings.auth == "password":

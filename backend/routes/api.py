@@ -137,4 +137,4 @@ async def analyze_upload(request: Request, sae, file: UploadFile) -> Analysis:
 async def api_analyze(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500)) -> dict[str, Any]:
     require_ready(sae)
     analysis = await analyze_upload(request, sae, file)
-    return rank_features(session, sae, analysis.activations, limit=limit)
+    return rank_features(session, sae, analysis, limit=limit)

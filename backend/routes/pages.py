@@ -19,6 +19,7 @@ from backend.services.features import FeatureQuery, feature_detail, list_feature
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage
+from clipscope.token_maps import veil_image
 from clipscope.thumbnails import png_data_uri
 
 router = APIRouter(include_in_schema=False)
@@ -132,7 +133,10 @@ def save_label_form(
 
 
 @router.get("/saes/{sae}/features/{idx}/collage.png")
-def collage(request: Request, sae: SaeDep, idx: int, session: SessionDep):
+def collage(
+    request: Request, sae: SaeDep, idx: int, session: SessionDep,
+    veil: bool = Query(True, description="Veil each image where the feature does not fire (SAEs over patch tokens)."),
+):
     require_ready(sae)
     require_feature(sae, idx)
     detail = feature_detail(session, sae, idx)
@@ -144,6 +148,7 @@ def collage(request: Request, sae: SaeDep, idx: int, session: SessionDep):
         [data_dir / e["thumbnail"].lstrip("/") for e in detail["top"]],
         [e["activation"] for e in detail["top"]],
         title=f"{sae.key} feature {idx}",
+        veils=[veil_image(e["token_map"], sae.tokens) if veil and e["token_map"] else None for e in detail["top"]],
     )
     return FileResponse(path, media_type="image/png", filename=f"{sae.key}-feature-{idx}.png")
 
@@ -161,7 +166,7 @@ async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file:
         analysis = await analyze_upload(request, sae, file)
     except HTTPException as exc:
         return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None, error=exc.detail)
-    result = rank_features(session, sae, analysis.activations)
+    result = rank_features(session, sae, analysis)
     view = analysis.model_view
     return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename,
                   model_view={"src": png_data_uri(view), "width": view.width, "height": view.height})

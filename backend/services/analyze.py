@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,31 @@ from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
+from clipscope.token_maps import per_image_entries
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 
 
 @dataclass
 class Analysis:
-    """One analysed image: the features that fire, and the model input it became."""
+    """One analysed image: the features that fire, where they fire, and the model input it became."""
 
     activations: dict[int, float]
     """``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
     model_view: Image.Image
     """What CLIP saw: the resized, cropped image (normalisation undone)."""
+    token_maps: torch.Tensor | None = None
+    """``[len(activations), tokens]``, rows in the order of ``activations``: each firing feature's
+    activation on every token the SAE reads; None for a CLS-only SAE."""
+    _rows: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+
+    def token_map(self, feature: int) -> list[float] | None:
+        """``feature``'s activation on each token as fractions of its activation on the image (as stored for top examples)."""
+        if self.token_maps is None or feature not in self.activations:
+            return None
+        if not self._rows:
+            self._rows = {f: i for i, f in enumerate(self.activations)}
+        return (self.token_maps[self._rows[feature]] / self.activations[feature]).tolist()
 
 
 class _Loaded:
@@ -72,17 +85,18 @@ class Analyzer:
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
         b, t, d = resid.shape
         code = loaded.sae.encode(resid.reshape(b * t, d).float())
-        out: list[dict[int, float]] = [{} for _ in range(b)]
-        for row, (idx, val) in enumerate(zip(code.indices.cpu().tolist(), code.values.cpu().tolist())):
-            acts = out[row // t]
-            for f, v in zip(idx, val):
-                if v > 0 and v > acts.get(f, 0.0):
-                    acts[f] = v
-        return [Analysis(acts, view) for acts, view in zip(out, loaded.preprocess.pixels(batch))]
+        img, feat, val, maps = (x.cpu() for x in per_image_entries(code.indices, code.values, torch.arange(b, device=code.indices.device), t, loaded.sae.d_sae, maps=True))
+        out = []
+        for row, view in enumerate(loaded.preprocess.pixels(batch)):
+            mine = img == row
+            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if t > 1 else None))
+        return out
 
 
-def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int = 30, strip: int = 6) -> dict[str, Any]:
-    """The firing features ranked by activation and by activation relative to the feature's own maximum."""
+def rank_features(session: Session, sae: Sae, analysis: Analysis, limit: int = 30, strip: int = 6) -> dict[str, Any]:
+    """The firing features ranked by activation and by activation relative to the feature's own maximum,
+    each with where on the image it fires (``token_map``, None for a CLS-only SAE)."""
+    acts = analysis.activations
     ids = list(acts)
     stats, labels = maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids)  # plain rows, no JSON columns
     entries = []
@@ -95,4 +109,5 @@ def rank_features(session: Session, sae: Sae, acts: dict[int, float], limit: int
     strips = top_examples(session, sae.id, sorted({e["index"] for e in by_act + by_rel}), limit=strip)
     for e in by_act + by_rel:
         e["examples"] = strips.get(e["index"], [])
+        e["token_map"] = analysis.token_map(e["index"])
     return {"n_active": len(entries), "by_activation": by_act, "by_relative": by_rel}

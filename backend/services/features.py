@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from backend.services.feature_order import FeatureOrders
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae
+from clipscope.token_maps import fractions
 
 
 class FeatureQuery(BaseModel):
@@ -44,7 +45,7 @@ LABEL_COLUMNS = (Label.feature, Label.text, Label.category, Label.author, Label.
 
 
 EXAMPLE_COLUMNS = (
-    FeatureExample.feature, FeatureExample.rank, FeatureExample.bucket, FeatureExample.activation,
+    FeatureExample.feature, FeatureExample.rank, FeatureExample.bucket, FeatureExample.activation, FeatureExample.token_map,
     Image.id.label("image_id"), Image.thumbnail, Image.dataset, Image.split, Image.index, Image.class_name,
 )
 """An example as plain columns: rows come back as tuples, without building two ORM objects each."""
@@ -111,10 +112,11 @@ def label_dict(label: Label | None) -> dict[str, Any] | None:
 
 
 def _example(row) -> dict[str, Any]:
-    _feature, rank, bucket, activation, image_id, thumbnail, dataset, split, index, class_name = row  # unpacking: 3x faster than attributes
+    _feature, rank, bucket, activation, token_map, image_id, thumbnail, dataset, split, index, class_name = row  # unpacking: 3x faster than attributes
     return {
         "rank": rank, "bucket": bucket, "activation": activation, "image_id": image_id, "thumbnail": "/" + thumbnail,
         "dataset": dataset, "split": split, "index": index, "class_name": class_name,
+        "token_map": fractions(token_map) if token_map is not None else None,
     }
 
 

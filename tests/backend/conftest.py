@@ -30,6 +30,16 @@ def web_data(tmp_path_factory):
     return settings, trained.sae_key
 
 
+@pytest.fixture(scope="session")
+def patch_web_data(tmp_path_factory):
+    """Like ``web_data``, for an SAE over the 49 patch tokens: its top examples keep token maps."""
+    data_dir = tmp_path_factory.mktemp("patch-web") / "data"
+    settings = Settings(data_dir=data_dir, device="cpu", num_workers=0, progress=False, allow_downloads=False)
+    config = {**TINY, "name": "patches", "model": {**TINY["model"], "tokens": "patches"}}
+    trained = run_all(Context(settings), parse_config(config))
+    return settings, trained.sae_key
+
+
 def copy_database(settings, dst) -> str:
     """A consistent copy (WAL included) of the ready SQLite database; returns its URL."""
     import sqlite3
