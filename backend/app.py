@@ -24,7 +24,7 @@ from backend.services.analyze import Analyzer
 from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
 from clipscope.settings import Settings, get_settings
-from clipscope.token_maps import veil_data_uri
+from clipscope.token_maps import occlusion_veil_data_uri, veil_data_uri
 
 FRONTEND = Path(__file__).resolve().parents[1] / "frontend"
 HTMX = "vendor/htmx-2.0.11.min.js"
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
         version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES,
-        veil=veil_data_uri,
+        veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri,
     )
     app.state.templates = templates
     if settings.auth == "password":

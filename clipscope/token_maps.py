@@ -85,6 +85,27 @@ def fractions(stored: bytes) -> list[float]:
     return [b / 255 for b in stored]
 
 
+def occlusions(image: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """``[3, H, W]`` model input -> ``[patches, 3, H, W]``: patch ``p`` (row-major) set to 0 in copy ``p``.
+
+    0 in the normalised input is the normalisation's mean colour, so each copy shows the model the
+    image with one patch greyed out: the classic occlusion test of where a response comes from.
+    """
+    ph, pw = patch
+    rows, cols = image.shape[1] // ph, image.shape[2] // pw
+    out = image.expand(rows * cols, *image.shape).clone()
+    for p in range(rows * cols):
+        r, c = divmod(p, cols)
+        out[p, :, r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = 0
+    return out
+
+
+def relative_drops(drops: Sequence[float]) -> list[float]:
+    """Occlusion drops scaled so the largest is 1 (rises count as 0): what a veil over them shows."""
+    top = max(max(drops, default=0.0), 0.0)
+    return [max(d, 0.0) / top if top > 0 else 0.0 for d in drops]
+
+
 def veil_image(fractions_: Sequence[float], tokens: str) -> Image.Image | None:
     """A ``side x side`` RGBA image to lay over the image, scaled without smoothing; None when the
     SAE's tokens have no place on the image."""
@@ -105,3 +126,8 @@ def veil_data_uri(fractions_: Sequence[float], tokens: str) -> str | None:
     buf = io.BytesIO()
     veil.save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def occlusion_veil_data_uri(drops: Sequence[float]) -> str | None:
+    """The veil of an occlusion map (one drop per patch, row-major): clear where greying a patch lowers the feature most."""
+    return veil_data_uri(relative_drops(drops), "patches")

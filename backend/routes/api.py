@@ -110,7 +110,14 @@ async def api_import(request: Request, sae: SaeDep, session: SessionDep, file: U
         raise HTTPException(400, str(exc)) from None
 
 
-async def analyze_upload(request: Request, sae, file: UploadFile) -> Analysis:
+OCCLUDE_HELP = (
+    "Also grey out each 32 x 32 patch of the model input in turn and report how much that lowers each feature "
+    "(occlusion_map: one fraction of the feature's activation per patch, row-major; negative where it rises). "
+    "One more forward pass per patch (49 for ViT-B/32)."
+)
+
+
+async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool = False) -> Analysis:
     """Check and decode the upload, queue it for analysis, and wait for its result.
 
     Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400
@@ -125,7 +132,7 @@ async def analyze_upload(request: Request, sae, file: UploadFile) -> Analysis:
     except BadUpload as exc:
         raise HTTPException(exc.status, str(exc)) from None
     try:
-        future = request.app.state.analysis.submit(sae, image)
+        future = request.app.state.analysis.submit(sae, image, occlude)
     except PoolFull:
         raise HTTPException(503, "The analyzer is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
     return await asyncio.wrap_future(future)
@@ -134,7 +141,10 @@ async def analyze_upload(request: Request, sae, file: UploadFile) -> Analysis:
 @router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image",
              responses={413: {"description": "Too large"}, 415: {"description": "Not an accepted image format"},
                         400: {"description": "Empty, truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
-async def api_analyze(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500)) -> dict[str, Any]:
+async def api_analyze(
+    request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500),
+    occlude: bool = Query(False, description=OCCLUDE_HELP),
+) -> dict[str, Any]:
     require_ready(sae)
-    analysis = await analyze_upload(request, sae, file)
+    analysis = await analyze_upload(request, sae, file, occlude)
     return rank_features(session, sae, analysis, limit=limit)

@@ -160,13 +160,14 @@ def analyze_form(request: Request, sae: SaeDep):
 
 
 @router.post("/saes/{sae}/analyze", response_class=HTMLResponse, dependencies=[CsrfForm])
-async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...)):
+async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), occlude: bool = Form(False)):
     require_ready(sae)
     try:
-        analysis = await analyze_upload(request, sae, file)
+        analysis = await analyze_upload(request, sae, file, occlude)
     except HTTPException as exc:
-        return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None, error=exc.detail)
+        return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
+                      error=exc.detail, occlude=occlude)
     result = rank_features(session, sae, analysis)
     view = analysis.model_view
-    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename,
+    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename, occlude=occlude,
                   model_view={"src": png_data_uri(view), "width": view.width, "height": view.height})

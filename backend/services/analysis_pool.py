@@ -26,6 +26,7 @@ class PoolFull(Exception):
 class _Job:
     sae: Sae
     image: Image.Image
+    occlude: bool = False
     future: Future = field(default_factory=Future)
 
 
@@ -36,9 +37,9 @@ class AnalysisPool:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, sae: Sae, image: Image.Image) -> Future:
+    def submit(self, sae: Sae, image: Image.Image, occlude: bool = False) -> Future:
         """A future of the image's :class:`~backend.services.analyze.Analysis`; raises :class:`PoolFull` at once when full."""
-        job = _Job(sae, image)
+        job = _Job(sae, image, occlude)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -60,12 +61,12 @@ class AnalysisPool:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            by_sae: dict[str, list[_Job]] = {}
+            by_sae: dict[tuple[str, bool], list[_Job]] = {}
             for job in jobs:
-                by_sae.setdefault(job.sae.key, []).append(job)
+                by_sae.setdefault((job.sae.key, job.occlude), []).append(job)
             for group in by_sae.values():
                 try:
-                    results = self.analyzer.analyse(group[0].sae, [j.image for j in group])
+                    results = self.analyzer.analyse(group[0].sae, [j.image for j in group], occlude=group[0].occlude)
                 except Exception as exc:  # delivered to each waiting request, which reports it
                     for j in group:
                         j.future.set_exception(exc)

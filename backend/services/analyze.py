@@ -19,7 +19,7 @@ from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
-from clipscope.token_maps import per_image_entries
+from clipscope.token_maps import occlusions, per_image_entries
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 
@@ -35,15 +35,28 @@ class Analysis:
     token_maps: torch.Tensor | None = None
     """``[len(activations), tokens]``, rows in the order of ``activations``: each firing feature's
     activation on every token the SAE reads; None for a CLS-only SAE."""
+    occluded: torch.Tensor | None = None
+    """With occlusion asked for, ``[len(activations), patches]``: each firing feature's activation on
+    the image with one patch greyed out (``clipscope.token_maps.occlusions``, row-major); else None."""
     _rows: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+
+    def _row(self, feature: int) -> int:
+        if not self._rows:
+            self._rows = {f: i for i, f in enumerate(self.activations)}
+        return self._rows[feature]
 
     def token_map(self, feature: int) -> list[float] | None:
         """``feature``'s activation on each token as fractions of its activation on the image (as stored for top examples)."""
         if self.token_maps is None or feature not in self.activations:
             return None
-        if not self._rows:
-            self._rows = {f: i for i, f in enumerate(self.activations)}
-        return (self.token_maps[self._rows[feature]] / self.activations[feature]).tolist()
+        return (self.token_maps[self._row(feature)] / self.activations[feature]).tolist()
+
+    def occlusion_map(self, feature: int) -> list[float] | None:
+        """How much greying out each patch lowers ``feature``, as fractions of its activation (negative: it rises)."""
+        if self.occluded is None or feature not in self.activations:
+            return None
+        act = self.activations[feature]
+        return ((act - self.occluded[self._row(feature)].double()) / act).tolist()
 
 
 class _Loaded:
@@ -77,25 +90,47 @@ class Analyzer:
                 self._cache.popitem(last=False)
         return loaded
 
-    @torch.inference_mode()
-    def analyse(self, sae: Sae, images: list[Image.Image]) -> list[Analysis]:
-        """Each image's firing features and model input, in one batch through CLIP and the SAE."""
-        loaded = self._get(sae)
-        batch = loaded.preprocess(images, self.device)
+    def _entries(self, loaded: _Loaded, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``per_image_entries`` (with token maps) of a preprocessed batch, on the CPU, and the tokens per image."""
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
         b, t, d = resid.shape
         code = loaded.sae.encode(resid.reshape(b * t, d).float())
-        img, feat, val, maps = (x.cpu() for x in per_image_entries(code.indices, code.values, torch.arange(b, device=code.indices.device), t, loaded.sae.d_sae, maps=True))
+        rows = torch.arange(b, device=code.indices.device)
+        return (*(x.cpu() for x in per_image_entries(code.indices, code.values, rows, t, loaded.sae.d_sae, maps=True)), t)
+
+    def _occluded(self, loaded: _Loaded, image: torch.Tensor, features: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """``[len(features), patches]``: each of ``features``' activation with each patch greyed out."""
+        variants = occlusions(image, tuple(loaded.clip.visual.patch_size))
+        out = torch.zeros(len(variants), len(features))
+        if not len(features):
+            return out.T.contiguous()
+        known, column = features.sort()
+        for start in range(0, len(variants), chunk):
+            img, feat, val, _, _ = self._entries(loaded, variants[start : start + chunk])
+            at = torch.searchsorted(known, feat).clamp(max=len(known) - 1)
+            ours = known[at] == feat  # features that do not fire on the whole image are not asked about
+            out[img[ours] + start, column[at[ours]]] = val[ours]
+        return out.T.contiguous()
+
+    @torch.inference_mode()
+    def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False) -> list[Analysis]:
+        """Each image's firing features and model input, in one batch through CLIP and the SAE; with
+        ``occlude``, also each feature's activation with each patch greyed out (one more pass per patch)."""
+        loaded = self._get(sae)
+        batch = loaded.preprocess(images, self.device)
+        img, feat, val, maps, t = self._entries(loaded, batch)
         out = []
         for row, view in enumerate(loaded.preprocess.pixels(batch)):
             mine = img == row
-            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if t > 1 else None))
+            occluded = self._occluded(loaded, batch[row], feat[mine]) if occlude else None
+            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if t > 1 else None, occluded))
         return out
 
 
 def rank_features(session: Session, sae: Sae, analysis: Analysis, limit: int = 30, strip: int = 6) -> dict[str, Any]:
     """The firing features ranked by activation and by activation relative to the feature's own maximum,
-    each with where on the image it fires (``token_map``, None for a CLS-only SAE)."""
+    each with where on the image it fires (``token_map``, None for a CLS-only SAE) and, when occlusion
+    was asked for, how much greying out each patch lowers it (``occlusion_map``)."""
     acts = analysis.activations
     ids = list(acts)
     stats, labels = maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids)  # plain rows, no JSON columns
@@ -110,4 +145,5 @@ def rank_features(session: Session, sae: Sae, analysis: Analysis, limit: int = 3
     for e in by_act + by_rel:
         e["examples"] = strips.get(e["index"], [])
         e["token_map"] = analysis.token_map(e["index"])
+        e["occlusion_map"] = analysis.occlusion_map(e["index"])
     return {"n_active": len(entries), "by_activation": by_act, "by_relative": by_rel}

@@ -100,3 +100,38 @@ def test_the_collage_of_a_patch_sae_is_veiled_unless_asked_not_to_be(patch_web, 
         expected = plain[y, x] + (np.array(VEIL_RGB) - plain[y, x]) * round(VEIL_ALPHA * (1 - frac)) / 255
         assert np.abs(veiled[y, x] - expected).max() <= 2, f"patch {p} (fraction {frac:.2f})"
     assert (veiled != plain).any()
+
+
+def test_occlusion_maps_each_feature_by_greying_out_each_patch(web, web_data):
+    """A CLS-only SAE sees no location, so where a feature comes from is measured: each patch of the model
+    input greyed out in turn (0 after normalisation), the feature's drop as a fraction of its activation."""
+    client, key = web
+    settings = web_data[0]
+    plain = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}).json()
+    assert all(e["occlusion_map"] is None for e in plain["by_activation"])
+    body = client.post(f"/api/saes/{key}/analyze?occlude=true", files={"file": ("x.png", _png(), "image/png")}).json()
+    assert [e["index"] for e in body["by_activation"]] == [e["index"] for e in plain["by_activation"]]
+    from clipscope.clip.hooks import residual_at
+    from clipscope.clip.loading import load_clip
+    from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+    from clipscope.config import ModelConfig
+    from clipscope.sae.io import load_sae
+
+    cfg = ModelConfig(pretrained="none", layer=10)
+    sae, _ = load_sae(settings.data_dir / "saes" / key / "sae")
+    image = build_transform(preprocess_descriptor(cfg))(Image.open(io.BytesIO(_png())).convert("RGB"))
+    greyed = image.repeat(49, 1, 1, 1)
+    for p in range(49):
+        r, c = divmod(p, 7)
+        greyed[p, :, 32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)] = 0
+    with torch.no_grad():
+        dense = sae.encode(residual_at(load_clip(cfg).visual, greyed, 10)[:, 0]).to_dense()  # [49, d_sae]
+    moved = False
+    for e in body["by_activation"]:
+        expected = (e["activation"] - dense[:, e["index"]].double()) / e["activation"]
+        np.testing.assert_allclose(e["occlusion_map"], expected.numpy(), atol=1e-4)
+        moved |= bool(expected.abs().max() > 1e-3)
+    assert moved, "greying out patches moves some feature"
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}, data=with_token(client, occlude="true"))
+    assert page.text.count('class="veil occlusion"') == len(body["by_activation"]) + len(body["by_relative"])
+    assert 'name="occlude" value="true" checked' in page.text

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipscope.token_maps import VEIL_ALPHA, PatchGrid, fractions, patch_grid, per_image_entries, quantise, veil_data_uri
+from clipscope.token_maps import (
+    VEIL_ALPHA, PatchGrid, fractions, occlusions, patch_grid, per_image_entries, quantise, relative_drops, veil_data_uri,
+)
 
 
 def test_an_images_activation_is_its_maximum_over_tokens():
@@ -51,3 +53,19 @@ def test_the_veil_is_clear_where_the_feature_fires_most_and_skips_cls():
     veil = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGBA"))
     assert veil[..., 3].tolist() == [[0, VEIL_ALPHA], [round(0.75 * VEIL_ALPHA), round(0.5 * VEIL_ALPHA)]]
     assert veil_data_uri([1.0], "cls") is None
+
+
+def test_each_occlusion_greys_out_one_patch_in_row_major_order():
+    image = torch.arange(3 * 4 * 6, dtype=torch.float32).view(3, 4, 6) + 1  # 2 x 3 patches of 2 x 2
+    copies = occlusions(image, (2, 2))
+    assert copies.shape == (6, 3, 4, 6)
+    for p in range(6):
+        r, c = divmod(p, 3)
+        zeroed = copies[p] == 0
+        assert zeroed[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].all() and int(zeroed.sum()) == 3 * 4
+    assert torch.equal(image, torch.arange(3 * 4 * 6, dtype=torch.float32).view(3, 4, 6) + 1), "the input is left alone"
+
+
+def test_occlusion_drops_are_shown_relative_to_the_largest_and_rises_as_none():
+    assert relative_drops([0.5, -0.2, 0.25, 0.0]) == [1.0, 0.0, 0.5, 0.0]
+    assert relative_drops([-0.1, 0.0]) == [0.0, 0.0]
