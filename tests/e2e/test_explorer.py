@@ -90,6 +90,18 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     assert "features fire on" in page.content()
     shot(page, "5-analyze")
 
+    page.set_input_files("input[type=file]", str(image))
+    page.check("input[name=occlude]")
+    page.click("#analyze-form button")
+    page.wait_for_selector(".analyze-by_activation .veil.occlusion", timeout=120_000)
+    tile = page.locator(".analyze-by_activation figure.yours").first
+    veil, upload = tile.locator(".veil").bounding_box(), tile.locator(".upload").bounding_box()
+    assert all(abs(veil[k] - upload[k]) <= 1 for k in ("x", "y", "width", "height")), "the veil lies exactly over the upload"
+    assert tile.locator(".veil").evaluate("v => getComputedStyle(v).opacity") == "1"
+    tile.hover()
+    page.wait_for_function("v => getComputedStyle(v).opacity === '0'", arg=tile.locator(".veil").element_handle(), timeout=5_000)
+    shot(page, "5b-analyze-occlusion")
+
     phone = browser.new_page(viewport={"width": 390, "height": 844})
     phone.goto(f"{base}/saes/{key}/features/{idx}")
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
