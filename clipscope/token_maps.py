@@ -106,21 +106,21 @@ def relative_drops(drops: Sequence[float]) -> list[float]:
     return [max(d, 0.0) / top if top > 0 else 0.0 for d in drops]
 
 
-def veil_image(fractions_: Sequence[float], tokens: str) -> Image.Image | None:
-    """A ``side x side`` RGBA image to lay over the image, scaled without smoothing; None when the
-    SAE's tokens have no place on the image."""
-    grid = patch_grid(tokens, len(fractions_))
+def veil_image(token_map: Sequence[float], tokens: str) -> Image.Image | None:
+    """A ``side x side`` RGBA image to lay over the image (scaled without smoothing) from a token map of
+    fractions (clamped to 0..1): clear at 1, darkest at 0; None when the SAE's tokens have no place on the image."""
+    grid = patch_grid(tokens, len(token_map))
     if grid is None:
         return None
-    alpha = bytes(round(VEIL_ALPHA * (1 - min(max(f, 0.0), 1.0))) for f in grid.patches(fractions_))
+    alpha = bytes(round(VEIL_ALPHA * (1 - min(max(f, 0.0), 1.0))) for f in grid.patches(token_map))
     veil = Image.new("RGBA", (grid.side, grid.side), (*VEIL_RGB, 0))
     veil.putalpha(Image.frombytes("L", (grid.side, grid.side), alpha))
     return veil
 
 
-def veil_data_uri(fractions_: Sequence[float], tokens: str) -> str | None:
+def veil_data_uri(token_map: Sequence[float], tokens: str) -> str | None:
     """``veil_image`` as a PNG ``data:`` URL, for a page to lay over a thumbnail."""
-    veil = veil_image(fractions_, tokens)
+    veil = veil_image(token_map, tokens)
     if veil is None:
         return None
     buf = io.BytesIO()
