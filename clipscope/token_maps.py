@@ -49,29 +49,54 @@ def patch_grid(tokens: str, n_tokens: int) -> PatchGrid | None:
     return PatchGrid(side, offset)
 
 
+@dataclass
+class TokenValues:
+    """A batch's firing (token, feature) codes, each pointing at its (image, feature) entry: enough to
+    build the token map of any entry without building them all."""
+
+    entry: torch.Tensor
+    token: torch.Tensor
+    value: torch.Tensor
+    n_entries: int
+    tokens_per_image: int
+
+    def maps(self, selected: torch.Tensor | None = None) -> torch.Tensor:
+        """``[entries, tokens_per_image]`` (only the ``selected`` entries, a bool mask, when given): each
+        entry's activation on every token of its image, 0 where the feature did not fire."""
+        entry, token, value = self.entry, self.token, self.value
+        n = self.n_entries
+        if selected is not None:
+            position = torch.full((self.n_entries,), -1, dtype=torch.long, device=entry.device)
+            n = int(selected.sum())
+            position[selected] = torch.arange(n, device=entry.device)
+            entry = position[entry]
+            kept = entry >= 0
+            entry, token, value = entry[kept], token[kept], value[kept]
+        out = torch.zeros(n, self.tokens_per_image, dtype=value.dtype, device=value.device)
+        out[entry, token] = value  # a token's code names each feature once, so no two writes meet
+        return out
+
+
 def per_image_entries(indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, tokens_per_image: int, d_sae: int, maps: bool = False):
     """Sparse codes of ``len(rows) * tokens_per_image`` vectors -> firing entries per image.
 
     An image's activation of a feature is its maximum over the image's tokens. Returns
     ``(image_rows, features, values)`` with values > 0, one entry per (image, feature), and with
-    ``maps`` a fourth tensor ``[entries, tokens_per_image]``: each entry's activation on every
-    token of its image (0 where the feature did not fire).
+    ``maps`` a fourth item, the :class:`TokenValues` that build the entries' token maps.
     """
     t = tokens_per_image
     img = rows.repeat_interleave(t)[:, None].expand_as(indices)
     fired = values > 0
     img, feat, val = img[fired], indices[fired], values[fired]
+    token = torch.arange(len(rows) * t, device=val.device).remainder(t)[:, None].expand_as(indices)[fired] if maps else None
     if t == 1:
-        return (img, feat, val, val[:, None].clone()) if maps else (img, feat, val)
+        return (img, feat, val, TokenValues(torch.arange(len(val), device=val.device), token, val, len(val), 1)) if maps else (img, feat, val)
     key = img * d_sae + feat
     uniq, inverse = torch.unique(key, return_inverse=True)
     best = torch.zeros(len(uniq), dtype=val.dtype, device=val.device).scatter_reduce_(0, inverse, val, reduce="amax", include_self=False)
     if not maps:
         return uniq // d_sae, uniq % d_sae, best
-    token = torch.arange(len(rows) * t, device=val.device).remainder(t)[:, None].expand_as(indices)[fired]
-    token_map = torch.zeros(len(uniq), t, dtype=val.dtype, device=val.device)
-    token_map[inverse, token] = val  # a token's code names each feature once, so no two writes meet
-    return uniq // d_sae, uniq % d_sae, best, token_map
+    return uniq // d_sae, uniq % d_sae, best, TokenValues(inverse, token, val, len(uniq), t)
 
 
 def quantise(maps: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,8 @@ class Analyzer:
         b, t, d = resid.shape
         code = loaded.sae.encode(resid.reshape(b * t, d).float())
         rows = torch.arange(b, device=code.indices.device)
-        return (*(x.cpu() for x in per_image_entries(code.indices, code.values, rows, t, loaded.sae.d_sae, maps=True)), t)
+        img, feat, val, tokens = per_image_entries(code.indices, code.values, rows, t, loaded.sae.d_sae, maps=True)
+        return img.cpu(), feat.cpu(), val.cpu(), tokens.maps().cpu(), t
 
     def _occluded(self, loaded: _Loaded, image: torch.Tensor, features: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """``[len(features), patches]``: each of ``features``' activation with each patch greyed out."""

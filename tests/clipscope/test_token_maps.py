@@ -24,13 +24,16 @@ def test_an_images_activation_is_its_maximum_over_tokens():
 def test_each_entry_keeps_its_activation_on_every_token():
     indices = torch.tensor([[0, 1], [1, 2], [0, 2], [3, 1], [2, 0], [0, 3]])  # 2 images x 3 tokens, k = 2
     values = torch.tensor([[1.0, 2.0], [5.0, 0.0], [0.5, 0.25], [0.0, 0.0], [3.0, 0.0], [0.75, 0.125]])
-    img, feat, val, maps = per_image_entries(indices, values, torch.tensor([10, 11]), 3, 4, maps=True)
+    img, feat, val, tokens = per_image_entries(indices, values, torch.tensor([10, 11]), 3, 4, maps=True)
+    maps = tokens.maps()
     got = {(i, f): (v, m) for i, f, v, m in zip(img.tolist(), feat.tolist(), val.tolist(), maps.tolist())}
     assert got == {
         (10, 0): (1.0, [1.0, 0.0, 0.5]), (10, 1): (5.0, [2.0, 5.0, 0.0]), (10, 2): (0.25, [0.0, 0.0, 0.25]),
         (11, 0): (0.75, [0.0, 0.0, 0.75]), (11, 2): (3.0, [0.0, 3.0, 0.0]), (11, 3): (0.125, [0.0, 0.0, 0.125]),
     }
-    assert per_image_entries(indices[:2], values[:2], torch.tensor([7]), 1, 4, maps=True)[3].tolist() == [[1.0], [2.0], [5.0]]
+    some = torch.tensor([False, True, False, True, True, False])
+    assert tokens.maps(some).tolist() == maps[some].tolist(), "the maps of some entries, built alone"
+    assert per_image_entries(indices[:2], values[:2], torch.tensor([7]), 1, 4, maps=True)[3].maps().tolist() == [[1.0], [2.0], [5.0]]
 
 
 @pytest.mark.parametrize(("tokens", "n", "grid"), [

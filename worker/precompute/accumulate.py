@@ -24,6 +24,10 @@ class GroupTopK:
         self.values = torch.zeros((n_groups, k), dtype=torch.float32, device=device)
         self.extra = torch.zeros((n_groups, k, extra), dtype=torch.uint8, device=device) if extra else None
 
+    def entering(self, groups: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Which entries could enter their group's top k now (an equal score loses to the one kept)."""
+        return scores.double() > self.scores[groups, -1]
+
     @torch.no_grad()
     def update(
         self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor, values: torch.Tensor, extra: torch.Tensor | None = None
@@ -34,7 +38,7 @@ class GroupTopK:
         if (extra is None) != (self.extra is None):
             raise ValueError("extra bytes must be given exactly when the accumulator keeps them")
         scores = scores.double()
-        entering = scores > self.scores[groups, -1]
+        entering = self.entering(groups, scores)
         groups, scores, payload, values = groups[entering], scores[entering], payload[entering], values[entering]
         if groups.numel() == 0:
             return
@@ -66,6 +70,10 @@ class FeatureStats:
         self.count = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.total = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.max = torch.zeros(d_sae, dtype=torch.float32, device=device)
+
+    def entering(self, groups: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Which entries could enter their group's top k now (an equal score loses to the one kept)."""
+        return scores.double() > self.scores[groups, -1]
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, values: torch.Tensor) -> None:

@@ -75,9 +75,10 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
         x = torch.from_numpy(np.asarray(acts[start:end], dtype=np.float32).reshape(-1, cache.d)).to(device)
         code = sae.encode(x)
         rows = torch.arange(start, end, device=device)
-        if t > 1:
-            img, feat, val, token_map = per_image_entries(code.indices, code.values, rows, t, d_sae, maps=True)
-            top.update(feat, val, img, val, quantise(token_map, val))
+        if t > 1:  # token maps only for the entries that enter a top k: once it fills, a few thousand a batch
+            img, feat, val, tokens = per_image_entries(code.indices, code.values, rows, t, d_sae, maps=True)
+            enter = top.entering(feat, val)
+            top.update(feat[enter], val[enter], img[enter], val[enter], quantise(tokens.maps(enter), val[enter]))
         else:
             img, feat, val = per_image_entries(code.indices, code.values, rows, t, d_sae)
             top.update(feat, val, img, val)
