@@ -206,6 +206,11 @@ class PrecomputeConfig(_Strict):
     histogram_range: float = Field(1000.0, gt=1, description="Ratio between the histogram's last and first edge.")
     dense_threshold: float = Field(0.1, gt=0, le=1, description="Features firing on more than this share of images are flagged dense.")
     neighbours: int = Field(10, ge=0, description="Nearest features by decoder cosine similarity.")
+    top_classes: int = Field(
+        5, ge=0, le=100,
+        description="Dataset classes listed per feature: those holding most of the images it fires on, each with "
+        "its share of them and the share of the class's images it fires on (0 = none; unlabelled images count in no class).",
+    )
     thumbnail_size: int = Field(160, ge=16, description="Side of the square WebP thumbnails (centre crop, as CLIP sees the image).")
     batch_size: int = Field(512, ge=1, description="Activation vectors encoded per batch (bounds the memory).")
     seed: int = Field(0, description="Seed of the interval sampling.")

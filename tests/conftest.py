@@ -39,14 +39,15 @@ def random_clip():
     return load_clip(ModelConfig(pretrained="none"), "cpu")
 
 
-def array_cache(root: Path, acts: np.ndarray, name: str = "planted", tokens: str = "cls") -> ActivationCache:
-    """An activation cache holding ``acts [n, d]`` (one token per image) or ``[n, tokens, d]``, as extraction would write it."""
+def array_cache(root: Path, acts: np.ndarray, name: str = "planted", tokens: str = "cls", labels: np.ndarray | None = None) -> ActivationCache:
+    """An activation cache holding ``acts [n, d]`` (one token per image) or ``[n, tokens, d]``, and class
+    ``labels`` (default: all class 0), as extraction would write it."""
     acts = acts[:, None, :] if acts.ndim == 2 else acts
     n, t, d = acts.shape
     key = {"dataset": {"dataset": name}, "split": "train", "layer": 0, "tokens": tokens, "weights": {"source": "test"}}
     cache = ActivationCache.create_or_open(root, key, n, t, d, np.arange(n))
     writer = cache.writer()
-    writer.write(acts.astype(np.float16), np.zeros(n, dtype=np.int64))
+    writer.write(acts.astype(np.float16), np.zeros(n, dtype=np.int64) if labels is None else labels.astype(np.int64))
     writer.commit()
     return cache
 

@@ -158,6 +158,11 @@ class Feature(Base):
     histogram: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Log-spaced bins: edges, counts, and 'below' the first edge.")
     intervals: Mapped[list[Any]] = mapped_column(JSON, doc="[{lo, hi, count, share}] of the activation intervals sampled.")
     neighbours: Mapped[list[Any]] = mapped_column(JSON, doc="[[feature, cosine], ...] nearest by decoder direction.")
+    classes: Mapped[list[Any] | None] = mapped_column(
+        JSON, nullable=True,
+        doc="[{label, name, count, share, of_class, mean}, ...]: the dataset classes holding most of the images it fires on "
+        "(share = of its firing images, of_class = of the class's images, mean = mean activation there); null without classes.",
+    )
 
 
 class FeatureExample(Base):

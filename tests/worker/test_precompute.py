@@ -16,7 +16,7 @@ from worker.train.loop import train
 
 N, D, D_SAE, K = 240, 16, 40, 6
 PC = PrecomputeConfig(top_k=12, intervals=3, per_interval=2, histogram_bins=8, histogram_range=100.0, neighbours=5,
-                      thumbnail_size=32, batch_size=50, dense_threshold=0.3)
+                      thumbnail_size=32, batch_size=50, dense_threshold=0.3, top_classes=3)
 
 
 def test_group_topk_streamed_in_chunks_equals_a_full_sort():
@@ -83,7 +83,8 @@ def trained(db_ctx):
     """A small trained SAE over random activations of N synthetic images, and its dataset."""
     rng = np.random.default_rng(1)
     acts = rng.normal(size=(N, D)) + rng.gamma(1.0, 1.0, size=(N, D))
-    cache = array_cache(db_ctx.layout.activations, acts)
+    labels = rng.integers(-1, 4, N)  # four classes, and some images without one
+    cache = array_cache(db_ctx.layout.activations, acts, labels=labels)
     cfg = parse_config({"name": "pc", "sae": {"d_sae": D_SAE, "k": K}, "train": {"epochs": 2, "batch_size": 32, "holdout_fraction": 0.1}})
     result = train(db_ctx, cfg, cache)
     sae, _ = load_sae(result.sae_dir)
@@ -108,7 +109,7 @@ def _rows(url, sae_key):
             .where(FeatureExample.sae_id == sae_id)
             .order_by(FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
         ).all()
-        feat_rows = [(f.idx, f.n_active, f.frequency, f.mean_active, f.max_activation, f.is_dead, f.is_dense, f.histogram, f.intervals, f.neighbours) for f in feats]
+        feat_rows = [(f.idx, f.n_active, f.frequency, f.mean_active, f.max_activation, f.is_dead, f.is_dense, f.histogram, f.intervals, f.neighbours, f.classes) for f in feats]
         n_images = s.scalar(select(func.count()).select_from(Image))
         return feat_rows, [tuple(e) for e in examples], n_images
 
@@ -119,11 +120,18 @@ def test_top_examples_and_statistics_equal_brute_force(trained):
     assert not result.reused and result.n_features == D_SAE and result.n_images == N
     z = _dense_codes(sae, cache)  # [N, D_SAE]
     feats, examples, _ = _rows(ctx.database_url, key)
-    for f, n_active, freq, mean_active, maximum, dead, dense, hist, intervals, _ in feats:
+    labels = cache.labels()
+    for f, n_active, freq, mean_active, maximum, dead, dense, hist, intervals, _, classes in feats:
         col = z[:, f]
         fired = col[col > 0]
         assert n_active == len(fired) and freq == pytest.approx(len(fired) / N)
         assert dead == (len(fired) == 0) and dense == (len(fired) / N > PC.dense_threshold)
+        fired_labels = labels[col > 0]
+        by_class = sorted(((-int((fired_labels == c).sum()), c) for c in range(4) if (fired_labels == c).any()))[: PC.top_classes]
+        assert [(e["label"], e["name"], e["count"]) for e in classes] == [(c, dataset.classes[c], -n) for n, c in by_class]
+        for e in classes:
+            assert e["share"] == pytest.approx(e["count"] / len(fired)) and e["of_class"] == pytest.approx(e["count"] / (labels == e["label"]).sum())
+            assert e["mean"] == pytest.approx(col[(col > 0) & (labels == e["label"])].astype(np.float64).mean(), rel=1e-6)
         if len(fired) == 0:
             continue
         assert maximum == pytest.approx(fired.max(), rel=1e-6)

@@ -5,8 +5,12 @@ Memory is bounded by the number of features times the slots kept, never by image
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class GroupTopK:
@@ -80,6 +84,59 @@ class FeatureStats:
         self.count.index_add_(0, features, torch.ones_like(features))
         self.total.index_add_(0, features, values.double())
         self.max.scatter_reduce_(0, features, values.float(), reduce="amax")
+
+
+class ClassCounts:
+    """Per feature and dataset class: the images it fires on and their activation sum (pass 2).
+
+    Dense ``[d_sae, classes]`` (12 bytes a cell: 60 MB for Food-101's 101 classes at 49,152 features).
+    """
+
+    def __init__(self, labels: torch.Tensor, n_classes: int, d_sae: int, device: str | torch.device = "cpu"):
+        self.labels = labels.to(device)
+        self.n_classes = n_classes
+        self.class_sizes = torch.bincount(labels[labels >= 0], minlength=n_classes).to(device)
+        self.count = torch.zeros(d_sae * n_classes, dtype=torch.int32, device=device)
+        self.total = torch.zeros(d_sae * n_classes, dtype=torch.float64, device=device)
+
+    MAX_CELLS = 200_000_000
+    """About 2.4 GB; beyond it (e.g. 4,000+ classes at 49,152 features) the breakdown is skipped."""
+
+    @classmethod
+    def for_labels(cls, labels: torch.Tensor, d_sae: int, device: str | torch.device = "cpu") -> "ClassCounts | None":
+        """None when no image has a class, or when the table would not fit ``MAX_CELLS``."""
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        if n_classes * d_sae > cls.MAX_CELLS:
+            log.warning("per-class counts skipped: %d classes x %d features is over %d cells", n_classes, d_sae, cls.MAX_CELLS)
+            return None
+        return cls(labels, n_classes, d_sae, device) if n_classes > 0 else None
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> None:
+        label = self.labels[images]
+        known = label >= 0
+        cell = features[known] * self.n_classes + label[known]
+        self.count.index_add_(0, cell, torch.ones_like(cell, dtype=torch.int32))
+        self.total.index_add_(0, cell, values[known].double())
+
+    def top(self, k: int, names: list[str], n_active: torch.Tensor) -> list[list[dict]]:
+        """Per feature, the ``k`` classes holding most of its firing images (ties: lower class index first);
+        shares are of all ``n_active`` images it fires on, unlabelled ones included."""
+        count = self.count.view(-1, self.n_classes).long()
+        total = self.total.view(-1, self.n_classes)
+        fired = n_active.tolist()
+        k = min(k, self.n_classes)
+        order = torch.argsort(-count, dim=1, stable=True)[:, :k]
+        top_count, top_total = count.gather(1, order).tolist(), total.gather(1, order).tolist()
+        sizes = self.class_sizes.tolist()
+        out = []
+        for f, classes in enumerate(order.tolist()):
+            out.append([
+                {"label": c, "name": names[c] if c < len(names) else str(c), "count": n, "share": n / fired[f],
+                 "of_class": n / sizes[c], "mean": t / n}
+                for c, n, t in zip(classes, top_count[f], top_total[f]) if n > 0
+            ])
+        return out
 
 
 def sample_priority(image_rows: np.ndarray, features: np.ndarray, seed: int) -> np.ndarray:

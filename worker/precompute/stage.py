@@ -28,7 +28,7 @@ from clipscope.sae.model import TopKSAE
 from clipscope.thumbnails import ensure_thumbnail
 from clipscope.token_maps import per_image_entries, quantise
 from worker.context import Context
-from worker.precompute.accumulate import FeatureStats, GroupTopK, log_histogram, sample_priority
+from worker.precompute.accumulate import ClassCounts, FeatureStats, GroupTopK, log_histogram, sample_priority
 from worker.precompute.neighbours import decoder_neighbours
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class FeatureTables:
     interval_counts: torch.Tensor  # [d_sae, intervals]
     neighbour_idx: torch.Tensor
     neighbour_cos: torch.Tensor
+    classes: ClassCounts | None = None
 
 
 @torch.no_grad()
@@ -92,12 +93,15 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     below = torch.zeros(d_sae, dtype=torch.long, device=device)
     int_counts = torch.zeros(d_sae * max(n_int, 1), dtype=torch.long, device=device)
     samples = GroupTopK(d_sae * max(n_int, 1), pc.per_interval, device)
+    classes = ClassCounts.for_labels(torch.from_numpy(np.array(cache.labels())), d_sae, device) if pc.top_classes else None
     top_keys = torch.sort((torch.arange(d_sae, device=device)[:, None] * n + top.payload)[top.payload >= 0]).values
     for path in chunks:
         with np.load(path) as z:
             img = torch.from_numpy(z["img"].astype(np.int64)).to(device)
             feat = torch.from_numpy(z["feat"].astype(np.int64)).to(device)
             val = torch.from_numpy(z["val"]).to(device)
+        if classes is not None:
+            classes.update(img, feat, val)
         b = log_histogram(feat, val, stats.max, bins, pc.histogram_range)
         below.index_add_(0, feat[b < 0], torch.ones_like(feat[b < 0]))
         hist.index_add_(0, (feat * bins + b)[b >= 0], torch.ones_like(feat[b >= 0]))
@@ -112,12 +116,12 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     shutil.rmtree(spill_dir, ignore_errors=True)
     nb_idx, nb_cos = decoder_neighbours(sae.W_dec, pc.neighbours) if pc.neighbours else (torch.empty(d_sae, 0), torch.empty(d_sae, 0))
     cpu = lambda x: x.cpu()  # noqa: E731
-    for acc in (stats, top, samples):
+    for acc in (a for a in (stats, top, samples, classes) if a is not None):
         for name, value in vars(acc).items():
             if isinstance(value, torch.Tensor):
                 setattr(acc, name, cpu(value))
     return FeatureTables(
-        n, stats, top, samples, cpu(hist.view(d_sae, bins)), cpu(below), cpu(int_counts.view(d_sae, -1)), cpu(nb_idx), cpu(nb_cos)
+        n, stats, top, samples, cpu(hist.view(d_sae, bins)), cpu(below), cpu(int_counts.view(d_sae, -1)), cpu(nb_idx), cpu(nb_cos), classes
     )
 
 
@@ -169,6 +173,7 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
     count, total, maxima = tb.stats.count.tolist(), tb.stats.total.tolist(), tb.stats.max.tolist()
     hist, below, icounts = tb.hist_counts.tolist(), tb.hist_below.tolist(), tb.interval_counts.tolist()
     nb_idx, nb_cos = tb.neighbour_idx.tolist(), tb.neighbour_cos.tolist()
+    top_classes = tb.classes.top(pc.top_classes, dataset.classes, tb.stats.count) if tb.classes is not None else [None] * d_sae
     ratio = pc.histogram_range
     features = []
     for f in range(d_sae):
@@ -182,6 +187,7 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
             "histogram": {"edges": edges, "counts": hist[f] if m > 0 else [], "below": below[f]},
             "intervals": [{"lo": lo, "hi": hi, "count": icounts[f][i], "share": shares[i]} for i, (lo, hi) in enumerate(_interval_bounds(m, n_int))] if m > 0 else [],
             "neighbours": [[nb_idx[f][j], round(nb_cos[f][j], 6)] for j in range(len(nb_idx[f]))],
+            "classes": top_classes[f],
         })
     with session_scope(ctx.database_url) as s:
         image_ids = _upsert_images(s, list(thumbs.values()))
