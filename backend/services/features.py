@@ -40,7 +40,7 @@ LIST_COLUMNS = (Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_a
 """What a list row shows: the JSON columns (histogram, intervals, neighbours) stay unread."""
 
 
-DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours)
+DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours, Feature.classes)
 LABEL_COLUMNS = (Label.feature, Label.text, Label.category, Label.author, Label.revision, Label.updated_at)
 
 
@@ -149,6 +149,7 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
     return {
         **feature_stats(f),
         "histogram": f.histogram,
+        "classes": f.classes or [],
         "top": top,
         "intervals": list(reversed(intervals)),  # highest interval first
         "neighbours": [{"index": n, "cosine": c, "label": label_dict(labels.get(n))} for n, c in f.neighbours],

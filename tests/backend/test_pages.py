@@ -88,6 +88,19 @@ def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
     assert client.get("/saes/nope/features/1").status_code == 404
 
 
+def test_feature_page_lists_the_classes_it_fires_on(web):
+    """The synthetic images have classes ("red circle", ...): the page shows the feature's leading ones."""
+    client, key = web
+    idx = client.get(f"/api/saes/{key}/features", params={"sort": "frequency", "order": "desc", "per_page": 1}).json()["features"][0]["index"]
+    data = client.get(f"/api/saes/{key}/features/{idx}").json()
+    classes = data["classes"]
+    assert 0 < len(classes) <= 5 and sum(c["count"] for c in classes) <= data["n_active"]
+    assert [c["count"] for c in classes] == sorted((c["count"] for c in classes), reverse=True)
+    page = client.get(f"/saes/{key}/features/{idx}").text
+    rows = re.findall(r"<tr><td>([^<]+)</td><td><span class=\"share\"[^>]*></span>([\d.]+) % \((\d+)\)</td>", page)
+    assert rows == [(c["name"], f"{100 * c['share']:.1f}", str(c["count"])) for c in classes]
+
+
 def test_a_dead_features_page_offers_no_collage_to_download(web):
     client, key = web
     dead = client.get(f"/api/saes/{key}/features", params={"dead": "only", "per_page": 1}).json()["features"][0]["index"]
