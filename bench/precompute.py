@@ -24,14 +24,14 @@ sys.path.insert(0, str(ROOT))
 def make_cache(root: Path, n: int, d: int, seed: int = 0):
     from clipscope.activation_cache import ActivationCache
 
-    key = {"dataset": {"dataset": "bench"}, "split": "train", "layer": 10, "tokens": "cls", "n": n, "seed": seed}
+    key = {"dataset": {"dataset": "bench"}, "split": "train", "layer": 10, "tokens": "cls", "n": n, "seed": seed, "classes": 101}
     cache = ActivationCache.create_or_open(root, key, n, 1, d, np.arange(n))
     if not cache.complete:
         rng = np.random.default_rng(seed)
         writer = cache.writer()
         for start in range(0, n, 8192):
             m = min(8192, n - start)
-            writer.write((rng.normal(size=(m, 1, d)) + 0.5).astype(np.float16), np.zeros(m, dtype=np.int64))
+            writer.write((rng.normal(size=(m, 1, d)) + 0.5).astype(np.float16), rng.integers(0, 101, m))  # Food-101's classes
         writer.commit()
     return cache
 
