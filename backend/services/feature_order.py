@@ -54,6 +54,11 @@ class FeatureOrders:
         return ids
 
 
+def _like_escaped(text: str) -> str:
+    """Lower-cased, with LIKE's wildcards escaped: a search matches its text literally."""
+    return text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def label_join():
     return and_(Label.sae_id == Feature.sae_id, Label.feature == Feature.idx)
 
@@ -70,18 +75,22 @@ def ordering(sae: Sae, query: FeatureQuery):
         if query.category:
             stmt = stmt.where(Label.category == query.category)
         if query.q:
-            escaped = query.q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            stmt = stmt.where(func.lower(Label.text).like(f"%{escaped}%", escape="\\"))
+            stmt = stmt.where(func.lower(Label.text).like(f"%{_like_escaped(query.q)}%", escape="\\"))
     for flag, column in (("dead", Feature.is_dead), ("dense", Feature.is_dense)):
         choice = getattr(query, flag)
         if choice != "any":
             stmt = stmt.where(column.is_(choice == "only"))
+    if query.top_class:
+        stmt = stmt.where(func.lower(Feature.top_class).like(f"%{_like_escaped(query.top_class)}%", escape="\\"))
     if query.min_freq is not None:
         stmt = stmt.where(Feature.frequency >= query.min_freq)
     if query.max_freq is not None:
         stmt = stmt.where(Feature.frequency <= query.max_freq)
-    column = {"index": Feature.idx, "frequency": Feature.frequency, "max": Feature.max_activation, "label": func.lower(Label.text)}[query.sort]
+    column = {
+        "index": Feature.idx, "frequency": Feature.frequency, "max": Feature.max_activation, "label": func.lower(Label.text),
+        "class_share": Feature.top_class_share,
+    }[query.sort]
     ordered = column.desc() if query.order == "desc" else column.asc()
-    if query.sort == "label":
+    if query.sort in ("label", "class_share"):
         ordered = ordered.nulls_last()
     return stmt.order_by(ordered, Feature.idx)

@@ -19,7 +19,9 @@ class FeatureQuery(BaseModel):
 
     page: int = Field(1, ge=1, le=1_000_000, description="1-based page number.")
     per_page: int = Field(50, ge=1, le=500, description="Features per page.")
-    sort: Literal["index", "frequency", "max", "label"] = Field("index", description="Sort key.")
+    sort: Literal["index", "frequency", "max", "label", "class_share"] = Field(
+        "index", description="Sort key; class_share: the share of a feature's firing images in its leading class (how class-pure it is)."
+    )
     order: Literal["asc", "desc"] = Field("asc", description="Sort direction.")
     labelled: Literal["any", "yes", "no"] = Field("any", description="Only labelled, only unlabelled, or both.")
     category: Literal["", "semantic", "visual", "noise", "unclear"] = Field("", description="Label category.")
@@ -28,6 +30,9 @@ class FeatureQuery(BaseModel):
     min_freq: float | None = Field(None, ge=0, le=1, description="Lowest firing frequency.")
     max_freq: float | None = Field(None, ge=0, le=1, description="Highest firing frequency.")
     q: str = Field("", max_length=200, description="Case-insensitive substring of the label text.")
+    top_class: str = Field(
+        "", max_length=200, description="Case-insensitive substring of the feature's leading class (the class holding most of the images it fires on)."
+    )
 
     @field_validator("min_freq", "max_freq", mode="before")
     @classmethod
@@ -36,7 +41,10 @@ class FeatureQuery(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
 
-LIST_COLUMNS = (Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense)
+LIST_COLUMNS = (
+    Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense,
+    Feature.top_class, Feature.top_class_share,
+)
 """What a list row shows: the JSON columns (histogram, intervals, neighbours) stay unread."""
 
 
@@ -99,6 +107,7 @@ def feature_stats(f: Feature) -> dict[str, Any]:
     return {
         "index": f.idx, "frequency": f.frequency, "n_active": f.n_active, "mean_active": f.mean_active,
         "max_activation": f.max_activation, "is_dead": f.is_dead, "is_dense": f.is_dense,
+        "top_class": f.top_class, "top_class_share": f.top_class_share,
     }
 
 

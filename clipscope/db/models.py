@@ -145,6 +145,7 @@ class Feature(Base):
         Index("ix_features_sae_frequency", "sae_id", "frequency", "idx"),  # covering: pages are found in the index
         Index("ix_features_sae_max", "sae_id", "max_activation", "idx"),
         Index("ix_features_sae_flags", "sae_id", "is_dead", "is_dense"),
+        Index("ix_features_sae_class_share", "sae_id", "top_class_share", "idx"),
     )
 
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
@@ -158,6 +159,8 @@ class Feature(Base):
     histogram: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Log-spaced bins: edges, counts, and 'below' the first edge.")
     intervals: Mapped[list[Any]] = mapped_column(JSON, doc="[{lo, hi, count, share}] of the activation intervals sampled.")
     neighbours: Mapped[list[Any]] = mapped_column(JSON, doc="[[feature, cosine], ...] nearest by decoder direction.")
+    top_class: Mapped[str | None] = mapped_column(String(128), nullable=True, doc="Name of the class holding most of the images it fires on.")
+    top_class_share: Mapped[float | None] = mapped_column(Float, nullable=True, doc="That class's share of the images it fires on.")
     classes: Mapped[list[Any] | None] = mapped_column(
         JSON, nullable=True,
         doc="[{label, name, count, share, of_class, mean}, ...]: the dataset classes holding most of the images it fires on "

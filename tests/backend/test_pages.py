@@ -88,6 +88,22 @@ def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
     assert client.get("/saes/nope/features/1").status_code == 404
 
 
+def test_the_list_filters_by_leading_class_and_sorts_by_its_share(web):
+    client, key = web
+    everything = client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]
+    leading = [f for f in everything if f["top_class"]]
+    assert leading and all(0 < f["top_class_share"] <= 1 for f in leading)
+    word = leading[0]["top_class"].split()[-1]  # a shape, e.g. "circle": several colours share it
+    api = lambda **q: client.get(f"/api/saes/{key}/features", params={"per_page": 64, **q}).json()["features"]  # noqa: E731
+    assert [f["index"] for f in api(top_class=word.upper())] == [f["index"] for f in everything if word in (f["top_class"] or "")]
+    assert api(top_class="_%") == [], "LIKE wildcards are literal"
+    shares = [f["top_class_share"] for f in api(sort="class_share", order="desc")]
+    known = [x for x in shares if x is not None]
+    assert known == sorted(known, reverse=True) and shares == known + [None] * (len(shares) - len(known)), "no class last"
+    page = client.get(f"/saes/{key}/features", params={"top_class": word}).text
+    assert f'name="top_class" value="{word}"' in page and page.count('class="top-class"') == len(api(top_class=word))
+
+
 def test_feature_page_lists_the_classes_it_fires_on(web):
     """The synthetic images have classes ("red circle", ...): the page shows the feature's leading ones."""
     client, key = web
@@ -273,8 +289,9 @@ def test_an_sae_that_is_not_ready_has_no_feature_pages(web, web_data):
 
 @pytest.mark.parametrize(
     "params",
-    [{}, {"sort": "frequency", "order": "desc"}, {"sort": "max"}, {"dead": "hide", "dense": "hide"}, {"min_freq": 0.1}, {"labelled": "yes"}],
-    ids=["index", "frequency", "max", "flags", "min_freq", "labelled"],
+    [{}, {"sort": "frequency", "order": "desc"}, {"sort": "max"}, {"dead": "hide", "dense": "hide"}, {"min_freq": 0.1}, {"labelled": "yes"},
+     {"sort": "class_share", "order": "desc"}, {"top_class": "red"}],
+    ids=["index", "frequency", "max", "flags", "min_freq", "labelled", "class_share", "top_class"],
 )
 def test_feature_list_queries_use_an_index(web, params):
     """Every statement the list issues is answered through an index (no full scan of features or examples)."""

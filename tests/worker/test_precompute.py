@@ -109,7 +109,7 @@ def _rows(url, sae_key):
             .where(FeatureExample.sae_id == sae_id)
             .order_by(FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
         ).all()
-        feat_rows = [(f.idx, f.n_active, f.frequency, f.mean_active, f.max_activation, f.is_dead, f.is_dense, f.histogram, f.intervals, f.neighbours, f.classes) for f in feats]
+        feat_rows = [(f.idx, f.n_active, f.frequency, f.mean_active, f.max_activation, f.is_dead, f.is_dense, f.histogram, f.intervals, f.neighbours, f.classes, f.top_class, f.top_class_share) for f in feats]
         n_images = s.scalar(select(func.count()).select_from(Image))
         return feat_rows, [tuple(e) for e in examples], n_images
 
@@ -121,7 +121,7 @@ def test_top_examples_and_statistics_equal_brute_force(trained):
     z = _dense_codes(sae, cache)  # [N, D_SAE]
     feats, examples, _ = _rows(ctx.database_url, key)
     labels = cache.labels()
-    for f, n_active, freq, mean_active, maximum, dead, dense, hist, intervals, _, classes in feats:
+    for f, n_active, freq, mean_active, maximum, dead, dense, hist, intervals, _, classes, top_class, top_share in feats:
         col = z[:, f]
         fired = col[col > 0]
         assert n_active == len(fired) and freq == pytest.approx(len(fired) / N)
@@ -129,6 +129,7 @@ def test_top_examples_and_statistics_equal_brute_force(trained):
         fired_labels = labels[col > 0]
         by_class = sorted(((-int((fired_labels == c).sum()), c) for c in range(4) if (fired_labels == c).any()))[: PC.top_classes]
         assert [(e["label"], e["name"], e["count"]) for e in classes] == [(c, dataset.classes[c], -n) for n, c in by_class]
+        assert (top_class, top_share) == ((classes[0]["name"], classes[0]["share"]) if classes else (None, None))
         for e in classes:
             assert e["share"] == pytest.approx(e["count"] / len(fired)) and e["of_class"] == pytest.approx(e["count"] / (labels == e["label"]).sum())
             assert e["mean"] == pytest.approx(col[(col > 0) & (labels == e["label"])].astype(np.float64).mean(), rel=1e-6)
@@ -171,6 +172,18 @@ def test_a_second_run_changes_nothing_and_labels_survive(trained):
     with session_scope(url) as s:
         assert [(lab.text, lab.revision) for lab in s.scalars(select(Label))] == [("red things", 1)]
         assert s.scalar(select(func.count()).select_from(LabelRevision)) == 1
+
+
+def test_a_precompute_of_an_older_format_is_redone_not_reused(trained, monkeypatch):
+    """A database precomputed before the precompute wrote its newer columns gets them on the next run."""
+    import worker.precompute.stage as stage
+
+    ctx, key, sae, cache, dataset, _ = trained
+    with monkeypatch.context() as m:
+        m.setattr(stage, "PRECOMPUTE_FORMAT", stage.PRECOMPUTE_FORMAT - 1)
+        precompute(ctx, key, sae, cache, dataset, PC)
+        assert precompute(ctx, key, sae, cache, dataset, PC).reused
+    assert not precompute(ctx, key, sae, cache, dataset, PC).reused
 
 
 def test_the_sae_is_ready_only_once_the_precompute_committed(trained, monkeypatch):

@@ -125,8 +125,13 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     )
 
 
+PRECOMPUTE_FORMAT = 2
+"""What the precompute writes; raised whenever it writes something new (2: token maps, classes, leading
+class), so a finished precompute of an older format is redone instead of reused."""
+
+
 def precompute_key(sae_key: str, cache: ActivationCache, pc: PrecomputeConfig) -> str:
-    return stable_hash({"sae": sae_key, "cache": cache.path.name, "config": pc.model_dump(mode="json")})
+    return stable_hash({"sae": sae_key, "cache": cache.path.name, "config": pc.model_dump(mode="json"), "format": PRECOMPUTE_FORMAT})
 
 
 def precompute(
@@ -188,6 +193,8 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
             "intervals": [{"lo": lo, "hi": hi, "count": icounts[f][i], "share": shares[i]} for i, (lo, hi) in enumerate(_interval_bounds(m, n_int))] if m > 0 else [],
             "neighbours": [[nb_idx[f][j], round(nb_cos[f][j], 6)] for j in range(len(nb_idx[f]))],
             "classes": top_classes[f],
+            "top_class": top_classes[f][0]["name"] if top_classes[f] else None,
+            "top_class_share": top_classes[f][0]["share"] if top_classes[f] else None,
         })
     with session_scope(ctx.database_url) as s:
         image_ids = _upsert_images(s, list(thumbs.values()))
