@@ -250,3 +250,22 @@ def test_top_examples_of_a_patch_sae_keep_where_the_feature_fired(tmp_path):
     assert checked > D_SAE
     cls = compute(sae, array_cache(tmp_path / "cls", acts[:, 0]), PC, tmp_path / "spill2", "cpu")
     assert cls.top.extra is None
+
+
+def test_token_maps_round_trip_through_the_database(trained):
+    """On both engines (BLOB / BYTEA): each stored top example's map is its activation on every token."""
+    ctx, key, sae, _, dataset, _ = trained
+    acts = np.random.default_rng(4).normal(size=(N, 5, D)).astype(np.float16)
+    cache = array_cache(ctx.layout.activations, acts, name="tokens", tokens="all")
+    precompute(ctx, key, sae, cache, dataset, PC)
+    with torch.no_grad():
+        x = torch.from_numpy(acts.astype(np.float32).reshape(-1, D))
+        z = torch.cat([sae.encode(x[i : i + PC.batch_size]).to_dense() for i in range(0, len(x), PC.batch_size)]).view(N, 5, D_SAE)
+    with session_scope(ctx.database_url) as s:
+        rows = s.execute(select(FeatureExample.feature, FeatureExample.bucket, Image.index, FeatureExample.token_map)
+                         .join(Image, Image.id == FeatureExample.image_id)).all()
+    top = [r for r in rows if r.bucket == -1]
+    assert top and all(r.token_map is None for r in rows if r.bucket >= 0)
+    for feature, _, image, stored in top:
+        tokens = z[image, :, feature]  # the synthetic dataset's index is the cache row
+        assert list(bytes(stored)) == (tokens / tokens.max() * 255).round().to(torch.uint8).tolist()
