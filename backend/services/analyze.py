@@ -90,14 +90,16 @@ class Analyzer:
                 self._cache.popitem(last=False)
         return loaded
 
-    def _entries(self, loaded: _Loaded, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``per_image_entries`` (with token maps) of a preprocessed batch, on the CPU, and the tokens per image."""
+    def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``per_image_entries`` of a preprocessed batch, on the CPU; with ``maps``, also their token maps
+        when the SAE reads several tokens (else None)."""
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
         b, t, d = resid.shape
         code = loaded.sae.encode(resid.reshape(b * t, d).float())
         rows = torch.arange(b, device=code.indices.device)
-        img, feat, val, tokens = per_image_entries(code.indices, code.values, rows, t, loaded.sae.d_sae, maps=True)
-        return img.cpu(), feat.cpu(), val.cpu(), tokens.maps().cpu(), t
+        want = maps and t > 1
+        img, feat, val, *tokens = per_image_entries(code.indices, code.values, rows, t, loaded.sae.d_sae, maps=want)
+        return img.cpu(), feat.cpu(), val.cpu(), tokens[0].maps().cpu() if want else None
 
     def _occluded(self, loaded: _Loaded, image: torch.Tensor, features: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """``[len(features), patches]``: each of ``features``' activation with each patch greyed out."""
@@ -107,7 +109,7 @@ class Analyzer:
             return out.T.contiguous()
         known, column = features.sort()
         for start in range(0, len(variants), chunk):
-            img, feat, val, _, _ = self._entries(loaded, variants[start : start + chunk])
+            img, feat, val, _ = self._entries(loaded, variants[start : start + chunk], maps=False)
             at = torch.searchsorted(known, feat).clamp(max=len(known) - 1)
             ours = known[at] == feat  # features that do not fire on the whole image are not asked about
             out[img[ours] + start, column[at[ours]]] = val[ours]
@@ -119,12 +121,12 @@ class Analyzer:
         ``occlude``, also each feature's activation with each patch greyed out (one more pass per patch)."""
         loaded = self._get(sae)
         batch = loaded.preprocess(images, self.device)
-        img, feat, val, maps, t = self._entries(loaded, batch)
+        img, feat, val, maps = self._entries(loaded, batch, maps=True)
         out = []
         for row, view in enumerate(loaded.preprocess.pixels(batch)):
             mine = img == row
             occluded = self._occluded(loaded, batch[row], feat[mine]) if occlude else None
-            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if t > 1 else None, occluded))
+            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if maps is not None else None, occluded))
         return out
 
 
@@ -142,8 +144,9 @@ def rank_features(session: Session, sae: Sae, analysis: Analysis, limit: int = 3
                         "frequency": stats[f].frequency if f in stats else None, "label": label_dict(labels.get(f))})
     by_act = sorted(entries, key=lambda e: (-e["activation"], e["index"]))[:limit]
     by_rel = sorted((e for e in entries if e["relative"] is not None), key=lambda e: (-e["relative"], e["index"]))[:limit]
-    strips = top_examples(session, sae.id, sorted({e["index"] for e in by_act + by_rel}), limit=strip)
-    for e in by_act + by_rel:
+    shown = {e["index"]: e for e in by_act + by_rel}  # a feature in both rankings is one dict: filled once
+    strips = top_examples(session, sae.id, sorted(shown), limit=strip)
+    for e in shown.values():
         e["examples"] = strips.get(e["index"], [])
         e["token_map"] = analysis.token_map(e["index"])
         e["occlusion_map"] = analysis.occlusion_map(e["index"])
