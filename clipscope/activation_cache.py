@@ -7,7 +7,11 @@ Layout of ``<data_dir>/activations/<name>-<hash>/``:
   recorded progress never runs ahead of the data;
 * ``activations.npy`` - ``float16 [n_images, tokens_per_image, d]``;
 * ``labels.npy`` - ``int64 [n_images]`` class index (-1 = none);
-* ``indices.npy`` - ``int64 [n_images]`` index of each image in its dataset.
+* ``indices.npy`` - ``int64 [n_images]`` index of each image in its dataset;
+* ``image_embeddings.npy`` - ``float32 [n_images, embed_dim]``, optional: each image's unit-norm CLIP
+  image embedding (the whole tower), for automatic feature names. Written with the activations when
+  the cache was laid out with ``embed_dim``, or added to a complete cache by :meth:`add_embeddings`;
+  ``meta["embed_dim"]`` says it is there.
 
 A partial cache resumes at ``n_done``; a complete one is reused as is.
 """
@@ -25,6 +29,7 @@ from clipscope.errors import ClipScopeError
 from clipscope.storage import atomic_write_json, read_json
 
 FORMAT_VERSION = 1
+EMBEDDINGS = "image_embeddings.npy"
 
 
 def cache_dir_for(root: Path, key: dict[str, Any]) -> Path:
@@ -57,11 +62,17 @@ class ActivationCache:
     def d(self) -> int:
         return int(self.meta["d"])
 
+    @property
+    def has_embeddings(self) -> bool:
+        return self.meta.get("embed_dim") is not None
+
     @classmethod
     def create_or_open(
-        cls, root: Path, key: dict[str, Any], n_images: int, tokens_per_image: int, d: int, indices: np.ndarray
+        cls, root: Path, key: dict[str, Any], n_images: int, tokens_per_image: int, d: int, indices: np.ndarray,
+        embed_dim: int | None = None,
     ) -> "ActivationCache":
-        """Open the cache for ``key`` (complete or partial), or lay out a new, empty one."""
+        """Open the cache for ``key`` (complete or partial), or lay out a new, empty one (with image
+        embeddings written alongside when ``embed_dim`` is given; an existing cache keeps its layout)."""
         path = cache_dir_for(root, key)
         if (path / "metadata.json").exists():
             cache = cls.open(path)
@@ -72,6 +83,8 @@ class ActivationCache:
         np.lib.format.open_memmap(path / "activations.npy", mode="w+", dtype=np.float16, shape=(n_images, tokens_per_image, d)).flush()
         np.lib.format.open_memmap(path / "labels.npy", mode="w+", dtype=np.int64, shape=(n_images,)).flush()
         np.save(path / "indices.npy", np.asarray(indices, dtype=np.int64))
+        if embed_dim is not None:
+            np.lib.format.open_memmap(path / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n_images, embed_dim)).flush()
         meta = {
             "format": FORMAT_VERSION,
             "key": _jsonable(key),
@@ -81,6 +94,7 @@ class ActivationCache:
             "dtype": "float16",
             "n_done": 0,
             "complete": False,
+            "embed_dim": embed_dim,
         }
         atomic_write_json(path / "metadata.json", meta)
         return cls(path, meta)
@@ -105,6 +119,21 @@ class ActivationCache:
     def indices(self) -> np.ndarray:
         return np.load(self.path / "indices.npy")
 
+    def embeddings(self) -> np.ndarray | None:
+        """Read-only memory map ``[n_images, embed_dim]`` of unit-norm image embeddings, or None without them."""
+        return np.load(self.path / EMBEDDINGS, mmap_mode="r") if self.has_embeddings else None
+
+    def add_embeddings(self, embeddings: np.ndarray) -> None:
+        """Keep the image embeddings of a complete cache that was extracted without them."""
+        self.require_complete()
+        if embeddings.shape[0] != self.n_images:
+            raise ValueError(f"{embeddings.shape[0]} embeddings for a cache of {self.n_images} images")
+        tmp = self.path / "image_embeddings.tmp.npy"
+        np.save(tmp, np.asarray(embeddings, dtype=np.float32))
+        tmp.replace(self.path / EMBEDDINGS)
+        self.meta = dict(self.meta, embed_dim=int(embeddings.shape[1]))
+        atomic_write_json(self.path / "metadata.json", self.meta)
+
     def require_complete(self) -> "ActivationCache":
         if not self.complete:
             raise ClipScopeError(f"Activation cache {self.path} is incomplete ({self.n_done}/{self.n_images}); run extract.")
@@ -118,17 +147,25 @@ class CacheWriter:
         self.cache = cache
         self.acts = np.load(cache.path / "activations.npy", mmap_mode="r+")
         self.labels = np.load(cache.path / "labels.npy", mmap_mode="r+")
+        self.embeddings = np.load(cache.path / EMBEDDINGS, mmap_mode="r+") if cache.has_embeddings else None
         self.position = cache.n_done
 
-    def write(self, acts: np.ndarray, labels: np.ndarray) -> None:
+    def write(self, acts: np.ndarray, labels: np.ndarray, embeddings: np.ndarray | None = None) -> None:
+        """Append rows; ``embeddings`` exactly when the cache keeps them."""
+        if (embeddings is None) != (self.embeddings is None):
+            raise ValueError("this cache keeps image embeddings: write them with the activations" if embeddings is None else "this cache keeps no image embeddings")
         end = self.position + len(acts)
         self.acts[self.position : end] = acts
         self.labels[self.position : end] = labels
+        if embeddings is not None:
+            self.embeddings[self.position : end] = embeddings
         self.position = end
 
     def commit(self) -> None:
         self.acts.flush()
         self.labels.flush()
+        if self.embeddings is not None:
+            self.embeddings.flush()
         meta = dict(self.cache.meta, n_done=self.position, complete=self.position == self.cache.n_images)
         atomic_write_json(self.cache.path / "metadata.json", meta)
         self.cache.meta = meta

@@ -190,6 +190,37 @@ class EvaluateConfig(_Strict):
     )
 
 
+class NamingConfig(_Strict):
+    """Automatic feature names and coherence scores from CLIP's image-text space (clipscope/naming.py)."""
+
+    enabled: bool = Field(
+        True,
+        description="Embed the precompute images with the full CLIP, then give each feature the vocabulary concept its "
+        "top images match best beyond the average image, and its coherence (how alike CLIP finds its top images). "
+        "Costs one CLIP forward pass over the precompute set (cached beside its activations) and the vocabulary's text encoding.",
+    )
+    vocabulary: str | list[str] = Field(
+        "builtin",
+        description="Candidate names: 'builtin' (about 530 visual concepts: colours, textures, materials, shapes, scenes, "
+        "animals, people, dishes, objects, text and art; clipscope/vocabularies/visual-concepts.txt), a text file "
+        "with one concept per line ('#' comments), or a list.",
+    )
+    dataset_classes: bool = Field(True, description="Add the precompute dataset's class names (Food-101's dishes, CIFAR's classes...) to the candidates.")
+    templates: list[str] = Field(
+        ["a photo of {}.", "a close-up photo of {}.", "{}."],
+        min_length=1,
+        description="Prompt templates each concept is encoded with ('{}' = the concept); the embeddings are averaged.",
+    )
+    candidates: int = Field(3, ge=1, le=20, description="Best concepts kept per feature, with their scores.")
+    batch_size: int = Field(128, ge=1, description="Images per CLIP forward pass while embedding the precompute set.")
+
+    @model_validator(mode="after")
+    def _templates_have_a_slot(self):
+        if any("{}" not in t for t in self.templates):
+            raise ValueError("every naming template needs a '{}' for the concept")
+        return self
+
+
 class PrecomputeConfig(_Strict):
     """Per-feature statistics, examples and neighbours written to the database for the explorer."""
 
@@ -211,6 +242,7 @@ class PrecomputeConfig(_Strict):
         description="Dataset classes listed per feature: those holding most of the images it fires on, each with "
         "its share of them and the share of the class's images it fires on (0 = none; unlabelled images count in no class).",
     )
+    names: NamingConfig = Field(default_factory=NamingConfig, description="Automatic names and coherence scores.")
     thumbnail_size: int = Field(160, ge=16, description="Side of the square WebP thumbnails (centre crop, as CLIP sees the image).")
     batch_size: int = Field(512, ge=1, description="Activation vectors encoded per batch (bounds the memory).")
     seed: int = Field(0, description="Seed of the interval sampling.")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache, cache_dir_for
-from clipscope.clip.hooks import residual_at, token_slice, tokens_per_image
+from clipscope.clip.hooks import continue_from, residual_at, token_slice, tokens_per_image
 from clipscope.clip.loading import LoadedClip, load_clip, weights_identity
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
@@ -45,8 +47,13 @@ def extract(
     spec: DatasetSpec,
     extract_cfg: ExtractConfig,
     clip: LoadedClip | None = None,
+    embeddings: bool = False,
 ) -> ExtractResult:
-    """Extract (or resume, or reuse) the activation cache of ``spec`` at ``model_cfg``'s hook site."""
+    """Extract (or resume, or reuse) the activation cache of ``spec`` at ``model_cfg``'s hook site.
+
+    With ``embeddings``, a new cache also keeps each image's CLIP image embedding (for automatic
+    names): the rest of the tower runs on the hooked stream, one block of twelve at the default site.
+    """
     dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
     descriptor = preprocess_descriptor(model_cfg)
     key = cache_key(model_cfg, dataset.identity(), spec.split)
@@ -60,6 +67,7 @@ def extract(
         tokens_per_image=tokens_per_image(model_cfg.tokens, n_positions),
         d=width,
         indices=dataset.indices,
+        embed_dim=_embed_dim(model_cfg) if embeddings else None,
     )
     if cache.complete:
         log.info("activation cache %s is complete (%d images): reused", cache.path.name, cache.n_images)
@@ -75,7 +83,8 @@ def extract(
 
     def write(batch: _InFlight) -> None:
         nonlocal since_commit
-        writer.write(batch.wait(), batch.labels.numpy().astype(np.int64))
+        acts, embedded = batch.wait()
+        writer.write(acts, batch.labels.numpy().astype(np.int64), embedded)
         since_commit += len(batch.labels)
         if since_commit >= extract_cfg.flush_every:
             writer.commit()
@@ -88,8 +97,11 @@ def extract(
             for images, labels in loader:
                 images = preprocess.to_device(images, ctx.device)
                 with autocast(ctx.device, model_cfg.precision):
-                    resid = residual_at(clip.visual, images, model_cfg.layer)[:, select]
-                queued = _InFlight(resid.to(torch.float16), labels)
+                    stream = residual_at(clip.visual, images, model_cfg.layer)
+                    embedded = continue_from(clip.visual, stream, model_cfg.layer).float() if cache.has_embeddings else None
+                resid = stream[:, select]
+                embedded = torch.nn.functional.normalize(embedded, dim=-1) if embedded is not None else None
+                queued = _InFlight(resid.to(torch.float16), labels, embedded)
                 if in_flight is not None:  # written while the device runs the batch just queued
                     finished, in_flight = in_flight, None  # never written twice, even if writing fails
                     write(finished)
@@ -106,18 +118,20 @@ class _InFlight:
     pass and waited for only after the next batch's forward is queued, so the device keeps working
     while the host writes one batch and prepares the next; elsewhere it is the tensor itself."""
 
-    def __init__(self, acts: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, acts: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor | None = None):
         self.labels = labels
         self.host = acts.to("cpu", non_blocking=True)  # into pinned memory when copied from a GPU
+        self.host_embeddings = embeddings.to("cpu", non_blocking=True) if embeddings is not None else None
         self.done = None
         if acts.is_cuda:
             self.done = torch.cuda.Event()
             self.done.record()
 
-    def wait(self) -> np.ndarray:
+    def wait(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The activations and the image embeddings (None when not kept), once on the host."""
         if self.done is not None:
             self.done.synchronize()
-        return self.host.numpy()
+        return self.host.numpy(), self.host_embeddings.numpy() if self.host_embeddings is not None else None
 
 
 def _vision_cfg(model_cfg: ModelConfig) -> dict:
@@ -133,12 +147,23 @@ def _tower_shape(model_cfg: ModelConfig) -> tuple[int, int]:
     return int(vision.get("width", 768)), grid * grid + 1
 
 
+def _embed_dim(model_cfg: ModelConfig) -> int:
+    import open_clip
+
+    return int((open_clip.get_model_config(model_cfg.name) or {})["embed_dim"])
+
+
 def _n_layers(model_cfg: ModelConfig) -> int:
     return int(_vision_cfg(model_cfg).get("layers", 12))
 
 
+def cache_path(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> Path:
+    """The folder of ``spec``'s cache at this hook site: two specs that select the same images share it."""
+    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
+    return cache_dir_for(ctx.layout.activations, cache_key(model_cfg, dataset.identity(), spec.split))
+
+
 def cache_is_complete(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> bool:
     """Whether ``spec``'s cache at this hook site is already complete (then CLIP need not load)."""
-    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
-    path = cache_dir_for(ctx.layout.activations, cache_key(model_cfg, dataset.identity(), spec.split))
+    path = cache_path(ctx, model_cfg, spec)
     return (path / "metadata.json").is_file() and ActivationCache.open(path).complete

@@ -15,7 +15,8 @@ from clipscope.sae.io import load_sae
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
 from worker.datasets import build_dataset
-from worker.extract import cache_is_complete, extract
+from worker.extract import cache_is_complete, cache_path, extract
+from worker.precompute.naming import Namer
 from worker.precompute.stage import PrecomputeResult, precompute
 from worker.train.loop import TrainResult, train
 
@@ -57,6 +58,7 @@ def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
         specs = {"train": cfg.data, "eval": cfg.train.eval_data, "precompute": cfg.precompute_data}
         caches: dict[str, ActivationCache | None] = {}
         parts, done = [], {}
+        named_cache = cache_path(ctx, cfg.model, cfg.precompute_data) if cfg.precompute.names.enabled else None
         for role, spec in specs.items():
             if spec is None:
                 caches[role] = None
@@ -65,7 +67,8 @@ def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
                 caches[role] = done[spec]
                 continue
             clip = None if cache_is_complete(ctx, cfg.model, spec) else lazy.get()
-            result = extract(ctx, cfg.model, spec, cfg.extract, clip=clip)
+            named = named_cache is not None and cache_path(ctx, cfg.model, spec) == named_cache  # its images' embeddings name the features
+            result = extract(ctx, cfg.model, spec, cfg.extract, clip=clip, embeddings=named)
             caches[role] = done[spec] = result.cache
             verb = f"extracted {result.extracted}" if result.extracted else "reused"
             parts.append(f"{role} {spec.name}/{spec.split}: {verb} ({result.cache.n_images} images -> {result.cache.path.name})")
@@ -106,7 +109,7 @@ def run_precompute(ctx: Context, cfg: RunConfig, caches: Caches | None = None, t
     with stage("precompute") as report:
         sae, _ = load_sae(trained.sae_dir, ctx.device)
         dataset = build_dataset(cfg.precompute_data, ctx.layout.datasets, ctx.settings.allow_downloads)
-        result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute)
+        result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute, namer=Namer(_LazyClip(ctx, cfg).get, cfg.model))
         verb = "reused" if result.reused else "committed"
         report["did"] = (
             f"{verb}: {result.n_features} features over {result.n_images} images, {result.n_examples} examples, "

@@ -146,6 +146,7 @@ class Feature(Base):
         Index("ix_features_sae_max", "sae_id", "max_activation", "idx"),
         Index("ix_features_sae_flags", "sae_id", "is_dead", "is_dense"),
         Index("ix_features_sae_class_share", "sae_id", "top_class_share", "idx"),
+        Index("ix_features_sae_coherence", "sae_id", "coherence", "idx"),
     )
 
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), primary_key=True)
@@ -165,6 +166,14 @@ class Feature(Base):
         JSON, nullable=True,
         doc="[{label, name, count, share, of_class, mean}, ...]: the dataset classes holding most of the images it fires on "
         "(share = of its firing images, of_class = of the class's images, mean = mean activation there); null without classes.",
+    )
+    auto_name: Mapped[str | None] = mapped_column(
+        String(200), nullable=True, doc="Automatic name: the concept its top images match best beyond the average image (clipscope/naming.py); null when none scores above 0."
+    )
+    auto_score: Mapped[float | None] = mapped_column(Float, nullable=True, doc="That concept's score: mean cosine of the top images to it, minus the average image's.")
+    auto_names: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True, doc="[{name, score}, ...]: the best concepts, best first.")
+    coherence: Mapped[float | None] = mapped_column(
+        Float, nullable=True, doc="Mean CLIP cosine between two of its top images minus that between two images of the set; null below two top images."
     )
 
 

@@ -18,7 +18,10 @@ TINY = {
     "sae": {"d_sae": 64, "k": 8},
     "train": {"epochs": 3, "batch_size": 8, "holdout_fraction": 0.2, "log_every": 2, "eval_every": 4},
     "evaluate": {"batch_size": 10, "templates": ["a photo of a {}."], "datasets": [{"name": "synthetic", "split": "test", "synthetic_size": 10, "image_size": 64}]},
-    "precompute": {"top_k": 6, "intervals": 2, "per_interval": 2, "neighbours": 3, "thumbnail_size": 32},
+    "precompute": {
+        "top_k": 6, "intervals": 2, "per_interval": 2, "neighbours": 3, "thumbnail_size": 32,
+        "names": {"vocabulary": ["stripes", "grass", "a circle", "a square", "something red"], "templates": ["a photo of {}."], "batch_size": 16},
+    },
 }
 
 

@@ -72,6 +72,41 @@ def test_a_killed_extraction_resumes_and_ends_equal_to_an_uninterrupted_one(ctx,
 
 
 
+@pytest.mark.slow
+def test_embeddings_are_clips_image_embeddings_and_resume_with_the_activations(ctx, tmp_path, random_clip, monkeypatch):
+    """The rest of the tower run on the hooked stream gives CLIP's own image embedding; a killed run keeps
+    them in step with the activations, and the activations are those of a cache without them."""
+    from tests.conftest import make_context
+    from worker.datasets.synthetic import SyntheticShapes
+
+    plain = extract(make_context(tmp_path / "plain"), MODEL, SPEC, SMALL, clip=random_clip).cache
+    assert not plain.has_embeddings and plain.embeddings() is None
+    reference = extract(make_context(tmp_path / "ref"), MODEL, SPEC, SMALL, clip=random_clip, embeddings=True).cache
+    ds = build_dataset(SPEC, ctx.layout.datasets)
+    images = torch.stack([build_transform(preprocess_descriptor(MODEL))(ds[i][0]) for i in range(10)])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(random_clip.model.encode_image(images), dim=-1)
+    np.testing.assert_allclose(reference.embeddings(), expected.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(reference.activations(), plain.activations())
+    original = SyntheticShapes.__getitem__
+
+    def dies_at_image_6(self, index):
+        if index == 6:
+            raise KeyboardInterrupt("killed")
+        return original(self, index)
+
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", dies_at_image_6)
+    with pytest.raises(KeyboardInterrupt):
+        extract(ctx, MODEL, SPEC, SMALL, clip=random_clip, embeddings=True)
+    monkeypatch.setattr(SyntheticShapes, "__getitem__", original)
+    assert ActivationCache.open(ctx.layout.activations / reference.path.name).n_done == 4
+    resumed = extract(ctx, MODEL, SPEC, SMALL, clip=random_clip, embeddings=True).cache
+    np.testing.assert_array_equal(resumed.embeddings(), reference.embeddings())
+    np.testing.assert_array_equal(resumed.activations(), reference.activations())
+    with pytest.raises(ValueError, match="write them with the activations"):
+        resumed.writer().write(np.zeros((1, 1, 768)), np.zeros(1))
+
+
 def test_a_failed_write_neither_loses_nor_repeats_a_batch(ctx, tmp_path, random_clip, monkeypatch):
     """The first commit fails (a full disk, say) after its batch was written; a rerun ends equal to an
     uninterrupted extraction, with no batch written twice (one batch is in flight while another is written)."""

@@ -16,7 +16,7 @@ from worker.train.loop import train
 
 N, D, D_SAE, K = 240, 16, 40, 6
 PC = PrecomputeConfig(top_k=12, intervals=3, per_interval=2, histogram_bins=8, histogram_range=100.0, neighbours=5,
-                      thumbnail_size=32, batch_size=50, dense_threshold=0.3, top_classes=3)
+                      thumbnail_size=32, batch_size=50, dense_threshold=0.3, top_classes=3, names={"enabled": False})
 
 
 def test_group_topk_streamed_in_chunks_equals_a_full_sort():

@@ -9,6 +9,7 @@ interval samples. Memory is bounded by the batch and by (features x slots kept).
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from itertools import islice
@@ -24,11 +25,13 @@ from clipscope.activation_cache import ActivationCache
 from clipscope.config import PrecomputeConfig, stable_hash
 from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
 from clipscope.db.session import session_scope
+from clipscope.naming import FeatureNames, read_vocabulary
 from clipscope.sae.model import TopKSAE
 from clipscope.thumbnails import ensure_thumbnail
 from clipscope.token_maps import per_image_entries, quantise
 from worker.context import Context
 from worker.precompute.accumulate import ClassCounts, FeatureStats, GroupTopK, log_histogram, sample_priority
+from worker.precompute.naming import Namer, name_all
 from worker.precompute.neighbours import decoder_neighbours
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ class FeatureTables:
     neighbour_idx: torch.Tensor
     neighbour_cos: torch.Tensor
     classes: ClassCounts | None = None
+    names: FeatureNames | None = None
+    concepts: list[str] | None = None  # what ``names.concepts`` indexes
 
 
 @torch.no_grad()
@@ -125,19 +130,31 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     )
 
 
-PRECOMPUTE_FORMAT = 2
+PRECOMPUTE_FORMAT = 3
 """What the precompute writes; raised whenever it writes something new (2: token maps, classes, leading
-class), so a finished precompute of an older format is redone instead of reused."""
+class; 3: automatic names and coherence), so a finished precompute of an older format is redone instead of reused."""
 
 
 def precompute_key(sae_key: str, cache: ActivationCache, pc: PrecomputeConfig) -> str:
-    return stable_hash({"sae": sae_key, "cache": cache.path.name, "config": pc.model_dump(mode="json"), "format": PRECOMPUTE_FORMAT})
+    """Changes with anything that changes what is written, the vocabulary file's contents included."""
+    config = pc.model_dump(mode="json")
+    if pc.names.enabled:
+        config["names"]["concepts"] = stable_hash(read_vocabulary(pc.names.vocabulary))
+    else:
+        config["names"] = {"enabled": False}  # the other naming knobs change nothing then
+    return stable_hash({"sae": sae_key, "cache": cache.path.name, "config": config, "format": PRECOMPUTE_FORMAT})
 
 
 def precompute(
-    ctx: Context, sae_key: str, sae: TopKSAE, cache: ActivationCache, dataset, pc: PrecomputeConfig, force: bool = False
+    ctx: Context, sae_key: str, sae: TopKSAE, cache: ActivationCache, dataset, pc: PrecomputeConfig, force: bool = False,
+    namer: Namer | None = None,
 ) -> PrecomputeResult:
-    """Compute and commit; a finished precompute with the same key is reused unless ``force``."""
+    """Compute and commit; a finished precompute with the same key is reused unless ``force``.
+
+    ``namer`` gives CLIP for the automatic names (``pc.names``), required when they are enabled.
+    """
+    if pc.names.enabled and namer is None:
+        raise ValueError("precompute.names is enabled but no CLIP was given to embed the images (or set precompute.names.enabled = false)")
     url, started = ctx.database_url, time.perf_counter()
     key = precompute_key(sae_key, cache, pc)
     with session_scope(url) as s:
@@ -149,6 +166,8 @@ def precompute(
             return PrecomputeResult(p["n_images"], p["n_features"], p["n_examples"], p["n_thumbnails"], True, 0.0)
         sae_id = row.id
     tables = compute(sae.to(ctx.device).eval(), cache, pc, ctx.layout.root / "tmp" / f"precompute-{key}", ctx.device, ctx.settings.progress)
+    if pc.names.enabled:
+        tables.names, tables.concepts = name_all(ctx, namer, cache, dataset, tables.top.payload, pc.names)
     return write(ctx, sae_id, key, tables, cache, dataset, pc, started)
 
 
@@ -179,6 +198,7 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
     hist, below, icounts = tb.hist_counts.tolist(), tb.hist_below.tolist(), tb.interval_counts.tolist()
     nb_idx, nb_cos = tb.neighbour_idx.tolist(), tb.neighbour_cos.tolist()
     top_classes = tb.classes.top(pc.top_classes, dataset.classes, tb.stats.count) if tb.classes is not None else [None] * d_sae
+    named = _names_of(tb, d_sae)
     ratio = pc.histogram_range
     features = []
     for f in range(d_sae):
@@ -195,6 +215,7 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
             "classes": top_classes[f],
             "top_class": top_classes[f][0]["name"] if top_classes[f] else None,
             "top_class_share": top_classes[f][0]["share"] if top_classes[f] else None,
+            **named[f],
         })
     with session_scope(ctx.database_url) as s:
         image_ids = _upsert_images(s, list(thumbs.values()))
@@ -211,9 +232,39 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
         sae.precompute = {
             "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "n_images": tb.n_images,
             "n_features": d_sae, "n_examples": n_examples, "n_thumbnails": len(thumbs), "seconds": seconds,
+            "names": _names_summary(tb),
         }
         sae.status = SaeStatus.READY
     return PrecomputeResult(tb.n_images, d_sae, n_examples, len(thumbs), False, seconds)
+
+
+def _names_of(tb: FeatureTables, d_sae: int) -> list[dict]:
+    """Each feature's naming columns: its best concept (when its score is positive), that score, the candidates, its coherence."""
+    empty = {"auto_name": None, "auto_score": None, "auto_names": None, "coherence": None}
+    if tb.names is None:
+        return [empty] * d_sae
+    idx, scores, coherence = tb.names.concepts.tolist(), tb.names.scores.tolist(), tb.names.coherence.tolist()
+    out = []
+    for f in range(d_sae):
+        found = [{"name": tb.concepts[c], "score": round(s, 6)} for c, s in zip(idx[f], scores[f]) if c >= 0]
+        named = bool(found) and found[0]["score"] > 0  # a best concept the top images match no better than the average image names nothing
+        out.append({
+            "auto_name": found[0]["name"] if named else None, "auto_score": found[0]["score"] if found else None,
+            "auto_names": found or None, "coherence": None if math.isnan(coherence[f]) else coherence[f],
+        })
+    return out
+
+
+def _names_summary(tb: FeatureTables) -> dict | None:
+    """For the overview: the vocabulary's size, the coherence baseline, and the coherence of an average feature."""
+    if tb.names is None:
+        return None
+    c = tb.names.coherence
+    c = c[~c.isnan()]
+    return {
+        "concepts": len(tb.concepts), "baseline": tb.names.baseline, "mean_coherence": float(c.mean()) if len(c) else None,
+        "median_coherence": float(c.median()) if len(c) else None,
+    }
 
 
 def _example_rows(sae_id: int, tb: FeatureTables, row_to_id: dict[int, int], n_int: int, per_interval: int):
