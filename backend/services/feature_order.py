@@ -82,15 +82,17 @@ def ordering(sae: Sae, query: FeatureQuery):
             stmt = stmt.where(column.is_(choice == "only"))
     if query.top_class:
         stmt = stmt.where(func.lower(Feature.top_class).like(f"%{_like_escaped(query.top_class)}%", escape="\\"))
+    if query.auto_name:
+        stmt = stmt.where(func.lower(Feature.auto_name).like(f"%{_like_escaped(query.auto_name)}%", escape="\\"))
     if query.min_freq is not None:
         stmt = stmt.where(Feature.frequency >= query.min_freq)
     if query.max_freq is not None:
         stmt = stmt.where(Feature.frequency <= query.max_freq)
     column = {
         "index": Feature.idx, "frequency": Feature.frequency, "max": Feature.max_activation, "label": func.lower(Label.text),
-        "class_share": Feature.top_class_share,
+        "class_share": Feature.top_class_share, "coherence": Feature.coherence,
     }[query.sort]
     ordered = column.desc() if query.order == "desc" else column.asc()
-    if query.sort in ("label", "class_share"):
+    if query.sort in ("label", "class_share", "coherence"):
         ordered = ordered.nulls_last()
     return stmt.order_by(ordered, Feature.idx)

@@ -19,8 +19,10 @@ class FeatureQuery(BaseModel):
 
     page: int = Field(1, ge=1, le=1_000_000, description="1-based page number.")
     per_page: int = Field(50, ge=1, le=500, description="Features per page.")
-    sort: Literal["index", "frequency", "max", "label", "class_share"] = Field(
-        "index", description="Sort key; class_share: the share of a feature's firing images in its leading class (how class-pure it is)."
+    sort: Literal["index", "frequency", "max", "label", "class_share", "coherence"] = Field(
+        "index",
+        description="Sort key; class_share: the share of a feature's firing images in its leading class (how class-pure it is); "
+        "coherence: how alike CLIP finds its top images, beyond two random images of the set.",
     )
     order: Literal["asc", "desc"] = Field("asc", description="Sort direction.")
     labelled: Literal["any", "yes", "no"] = Field("any", description="Only labelled, only unlabelled, or both.")
@@ -33,6 +35,7 @@ class FeatureQuery(BaseModel):
     top_class: str = Field(
         "", max_length=200, description="Case-insensitive substring of the feature's leading class (the class holding most of the images it fires on)."
     )
+    auto_name: str = Field("", max_length=200, description="Case-insensitive substring of the feature's automatic name.")
 
     @field_validator("min_freq", "max_freq", mode="before")
     @classmethod
@@ -43,12 +46,12 @@ class FeatureQuery(BaseModel):
 
 LIST_COLUMNS = (
     Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense,
-    Feature.top_class, Feature.top_class_share,
+    Feature.top_class, Feature.top_class_share, Feature.auto_name, Feature.auto_score, Feature.coherence,
 )
 """What a list row shows: the JSON columns (histogram, intervals, neighbours) stay unread."""
 
 
-DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours, Feature.classes)
+DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours, Feature.classes, Feature.auto_names)
 LABEL_COLUMNS = (Label.feature, Label.text, Label.category, Label.author, Label.revision, Label.updated_at)
 
 
@@ -108,6 +111,7 @@ def feature_stats(f: Feature) -> dict[str, Any]:
         "index": f.idx, "frequency": f.frequency, "n_active": f.n_active, "mean_active": f.mean_active,
         "max_activation": f.max_activation, "is_dead": f.is_dead, "is_dense": f.is_dense,
         "top_class": f.top_class, "top_class_share": f.top_class_share,
+        "auto_name": f.auto_name, "auto_score": f.auto_score, "coherence": f.coherence,
     }
 
 
@@ -159,6 +163,7 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
         **feature_stats(f),
         "histogram": f.histogram,
         "classes": f.classes or [],
+        "auto_names": f.auto_names or [],
         "top": top,
         "intervals": list(reversed(intervals)),  # highest interval first
         "neighbours": [{"index": n, "cosine": c, "label": label_dict(labels.get(n))} for n, c in f.neighbours],

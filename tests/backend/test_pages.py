@@ -117,6 +117,47 @@ def test_feature_page_lists_the_classes_it_fires_on(web):
     assert rows == [(c["name"], f"{100 * c['share']:.1f}", str(c["count"])) for c in classes]
 
 
+def test_the_list_filters_by_automatic_name_and_sorts_by_coherence(web):
+    client, key = web
+    api = lambda **q: client.get(f"/api/saes/{key}/features", params={"per_page": 64, **q}).json()["features"]  # noqa: E731
+    everything = api()
+    named = [f for f in everything if f["auto_name"]]
+    assert named and all(f["auto_score"] > 0 for f in named)
+    word = named[0]["auto_name"].split()[-1]
+    assert [f["index"] for f in api(auto_name=word.upper())] == [f["index"] for f in everything if word in (f["auto_name"] or "")]
+    assert api(auto_name="_%") == [], "LIKE wildcards are literal"
+    coherence = [f["coherence"] for f in api(sort="coherence", order="desc")]
+    known = [c for c in coherence if c is not None]
+    assert len(known) > 1 and known == sorted(known, reverse=True)
+    assert coherence == known + [None] * (len(coherence) - len(known)), "features with fewer than two top images last"
+    page = client.get(f"/saes/{key}/features", params={"auto_name": word}).text
+    assert f'name="auto_name" value="{word}"' in page and page.count('class="auto-name"') == len(api(auto_name=word))
+
+
+def test_feature_page_shows_the_automatic_name_and_offers_it_to_the_label_editor(web):
+    client, key = web
+    rows = client.get(f"/api/saes/{key}/features", params={"sort": "coherence", "order": "desc", "per_page": 64, "dead": "hide"}).json()["features"]
+    unnamed = [r["index"] for r in rows if not r["auto_name"]]
+    if unnamed:  # every candidate scores <= 0: the page says no name fits rather than naming it
+        page = client.get(f"/saes/{key}/features/{unnamed[0]}").text
+        assert "none (no concept fits the top images better than the average image)" in page and "data-fill-label" not in page
+    idx = next(r["index"] for r in rows if r["auto_name"] and r["coherence"] is not None)
+    data = client.get(f"/api/saes/{key}/features/{idx}").json()
+    assert data["auto_name"] == data["auto_names"][0]["name"] and data["auto_score"] == data["auto_names"][0]["score"]
+    scores = [c["score"] for c in data["auto_names"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    page = client.get(f"/saes/{key}/features/{idx}").text
+    assert f'<strong class="auto-name">{data["auto_name"]}</strong>' in page
+    assert ", ".join(f'{c["name"]} {c["score"]:+.3f}' for c in data["auto_names"]) in page
+    assert f"coherence {data['coherence']:.3f}" in page
+    assert "from random CLIP weights: meaningless" in page, "the demo SAE's CLIP is random: its names are flagged"
+    assert f'data-fill-label="{data["auto_name"]}"' in page, "an unlabelled feature is offered its automatic name"
+    client.post(f"/saes/{key}/features/{idx}/label", data=with_token(client, text="mine", category="semantic", author="ann", base_revision=0))
+    assert "data-fill-label" not in client.get(f"/saes/{key}/features/{idx}").text, "never over a label's own text"
+    overview = client.get("/").text
+    assert re.search(r"<dt>coherence</dt><dd>-?\d\.\d{3} \(median -?\d\.\d{3}\)</dd>", overview)
+
+
 def test_a_dead_features_page_offers_no_collage_to_download(web):
     client, key = web
     dead = client.get(f"/api/saes/{key}/features", params={"dead": "only", "per_page": 1}).json()["features"][0]["index"]
@@ -290,8 +331,8 @@ def test_an_sae_that_is_not_ready_has_no_feature_pages(web, web_data):
 @pytest.mark.parametrize(
     "params",
     [{}, {"sort": "frequency", "order": "desc"}, {"sort": "max"}, {"dead": "hide", "dense": "hide"}, {"min_freq": 0.1}, {"labelled": "yes"},
-     {"sort": "class_share", "order": "desc"}, {"top_class": "red"}],
-    ids=["index", "frequency", "max", "flags", "min_freq", "labelled", "class_share", "top_class"],
+     {"sort": "class_share", "order": "desc"}, {"top_class": "red"}, {"sort": "coherence", "order": "desc"}, {"auto_name": "stripes"}],
+    ids=["index", "frequency", "max", "flags", "min_freq", "labelled", "class_share", "top_class", "coherence", "auto_name"],
 )
 def test_feature_list_queries_use_an_index(web, params):
     """Every statement the list issues is answered through an index (no full scan of features or examples)."""
@@ -377,7 +418,7 @@ def test_thumbnails_and_static_files_are_named_by_content_and_cached_for_good(we
     page = client.get(f"/saes/{key}/features").text
     thumb = re.search(r'<img src="(/thumbnails/[^"]+)"', page).group(1)
     links = re.findall(r'(?:href|src)="(/static/[^"?]+\?v=[0-9a-f]{12})"', page)
-    assert len(links) == 3  # the stylesheet, htmx and the keyboard navigation
+    assert len(links) == 4  # the stylesheet, htmx, the keyboard navigation and the label editor's "use <automatic name>"
     for url in (thumb, *links):
         first = client.get(url)
         assert first.status_code == 200 and first.headers["cache-control"] == IMMUTABLE, url

@@ -48,7 +48,7 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.fill("input[name=author]", "e2e")
     page.wait_for_function("window.htmx !== undefined")  # the deferred script has run and bound the form
     with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/label")) as posted:
-        page.click("form.label-form button")  # htmx swaps the editor in place; without JS the form posts and redirects
+        page.click("form.label-form button[type=submit]")  # htmx swaps the editor in place; without JS the form posts and redirects
     assert posted.value.status in (200, 303), f"label POST answered {posted.value.status}: {posted.value.text()[:300]}"
     page.wait_for_selector("#label-editor .history")
     assert page.get_by_role("status").inner_text() == "Saved."
@@ -58,7 +58,7 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.fill("textarea[name=text]", "")
     page.evaluate("document.querySelector('textarea[name=text]').removeAttribute('required')")
     with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/label")):
-        page.click("form.label-form button")
+        page.click("form.label-form button[type=submit]")
     page.wait_for_selector("#label-editor .error")
     assert "empty" in page.locator("#label-editor .error").inner_text()
 
@@ -106,3 +106,20 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     phone.goto(f"{base}/saes/{key}/features/{idx}")
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
     shot(phone, "6-feature-phone")
+
+
+def test_the_automatic_name_fills_the_label_editor_and_saves_nothing(browser, server):
+    base, key = server
+    page = browser.new_page()
+    rows = page.request.get(f"{base}/api/saes/{key}/features", params={"labelled": "no", "sort": "coherence", "order": "desc"}).json()["features"]
+    feature = next(r for r in rows if r["auto_name"])
+    page.goto(f"{base}/saes/{key}/features/{feature['index']}")
+    assert page.locator(".auto-names .auto-name").inner_text() == feature["auto_name"]
+    posts = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.wait_for_function("document.readyState === 'complete'")  # the deferred script has run
+    page.click("[data-fill-label]")
+    assert page.input_value("textarea[name=text]") == feature["auto_name"]
+    assert page.evaluate("document.activeElement.name") == "text"
+    assert not posts, "filling the editor saves nothing"
+    page.close()
