@@ -17,6 +17,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from backend import charts
 from backend.assets import ImmutableFiles, static_url
 from backend.auth import SESSION_COOKIE, LoginGate, current_user
+from backend.deps import SaeRows
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.feature_order import FeatureOrders
@@ -45,6 +46,8 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.settings = settings
     app.state.database_url = url
     app.state.feature_orders = FeatureOrders()
+    app.state.sae_rows = SaeRows()
+    app.state.reads_in_event_loop = settings.resolved_reads_in_event_loop  # decided once, not per request
     app.state.analysis = AnalysisPool(
         Analyzer(settings.data_dir, settings.resolved_device()), settings.analyze_queue, settings.analyze_batch
     )

@@ -31,6 +31,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
+@lru_cache(maxsize=None)
 def static_url(root: Path, name: str) -> str:
     """``/static/<name>?v=<hash of its bytes>``: a new URL whenever the file changes (read once per process)."""
     return f"/static/{name}?v={_digest(root / name)}"

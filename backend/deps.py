@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated, Callable, Iterator, TypeVar
 
 from fastapi import Depends, HTTPException, Request
@@ -35,6 +36,33 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 _SAE_BY_KEY = select(Sae).where(Sae.key == bindparam("key"))  # built once: every page asks it
+_SAE_VERSION = select(Sae.id, Sae.updated_at).where(Sae.key == bindparam("key"))
+
+
+class SaeRows:
+    """The SAE rows the read-only pages use, kept per process and checked against ``updated_at``.
+
+    Loading the row through the ORM (its JSON columns decoded) cost twice the plain two-column query
+    that tells whether a kept copy is current; every change to the row moves ``updated_at`` (its
+    ``onupdate``), so a copy whose ``updated_at`` matches is the row. Copies are detached: read-only.
+    """
+
+    def __init__(self):
+        self._rows: dict[str, tuple[object, Sae]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session: Session, key: str) -> Sae:
+        found = session.connection().execute(_SAE_VERSION, {"key": key}).first()
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"No SAE {key!r}.")
+        kept = self._rows.get(key)
+        if kept is not None and kept[0] == found.updated_at:
+            return kept[1]
+        row = session.get(Sae, found.id, populate_existing=True)
+        session.expunge(row)
+        with self._lock:
+            self._rows[key] = (row.updated_at, row)
+        return row
 
 
 def get_sae(sae: str, session: SessionDep) -> Sae:
@@ -62,9 +90,9 @@ async def read_sae(request: Request, sae: str, work: Callable[[Session, Sae], T]
 
     def run() -> T:
         with session_scope(request.app.state.database_url) as session:
-            return work(session, get_sae(sae, session))
+            return work(session, request.app.state.sae_rows.get(session, sae))
 
-    if request.app.state.settings.resolved_reads_in_event_loop:
+    if request.app.state.reads_in_event_loop:
         return run()
     return await run_in_threadpool(run)
 

@@ -71,7 +71,9 @@ def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
                           "neighbours": [[int(n), 0.1] for n in rng.integers(0, d_sae, 10)],
                           "classes": [{"label": c, "name": f"class {c}", "count": 20 - 3 * j, "share": (20 - 3 * j) / 100,
                                        "of_class": (20 - 3 * j) / 750, "mean": m / 3} for j, c in enumerate(rng.integers(0, 101, 5).tolist())],
-                          "top_class": f"class {int(rng.integers(0, 101))}", "top_class_share": 0.2})
+                          "top_class": f"class {int(rng.integers(0, 101))}", "top_class_share": 0.2,
+                          "auto_name": f"concept {f % 600}", "auto_score": 0.04, "coherence": float(rng.uniform(0, 0.4)),
+                          "auto_names": [{"name": f"concept {(f + j) % 600}", "score": 0.04 - 0.01 * j} for j in range(3)]})
             for rank in range(12):
                 examples.append({"sae_id": row.id, "feature": f, "bucket": -1, "rank": rank, "image_id": image_ids[int(rng.integers(len(image_ids)))],
                                  "activation": m * (1 - rank / 20)})

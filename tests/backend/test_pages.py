@@ -321,8 +321,9 @@ def test_openapi_describes_the_api_only_and_healthz_answers(web):
 def test_an_sae_that_is_not_ready_has_no_feature_pages(web, web_data):
     client, key = web
     url = client.app.state.database_url
+    assert client.get(f"/saes/{key}/features").status_code == 200  # the pages' copy of the SAE row is made here...
     with session_scope(url) as s:
-        s.query(Sae).filter(Sae.key == key).update({"status": SaeStatus.TRAINED})
+        s.query(Sae).filter(Sae.key == key).update({"status": SaeStatus.TRAINED})  # ...and must not outlive this
     assert client.get(f"/saes/{key}/features").status_code == 409
     assert client.get(f"/api/saes/{key}/features/0").status_code == 409
     assert "trained" in client.get("/").text
