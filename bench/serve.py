@@ -68,7 +68,7 @@ def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
                           "max_activation": m, "is_dead": False, "is_dense": False,
                           "histogram": {"edges": list(np.geomspace(m / 1000, m, 25)), "counts": [4] * 24, "below": 0},
                           "intervals": [{"lo": i * m / 5, "hi": (i + 1) * m / 5, "count": 20, "share": 0.2} for i in range(5)],
-                          "neighbours": [[int(n), 0.1] for n in rng.integers(0, d_sae, 10)],
+                          "neighbours": [[int(n), 0.1, f"concept {int(n) % 600}"] for n in rng.integers(0, d_sae, 10)],
                           "classes": [{"label": c, "name": f"class {c}", "count": 20 - 3 * j, "share": (20 - 3 * j) / 100,
                                        "of_class": (20 - 3 * j) / 750, "mean": m / 3} for j, c in enumerate(rng.integers(0, 101, 5).tolist())],
                           "top_class": f"class {int(rng.integers(0, 101))}", "top_class_share": 0.2,

@@ -141,7 +141,8 @@ def rank_features(session: Session, sae: Sae, analysis: Analysis, limit: int = 3
     for f, a in acts.items():
         mx = stats[f].max_activation if f in stats else 0.0
         entries.append({"index": f, "activation": a, "relative": a / mx if mx > 0 else None, "max_activation": mx,
-                        "frequency": stats[f].frequency if f in stats else None, "label": label_dict(labels.get(f))})
+                        "frequency": stats[f].frequency if f in stats else None, "label": label_dict(labels.get(f)),
+                        "auto_name": stats[f].auto_name if f in stats else None})
     by_act = sorted(entries, key=lambda e: (-e["activation"], e["index"]))[:limit]
     by_rel = sorted((e for e in entries if e["relative"] is not None), key=lambda e: (-e["relative"], e["index"]))[:limit]
     shown = {e["index"]: e for e in by_act + by_rel}  # a feature in both rankings is one dict: filled once

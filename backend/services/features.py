@@ -66,7 +66,7 @@ EXAMPLE_COLUMNS = (
 _SAE, _FEATURES = bindparam("sae"), bindparam("features", expanding=True)
 _FEATURE_ROWS = select(*LIST_COLUMNS).where(Feature.sae_id == _SAE, Feature.idx.in_(_FEATURES))
 _FEATURE_DETAIL = select(*DETAIL_COLUMNS).where(Feature.sae_id == _SAE, Feature.idx == bindparam("idx"))
-_MAXIMA = select(Feature.idx, Feature.max_activation, Feature.frequency).where(Feature.sae_id == _SAE, Feature.idx.in_(_FEATURES))
+_MAXIMA = select(Feature.idx, Feature.max_activation, Feature.frequency, Feature.auto_name).where(Feature.sae_id == _SAE, Feature.idx.in_(_FEATURES))
 _LABELS = select(*LABEL_COLUMNS).where(Label.sae_id == _SAE, Label.feature.in_(_FEATURES))
 _EXAMPLES = select(*EXAMPLE_COLUMNS).join(Image, Image.id == FeatureExample.image_id)
 _ORDER = (FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
@@ -97,7 +97,7 @@ def list_features(
 
 
 def maxima_of(session: Session, sae_id: int, features: list[int]) -> dict[int, Any]:
-    """``(idx, max_activation, frequency)`` of each of ``features``: what live analysis ranks by."""
+    """``(idx, max_activation, frequency, auto_name)`` of each of ``features``: what live analysis ranks by and shows."""
     return {f.idx: f for f in _rows(session, _MAXIMA, sae=sae_id, features=features)} if features else {}
 
 
@@ -158,7 +158,7 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
     for e in examples:
         if 0 <= e.bucket < len(intervals):
             intervals[e.bucket]["examples"].append(_example(e))
-    labels = labels_of(session, sae.id, [idx, *(n for n, _ in f.neighbours)])
+    labels = labels_of(session, sae.id, [idx, *(nb[0] for nb in f.neighbours)])
     return {
         **feature_stats(f),
         "histogram": f.histogram,
@@ -166,7 +166,10 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
         "auto_names": f.auto_names or [],
         "top": top,
         "intervals": list(reversed(intervals)),  # highest interval first
-        "neighbours": [{"index": n, "cosine": c, "label": label_dict(labels.get(n))} for n, c in f.neighbours],
+        "neighbours": [
+            {"index": n, "cosine": c, "label": label_dict(labels.get(n)), "auto_name": name[0] if name else None}  # no name before format 3
+            for n, c, *name in f.neighbours
+        ],
         "label": label_dict(labels.get(idx)),
         "prev": idx - 1 if idx > 0 else None,
         "next": idx + 1 if idx + 1 < sae.d_sae else None,

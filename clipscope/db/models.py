@@ -159,7 +159,9 @@ class Feature(Base):
     is_dense: Mapped[bool] = mapped_column(Boolean, doc="Fires on more than precompute.dense_threshold of images.")
     histogram: Mapped[dict[str, Any]] = mapped_column(JSON, doc="Log-spaced bins: edges, counts, and 'below' the first edge.")
     intervals: Mapped[list[Any]] = mapped_column(JSON, doc="[{lo, hi, count, share}] of the activation intervals sampled.")
-    neighbours: Mapped[list[Any]] = mapped_column(JSON, doc="[[feature, cosine], ...] nearest by decoder direction.")
+    neighbours: Mapped[list[Any]] = mapped_column(
+        JSON, doc="[[feature, cosine, its automatic name], ...] nearest by decoder direction (the name: null when it has none)."
+    )
     top_class: Mapped[str | None] = mapped_column(String(128), nullable=True, doc="Name of the class holding most of the images it fires on.")
     top_class_share: Mapped[float | None] = mapped_column(Float, nullable=True, doc="That class's share of the images it fires on.")
     classes: Mapped[list[Any] | None] = mapped_column(

@@ -150,6 +150,10 @@ def test_feature_page_shows_the_automatic_name_and_offers_it_to_the_label_editor
     assert f'<strong class="auto-name">{data["auto_name"]}</strong>' in page
     assert ", ".join(f'{c["name"]} {c["score"]:+.3f}' for c in data["auto_names"]) in page
     assert f"coherence {data['coherence']:.3f}" in page
+    names = {f["index"]: f["auto_name"] for f in client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]}
+    assert [n["auto_name"] for n in data["neighbours"]] == [names[n["index"]] for n in data["neighbours"]]
+    for n in (n for n in data["neighbours"] if n["auto_name"]):
+        assert re.search(rf'features/{n["index"]}">#{n["index"]}</a>.*?· auto: <span class="auto-name">{re.escape(n["auto_name"])}</span>', page)
     assert "from random CLIP weights: meaningless" in page, "the demo SAE's CLIP is random: its names are flagged"
     assert f'data-fill-label="{data["auto_name"]}"' in page, "an unlabelled feature is offered its automatic name"
     client.post(f"/saes/{key}/features/{idx}/label", data=with_token(client, text="mine", category="semantic", author="ann", base_revision=0))
@@ -291,8 +295,12 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
         code = sae.encode(residual_at(clip.visual, image, 10)[:, 0])
     expected = sorted(((v, i) for i, v in zip(code.indices[0].tolist(), code.values[0].tolist()) if v > 0), reverse=True)
     assert [e["index"] for e in body["by_activation"]] == [i for _, i in expected]
+    names = {f["index"]: f["auto_name"] for f in client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]}
+    assert [e["auto_name"] for e in body["by_activation"]] == [names[e["index"]] for e in body["by_activation"]]
     page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}, data=with_token(client))
     assert page.status_code == 200 and "features fire on" in page.text and "of its max" in page.text
+    shown = [e["auto_name"] for e in body["by_activation"] + body["by_relative"] if e["auto_name"]]
+    assert shown and page.text.count('class="auto-name"') == len(shown), "each ranked feature says its automatic name"
     seen = re.search(r'<figure class="model-view">\s*<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page.text)
     assert seen, "the page shows the image as the model saw it"
     view = np.asarray(Image.open(io.BytesIO(base64.b64decode(seen.group(1)))).convert("RGB")).astype(float)

@@ -211,7 +211,7 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
             "is_dead": count[f] == 0, "is_dense": count[f] / tb.n_images > pc.dense_threshold,
             "histogram": {"edges": edges, "counts": hist[f] if m > 0 else [], "below": below[f]},
             "intervals": [{"lo": lo, "hi": hi, "count": icounts[f][i], "share": shares[i]} for i, (lo, hi) in enumerate(_interval_bounds(m, n_int))] if m > 0 else [],
-            "neighbours": [[nb_idx[f][j], round(nb_cos[f][j], 6)] for j in range(len(nb_idx[f]))],
+            "neighbours": [[n, round(c, 6), named[n]["auto_name"]] for n, c in zip(nb_idx[f], nb_cos[f])],
             "classes": top_classes[f],
             "top_class": top_classes[f][0]["name"] if top_classes[f] else None,
             "top_class_share": top_classes[f][0]["share"] if top_classes[f] else None,
