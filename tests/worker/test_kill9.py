@@ -47,6 +47,9 @@ intervals = 3
 per_interval = 2
 neighbours = 4
 thumbnail_size = 32
+[precompute.names]
+vocabulary = ["stripes", "a circle", "grass", "something red"]
+templates = ["a photo of {}."]
 """
 
 CLI = [sys.executable, "-m", "clipscope_cli"]
@@ -111,12 +114,13 @@ def _outputs(data_dir: Path) -> dict:
     with _db(data_dir).connect() as conn:
         status = conn.execute(text("SELECT status FROM saes")).scalar()
         curve = conn.execute(text("SELECT step, loss, mse, l0 FROM training_points ORDER BY step")).all()
-        features = conn.execute(text("SELECT idx, n_active, max_activation, histogram, neighbours FROM features ORDER BY idx")).all()
+        features = conn.execute(text(
+            "SELECT idx, n_active, max_activation, histogram, neighbours, auto_names, coherence FROM features ORDER BY idx")).all()
         examples = conn.execute(text(
             "SELECT e.feature, e.bucket, e.rank, i.\"index\", e.activation FROM feature_examples e JOIN images i ON i.id = e.image_id "
             "ORDER BY e.feature, e.bucket, e.rank")).all()
     return {
-        "caches": [(c.name, np.load(c / "activations.npy").tobytes()) for c in caches],
+        "caches": [(c.name, np.load(c / "activations.npy").tobytes(), np.load(c / "image_embeddings.npy").tobytes()) for c in caches],
         "weights": {k: v.tobytes() for k, v in weights.items()},
         "status": status, "curve": curve, "features": features, "examples": examples,
     }
