@@ -9,6 +9,7 @@ from clipscope.db.session import session_scope
 from clipscope.naming import name_features
 from tests.backend.conftest import TINY, web_data  # noqa: F401  (a ready SAE built by run_all, names included)
 from tests.conftest import array_cache, make_context
+from tests.worker.test_precompute import PC, trained  # noqa: F401  (a trained SAE over a cache, on both databases)
 from worker.datasets import build_dataset
 from clipscope.activation_cache import EMBEDDINGS, ActivationCache
 from worker.precompute.naming import Namer, concept_embeddings, concepts_of, image_embeddings
@@ -102,3 +103,33 @@ def test_the_pipeline_extracts_the_precompute_images_with_their_embeddings(tmp_p
     assert caches.precompute.embeddings().shape == (caches.precompute.n_images, 512)
     off = {**TINY, "precompute": {**TINY["precompute"], "names": {"enabled": False}}}
     assert not run_extract(make_context(tmp_path / "off"), parse_config(off)).precompute.has_embeddings
+
+
+def test_names_are_written_and_read_back_on_sqlite_and_postgresql(trained, random_clip):  # noqa: F811
+    """Embeddings added to a cache extracted without them; the names and coherence stored (JSON and floats on
+    both databases) equal the naming maths over the stored top images."""
+    ctx, key, sae, cache, dataset, _ = trained
+    rng = np.random.default_rng(5)
+    cache.add_embeddings(torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(cache.n_images, 512))).float(), dim=-1).numpy())
+    pc = PC.model_copy(update={"names": PC.names.model_copy(update={"enabled": True, "vocabulary": ["stripes", "grass"], "templates": ["a photo of {}."]})})
+    namer = Namer(lambda: random_clip, ModelConfig(pretrained="none"))
+    precompute(ctx, key, sae, cache, dataset, pc, namer=namer)
+    with session_scope(ctx.database_url) as s:
+        sae_id = s.scalar(select(Sae.id).where(Sae.key == key))
+        features = s.execute(select(Feature).where(Feature.sae_id == sae_id).order_by(Feature.idx)).scalars().all()
+        top = s.execute(
+            select(FeatureExample.feature, Image.index).join(Image, Image.id == FeatureExample.image_id)
+            .where(FeatureExample.sae_id == sae_id, FeatureExample.bucket == -1).order_by(FeatureExample.feature, FeatureExample.rank)
+        ).all()
+    top_rows = torch.full((len(features), pc.top_k), -1, dtype=torch.long)
+    for f, index in top:
+        top_rows[f, int((top_rows[f] >= 0).sum())] = index
+    concepts = concepts_of(pc.names, dataset.classes)
+    text = concept_embeddings(namer, concepts, pc.names.templates, "cpu")
+    expected = name_features(top_rows, torch.from_numpy(np.array(cache.embeddings())), text, pc.names.candidates)
+    for f in features:
+        want = [(concepts[c], s) for c, s in zip(expected.concepts[f.idx].tolist(), expected.scores[f.idx].tolist()) if c >= 0]
+        assert [(c["name"], c["score"]) for c in f.auto_names or []] == [(n, pytest.approx(s, abs=1e-5)) for n, s in want]
+        c = float(expected.coherence[f.idx])
+        assert f.coherence == (None if np.isnan(c) else pytest.approx(c, abs=1e-5))
+    assert sum(f.coherence is not None for f in features) > len(features) / 2
