@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from typing import Annotated, Callable, Iterator, TypeVar
 
 from fastapi import Depends, HTTPException, Request
@@ -48,7 +49,7 @@ class SaeRows:
     """
 
     def __init__(self):
-        self._rows: dict[str, tuple[object, Sae]] = {}
+        self._rows: dict[str, tuple[datetime, Sae]] = {}
         self._lock = threading.Lock()
 
     def get(self, session: Session, key: str) -> Sae:
