@@ -8,7 +8,7 @@ Layout of ``<data_dir>/activations/<name>-<hash>/``:
 * ``activations.npy`` - ``float16 [n_images, tokens_per_image, d]``;
 * ``labels.npy`` - ``int64 [n_images]`` class index (-1 = none);
 * ``indices.npy`` - ``int64 [n_images]`` index of each image in its dataset;
-* ``image_embeddings.npy`` - ``float32 [n_images, embed_dim]``, optional: each image's unit-norm CLIP
+* ``image_embeddings.npy`` - ``float16 [n_images, embed_dim]``, optional: each image's unit-norm CLIP
   image embedding (the whole tower), for automatic feature names. Written with the activations when
   the cache was laid out with ``embed_dim``, or added to a complete cache by :meth:`add_embeddings`;
   ``meta["embed_dim"]`` says it is there.
@@ -84,7 +84,7 @@ class ActivationCache:
         np.lib.format.open_memmap(path / "labels.npy", mode="w+", dtype=np.int64, shape=(n_images,)).flush()
         np.save(path / "indices.npy", np.asarray(indices, dtype=np.int64))
         if embed_dim is not None:
-            np.lib.format.open_memmap(path / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n_images, embed_dim)).flush()
+            np.lib.format.open_memmap(path / EMBEDDINGS, mode="w+", dtype=np.float16, shape=(n_images, embed_dim)).flush()
         meta = {
             "format": FORMAT_VERSION,
             "key": _jsonable(key),
@@ -129,7 +129,7 @@ class ActivationCache:
         if embeddings.shape[0] != self.n_images:
             raise ValueError(f"{embeddings.shape[0]} embeddings for a cache of {self.n_images} images")
         tmp = self.path / "image_embeddings.tmp.npy"
-        np.save(tmp, np.asarray(embeddings, dtype=np.float32))
+        np.save(tmp, np.asarray(embeddings, dtype=np.float16))
         tmp.replace(self.path / EMBEDDINGS)
         self.meta = dict(self.meta, embed_dim=int(embeddings.shape[1]))
         atomic_write_json(self.path / "metadata.json", self.meta)

@@ -100,7 +100,7 @@ def extract(
                     stream = residual_at(clip.visual, images, model_cfg.layer)
                     embedded = continue_from(clip.visual, stream, model_cfg.layer).float() if cache.has_embeddings else None
                 resid = stream[:, select]
-                embedded = torch.nn.functional.normalize(embedded, dim=-1) if embedded is not None else None
+                embedded = torch.nn.functional.normalize(embedded, dim=-1).to(torch.float16) if embedded is not None else None
                 queued = _InFlight(resid.to(torch.float16), labels, embedded)
                 if in_flight is not None:  # written while the device runs the batch just queued
                     finished, in_flight = in_flight, None  # never written twice, even if writing fails

@@ -25,7 +25,7 @@ def test_a_cache_extracted_without_embeddings_gets_clips_once(ctx, random_clip):
     with torch.no_grad():
         x = torch.stack([random_clip.preprocess(dataset[i][0]) for i in range(5)])
         expected = torch.nn.functional.normalize(random_clip.model.encode_image(x), dim=-1)
-    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb, expected, atol=1e-4, rtol=0)  # kept as fp16, like the activations
     assert (cache.path / EMBEDDINGS).is_file() and ActivationCache.open(cache.path).has_embeddings
 
     def no_clip():

@@ -41,7 +41,7 @@ def image_embeddings(ctx: Context, namer: Namer, cache: ActivationCache, dataset
     """``[n, D]`` unit-norm CLIP image embeddings of the cache's images: kept by the extraction, or computed
     here once (a cache extracted without them) and then kept in the cache."""
     if cache.has_embeddings:
-        return torch.from_numpy(np.array(cache.embeddings()))
+        return torch.from_numpy(np.array(cache.embeddings(), dtype=np.float32))
     if len(dataset) != cache.n_images:
         raise ValueError(f"the precompute dataset has {len(dataset)} images, its activation cache {cache.n_images}")
     clip, device = namer.clip(), ctx.device
@@ -51,9 +51,8 @@ def image_embeddings(ctx: Context, namer: Namer, cache: ActivationCache, dataset
     for images, _ in tqdm(loader, desc="embed images", unit="batch", disable=not ctx.settings.progress):
         with autocast(device, namer.model.precision):
             parts.append(clip.model.encode_image(preprocess.to_device(images, device)).float())
-    emb = torch.nn.functional.normalize(torch.cat(parts), dim=-1).cpu()
-    cache.add_embeddings(emb.numpy())
-    return emb
+    cache.add_embeddings(torch.nn.functional.normalize(torch.cat(parts), dim=-1).cpu().numpy())
+    return torch.from_numpy(np.array(cache.embeddings(), dtype=np.float32))  # as kept (fp16), so a re-run computes the same
 
 
 @torch.no_grad()
