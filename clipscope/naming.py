@@ -28,6 +28,12 @@ BUILTIN_VOCABULARY = Path(__file__).with_name("vocabularies") / "visual-concepts
 scenes, animals, people, dishes and ingredients, objects, vehicles, text and art."""
 
 
+def directions_file(sae_dir: Path, precompute_key: str) -> Path:
+    """Where a precompute keeps its features' directions (``FeatureNames.directions``, fp16), beside the SAE:
+    what searching the features for any text needs (the explorer's concept search)."""
+    return sae_dir / f"feature_directions-{precompute_key}.npy"
+
+
 def read_vocabulary(spec: str | Sequence[str]) -> list[str]:
     """The concepts of ``'builtin'``, of a text file (one per line, ``#`` comments), or of a list; each once."""
     if isinstance(spec, str):
@@ -65,6 +71,7 @@ class FeatureNames:
     scores: torch.Tensor  # [d_sae, candidates]
     coherence: torch.Tensor  # [d_sae]; NaN below two top images
     baseline: float  # mean cosine between two images of the set (what coherence is measured above)
+    directions: torch.Tensor  # [d_sae, D] m_f - m: a concept t scores (m_f - m) . t; zero without top images
 
 
 @torch.no_grad()
@@ -84,6 +91,7 @@ def name_features(top_rows: torch.Tensor, images: torch.Tensor, concepts: torch.
     out_idx = torch.full((d_sae, candidates), -1, dtype=torch.long)
     out_score = torch.full((d_sae, candidates), float("nan"))
     coherence = torch.full((d_sae,), float("nan"))
+    directions = torch.zeros(d_sae, images.shape[1])
     for lo in range(0, d_sae, chunk):
         rows = top_rows[lo : lo + chunk]
         valid = rows >= 0
@@ -93,8 +101,8 @@ def name_features(top_rows: torch.Tensor, images: torch.Tensor, concepts: torch.
         has = n > 0
         if not has.any():
             continue
-        mean_top = total[has] / n[has, None]
-        score, idx = ((mean_top - mean_all) @ concepts).topk(candidates, dim=1)
+        direction = total[has] / n[has, None] - mean_all
+        score, idx = (direction @ concepts).topk(candidates, dim=1)
         where = torch.arange(lo, lo + len(rows))[has.cpu()]
-        out_idx[where], out_score[where] = idx.cpu(), score.cpu()
-    return FeatureNames(out_idx, out_score, coherence, baseline)
+        out_idx[where], out_score[where], directions[where] = idx.cpu(), score.cpu(), direction.cpu()
+    return FeatureNames(out_idx, out_score, coherence, baseline, directions)

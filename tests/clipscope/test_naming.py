@@ -28,7 +28,9 @@ def test_scores_and_coherence_equal_brute_force():
         rows = [r for r in top[f].tolist() if r >= 0]
         if not rows:
             assert names.concepts[f].tolist() == [-1] * 3 and names.scores[f].isnan().all() and names.coherence[f].isnan()
+            assert not names.directions[f].any()
             continue
+        torch.testing.assert_close(names.directions[f], images[rows].mean(0) - images.mean(0), atol=1e-6, rtol=0)
         scores = (images[rows] @ concepts).mean(0) - average
         best = scores.topk(3)
         assert names.concepts[f].tolist() == best.indices.tolist()

@@ -6,7 +6,7 @@ from sqlalchemy import select
 from clipscope.config import DatasetSpec, ModelConfig, PrecomputeConfig
 from clipscope.db.models import Feature, FeatureExample, Image, Sae
 from clipscope.db.session import session_scope
-from clipscope.naming import name_features
+from clipscope.naming import directions_file, name_features
 from tests.backend.conftest import TINY, web_data  # noqa: F401  (a ready SAE built by run_all, names included)
 from tests.conftest import array_cache, make_context
 from tests.worker.test_precompute import PC, trained  # noqa: F401  (a trained SAE over a cache, on both databases)
@@ -133,3 +133,8 @@ def test_names_are_written_and_read_back_on_sqlite_and_postgresql(trained, rando
         c = float(expected.coherence[f.idx])
         assert f.coherence == (None if np.isnan(c) else pytest.approx(c, abs=1e-5))
     assert sum(f.coherence is not None for f in features) > len(features) / 2
+    first = directions_file(ctx.layout.saes / key, precompute_key(key, cache, pc))
+    np.testing.assert_allclose(np.load(first).astype(np.float32), expected.directions.numpy(), atol=1e-3, rtol=0)
+    other = pc.model_copy(update={"names": pc.names.model_copy(update={"vocabulary": ["soup"]})})
+    precompute(ctx, key, sae, cache, dataset, other, namer=namer)
+    assert [p.name for p in first.parent.glob("feature_directions-*.npy")] == [directions_file(first.parent, precompute_key(key, cache, other)).name]

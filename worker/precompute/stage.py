@@ -25,7 +25,7 @@ from clipscope.activation_cache import ActivationCache
 from clipscope.config import PrecomputeConfig, stable_hash
 from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
 from clipscope.db.session import session_scope
-from clipscope.naming import FeatureNames, read_vocabulary
+from clipscope.naming import FeatureNames, directions_file, read_vocabulary
 from clipscope.sae.model import TopKSAE
 from clipscope.thumbnails import ensure_thumbnail
 from clipscope.token_maps import per_image_entries, quantise
@@ -63,6 +63,7 @@ class FeatureTables:
     classes: ClassCounts | None = None
     names: FeatureNames | None = None
     concepts: list[str] | None = None  # what ``names.concepts`` indexes
+    templates: list[str] | None = None  # what the concepts were encoded with
 
 
 @torch.no_grad()
@@ -168,7 +169,8 @@ def precompute(
     tables = compute(sae.to(ctx.device).eval(), cache, pc, ctx.layout.root / "tmp" / f"precompute-{key}", ctx.device, ctx.settings.progress)
     if pc.names.enabled:
         tables.names, tables.concepts = name_all(ctx, namer, cache, dataset, tables.top.payload, pc.names)
-    return write(ctx, sae_id, key, tables, cache, dataset, pc, started)
+        tables.templates = list(pc.names.templates)
+    return write(ctx, sae_id, key, tables, cache, dataset, pc, started, directions_file(ctx.layout.saes / sae_key, key))
 
 
 def _interval_bounds(maximum: float, n_int: int) -> list[tuple[float, float]]:
@@ -176,8 +178,12 @@ def _interval_bounds(maximum: float, n_int: int) -> list[tuple[float, float]]:
     return [(i * width, (i + 1) * width) for i in range(n_int)]
 
 
-def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: ActivationCache, dataset, pc: PrecomputeConfig, started: float) -> PrecomputeResult:
-    """Thumbnails first (idempotent files), then one transaction: images, features, examples, status."""
+def write(
+    ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: ActivationCache, dataset, pc: PrecomputeConfig, started: float,
+    directions: Path,
+) -> PrecomputeResult:
+    """Thumbnails and the features' directions first (idempotent files), then one transaction: images,
+    features, examples, status; then the directions of earlier precomputes are removed."""
     d_sae = tb.stats.count.shape[0]
     n_int = pc.intervals
     used_rows = sorted({int(r) for r in torch.cat([tb.top.payload.flatten(), tb.samples.payload.flatten()]).tolist() if r >= 0})
@@ -199,6 +205,11 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
     nb_idx, nb_cos = tb.neighbour_idx.tolist(), tb.neighbour_cos.tolist()
     top_classes = tb.classes.top(pc.top_classes, dataset.classes, tb.stats.count) if tb.classes is not None else [None] * d_sae
     named = _names_of(tb, d_sae)
+    if tb.names is not None:
+        directions.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directions.with_suffix(".tmp.npy")
+        np.save(tmp, tb.names.directions.to(torch.float16).numpy())
+        tmp.replace(directions)
     ratio = pc.histogram_range
     features = []
     for f in range(d_sae):
@@ -232,9 +243,12 @@ def write(ctx: Context, sae_id: int, key: str, tb: FeatureTables, cache: Activat
         sae.precompute = {
             "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "n_images": tb.n_images,
             "n_features": d_sae, "n_examples": n_examples, "n_thumbnails": len(thumbs), "seconds": seconds,
-            "names": _names_summary(tb),
+            "names": _names_summary(tb, directions.name),
         }
         sae.status = SaeStatus.READY
+    for old in directions.parent.glob("feature_directions-*.npy"):  # the committed precompute's file is the one kept
+        if old != directions:
+            old.unlink(missing_ok=True)
     return PrecomputeResult(tb.n_images, d_sae, n_examples, len(thumbs), False, seconds)
 
 
@@ -255,15 +269,16 @@ def _names_of(tb: FeatureTables, d_sae: int) -> list[dict]:
     return out
 
 
-def _names_summary(tb: FeatureTables) -> dict | None:
-    """For the overview: the vocabulary's size, the coherence baseline, and the coherence of an average feature."""
+def _names_summary(tb: FeatureTables, directions: str) -> dict | None:
+    """For the overview: the vocabulary's size, the coherence baseline, the coherence of an average feature;
+    for the concept search: the directions file and the templates a text is encoded with."""
     if tb.names is None:
         return None
     c = tb.names.coherence
     c = c[~c.isnan()]
     return {
         "concepts": len(tb.concepts), "baseline": tb.names.baseline, "mean_coherence": float(c.mean()) if len(c) else None,
-        "median_coherence": float(c.median()) if len(c) else None,
+        "median_coherence": float(c.median()) if len(c) else None, "directions": directions, "templates": tb.templates,
     }
 
 
