@@ -22,6 +22,7 @@ from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.feature_order import FeatureOrders
 from backend.services.analyze import Analyzer
+from backend.services.concepts import ConceptSearch
 from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
 from clipscope.settings import Settings, get_settings
@@ -48,9 +49,9 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.feature_orders = FeatureOrders()
     app.state.sae_rows = SaeRows()
     app.state.reads_in_event_loop = settings.resolved_reads_in_event_loop  # decided once, not per request
-    app.state.analysis = AnalysisPool(
-        Analyzer(settings.data_dir, settings.resolved_device()), settings.analyze_queue, settings.analyze_batch
-    )
+    analyzer = Analyzer(settings.data_dir, settings.resolved_device())
+    app.state.analysis = AnalysisPool(analyzer, settings.analyze_queue, settings.analyze_batch)
+    app.state.concepts = ConceptSearch(analyzer, settings.data_dir)  # shares the loaded CLIP
     # Templates ship with the code: no modification-time check of three files on every render.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)

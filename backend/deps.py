@@ -79,21 +79,22 @@ SaeDep = Annotated[Sae, Depends(get_sae)]
 T = TypeVar("T")
 
 
-async def read_sae(request: Request, sae: str, work: Callable[[Session, Sae], T]) -> T:
+async def read_sae(request: Request, sae: str, work: Callable[[Session, Sae], T], threaded: bool = False) -> T:
     """``work(session, sae_row)``: a read-only page's whole database work and rendering in one step.
 
     ``SessionDep`` + ``SaeDep`` + a sync handler make FastAPI hop between the event loop and its
     threads four times (session enter, SAE lookup, handler, session exit), and on these machines
     each hop costs more server CPU than a feature page's queries (docs/benchmarks.md, Serving).
     Here the work runs on the event loop when ``settings.reads_in_event_loop`` resolves to yes
-    (SQLite by default), else in one worker thread. Only for reads: a write can wait on a lock.
+    (SQLite by default), else in one worker thread; ``threaded`` work (encoding a text with CLIP for
+    a concept search) always in a worker thread. Only for reads: a write can wait on a lock.
     """
 
     def run() -> T:
         with session_scope(request.app.state.database_url) as session:
             return work(session, request.app.state.sae_rows.get(session, sae))
 
-    if request.app.state.reads_in_event_loop:
+    if request.app.state.reads_in_event_loop and not threaded:
         return run()
     return await run_in_threadpool(run)
 

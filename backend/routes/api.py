@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from backend.auth import author_for_write
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
+from backend.services.concepts import ConceptsUnavailable
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
@@ -45,10 +46,14 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
 async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
     def work(session, sae):
         require_ready(sae)
-        rows, total = list_features(session, sae, query, orders)
+        try:
+            scores = request.app.state.concepts.scores(sae, query.concept) if query.concept else None
+        except ConceptsUnavailable as exc:
+            raise HTTPException(409, str(exc)) from None
+        rows, total = list_features(session, sae, query, orders, scores=scores)
         return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
 
-    return await read_sae(request, sae, work)
+    return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 
 
 @router.get("/saes/{sae}/features/{idx}", summary="Everything about one feature")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Upload
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
+from backend.services.concepts import ConceptsUnavailable
 from backend.routes.api import analyze_upload
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
@@ -79,13 +80,18 @@ def overview(request: Request, session: SessionDep):
 async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]):
     def work(session, sae):
         require_ready(sae)
-        rows, total = list_features(session, sae, query, orders)
+        asked, error = query, None
+        try:
+            scores = request.app.state.concepts.scores(sae, asked.concept) if asked.concept else None
+        except ConceptsUnavailable as exc:  # the list without the search, and why
+            asked, scores, error = query.model_copy(update={"concept": ""}), None, str(exc)
+        rows, total = list_features(session, sae, asked, orders, scores=scores)
         pages = max(1, -(-total // query.per_page))
         params = query.model_dump(exclude_defaults=True, exclude={"page"})
         return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
-                      params=params, categories=CATEGORIES)
+                      params=params, categories=CATEGORIES, error=error)
 
-    return await read_sae(request, sae, work)
+    return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 
 
 @router.get("/saes/{sae}/features/random")

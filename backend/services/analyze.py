@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
+from clipscope.clip.zeroshot import build_classifier
 from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
@@ -114,6 +115,13 @@ class Analyzer:
             ours = known[at] == feat  # features that do not fire on the whole image are not asked about
             out[img[ours] + start, column[at[ours]]] = val[ours]
         return out.T.contiguous()
+
+    @torch.inference_mode()
+    def text_embedding(self, sae: Sae, text: str, templates: list[str]) -> torch.Tensor:
+        """``[D]`` unit-norm embedding of ``text`` by the SAE's CLIP, averaged over ``templates`` (as the
+        precompute encoded its vocabulary)."""
+        loaded = self._get(sae)
+        return build_classifier(loaded.clip.model, loaded.model_cfg.name, [text], templates, self.device)[:, 0].float().cpu()
 
     @torch.inference_mode()
     def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False) -> list[Analysis]:

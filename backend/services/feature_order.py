@@ -37,7 +37,9 @@ class FeatureOrders:
         self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, session: Session, sae: Sae, query: FeatureQuery) -> np.ndarray:
+    def get(self, session: Session, sae: Sae, query: FeatureQuery, scores: np.ndarray | None = None) -> np.ndarray:
+        """The ordering of ``query``; with ``scores`` (``query.concept``'s, which the key holds), the filtered
+        features that have a score, best first (ties by index)."""
         labels_version = session.scalar(select(func.max(LabelRevision.id))) if reads_labels(query) else None
         filters = query.model_dump(exclude={"page", "per_page"})  # every other field shapes the ordering
         key = (sae.id, sae.updated_at, labels_version, *filters.values())
@@ -46,7 +48,12 @@ class FeatureOrders:
             if found is not None:
                 self._entries.move_to_end(key)
                 return found
-        ids = np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
+        if scores is None:
+            ids = np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
+        else:
+            ids = np.fromiter(session.scalars(ordering(sae, query.model_copy(update={"sort": "index", "order": "asc"}))), dtype=np.int32)
+            ids = ids[~np.isnan(scores[ids])]
+            ids = ids[np.argsort(-scores[ids], kind="stable")]
         with self._lock:
             self._entries[key] = ids
             while len(self._entries) > self.max_entries:

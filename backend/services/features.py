@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
@@ -36,6 +37,11 @@ class FeatureQuery(BaseModel):
         "", max_length=200, description="Case-insensitive substring of the feature's leading class (the class holding most of the images it fires on)."
     )
     auto_name: str = Field("", max_length=200, description="Case-insensitive substring of the feature's automatic name.")
+    concept: str = Field(
+        "", max_length=200,
+        description="Rank by how well each feature's top images match this text through CLIP, best first (the score its automatic "
+        "name gets, for any words); replaces sort and order. Features without top images are left out.",
+    )
 
     @field_validator("min_freq", "max_freq", mode="before")
     @classmethod
@@ -83,17 +89,22 @@ def _rows(session: Session, statement, **params) -> list:
 
 
 def list_features(
-    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6
+    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6, scores: np.ndarray | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """One page of features (with their label and first ``strip`` top images) and the total matching."""
-    order = orders.get(session, sae, query)
+    """One page of features (with their label and first ``strip`` top images) and the total matching;
+    with ``scores`` (a concept search's, per feature), ranked by them and each row carries its ``concept_score``."""
+    order = orders.get(session, sae, query, scores)
     ids = [int(i) for i in order[(query.page - 1) * query.per_page : query.page * query.per_page]]
     if not ids:
         return [], len(order)
     rows = {r.idx: r for r in _rows(session, _FEATURE_ROWS, sae=sae.id, features=ids)}
     labels = labels_of(session, sae.id, ids)
     strips = top_examples(session, sae.id, ids, limit=strip)
-    return [{**feature_stats(rows[i]), "label": label_dict(labels.get(i)), "examples": strips.get(i, [])} for i in ids], len(order)
+    out = [{**feature_stats(rows[i]), "label": label_dict(labels.get(i)), "examples": strips.get(i, [])} for i in ids]
+    if scores is not None:
+        for row in out:
+            row["concept_score"] = float(scores[row["index"]])
+    return out, len(order)
 
 
 def maxima_of(session: Session, sae_id: int, features: list[int]) -> dict[int, Any]:

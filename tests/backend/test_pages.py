@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from sqlalchemy import select
+
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.db.session import session_scope
 from tests.backend.conftest import with_token
@@ -160,6 +162,49 @@ def test_feature_page_shows_the_automatic_name_and_offers_it_to_the_label_editor
     assert "data-fill-label" not in client.get(f"/saes/{key}/features/{idx}").text, "never over a label's own text"
     overview = client.get("/").text
     assert re.search(r"<dt>coherence</dt><dd>-?\d\.\d{3} \(median -?\d\.\d{3}\)</dd>", overview)
+
+
+def test_concept_search_ranks_features_by_their_top_images_match_to_any_text(web, web_data, random_clip):
+    """The ranking equals the stored directions against CLIP's embedding of the text, and for a vocabulary
+    concept each feature's match equals the score its automatic names gave that concept."""
+    from clipscope.clip.zeroshot import build_classifier
+
+    client, key = web
+    settings, _ = web_data
+    api = lambda **q: client.get(f"/api/saes/{key}/features", params={"per_page": 64, **q})  # noqa: E731
+    found = api(concept="Stripes ").json()["features"]
+    summary = client.get(f"/api/saes/{key}").json()["precompute"]["names"]
+    directions = np.load(settings.data_dir / "saes" / key / summary["directions"]).astype(np.float32)
+    text = build_classifier(random_clip.model, "ViT-B-32", ["Stripes"], summary["templates"], "cpu")[:, 0].numpy()
+    scores = directions @ text
+    alive = [i for i in range(64) if directions[i].any()]
+    expected = sorted(alive, key=lambda i: (-scores[i], i))
+    assert [f["index"] for f in found] == expected and len(expected) > 10
+    assert [f["concept_score"] for f in found] == pytest.approx([float(scores[i]) for i in expected], abs=1e-5)
+    everything = {f["index"]: f for f in api().json()["features"]}
+    compared = 0
+    for f in found:
+        named = {c["name"]: c["score"] for c in client.get(f"/api/saes/{key}/features/{f['index']}").json()["auto_names"]}
+        if "stripes" in named:
+            assert f["concept_score"] == pytest.approx(named["stripes"], abs=2e-3)  # directions are kept as fp16
+            compared += 1
+    assert compared, "some feature has 'stripes' among its automatic names"
+    hidden = [f["index"] for f in api(concept="stripes", dense="hide").json()["features"]]
+    assert hidden == [i for i in expected if not everything[i]["is_dense"]], "filters still apply"
+    page = client.get(f"/saes/{key}/features", params={"concept": "stripes", "per_page": 5}).text
+    assert page.count('class="concept-score"') == 5 and f'match {scores[expected[0]]:+.3f}' in page
+
+
+def test_concept_search_of_an_sae_without_directions_says_why(web):
+    client, key = web
+    with session_scope(client.app.state.database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        sae.precompute = {**sae.precompute, "names": None}
+    r = client.get(f"/api/saes/{key}/features", params={"concept": "stripes"})
+    assert r.status_code == 409 and "clipscope precompute" in r.json()["detail"]
+    page = client.get(f"/saes/{key}/features", params={"concept": "stripes"})
+    assert page.status_code == 200 and "has no feature directions to search" in page.text
+    assert page.text.count('class="feature-row"') == 50 and "concept-score" not in page.text, "the list, without the search"
 
 
 def test_a_dead_features_page_offers_no_collage_to_download(web):
@@ -340,8 +385,9 @@ def test_an_sae_that_is_not_ready_has_no_feature_pages(web, web_data):
 @pytest.mark.parametrize(
     "params",
     [{}, {"sort": "frequency", "order": "desc"}, {"sort": "max"}, {"dead": "hide", "dense": "hide"}, {"min_freq": 0.1}, {"labelled": "yes"},
-     {"sort": "class_share", "order": "desc"}, {"top_class": "red"}, {"sort": "coherence", "order": "desc"}, {"auto_name": "stripes"}],
-    ids=["index", "frequency", "max", "flags", "min_freq", "labelled", "class_share", "top_class", "coherence", "auto_name"],
+     {"sort": "class_share", "order": "desc"}, {"top_class": "red"}, {"sort": "coherence", "order": "desc"}, {"auto_name": "stripes"},
+     {"concept": "stripes", "dead": "hide"}],
+    ids=["index", "frequency", "max", "flags", "min_freq", "labelled", "class_share", "top_class", "coherence", "auto_name", "concept"],
 )
 def test_feature_list_queries_use_an_index(web, params):
     """Every statement the list issues is answered through an index (no full scan of features or examples)."""

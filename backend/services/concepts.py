@@ -1,0 +1,69 @@
+"""Concept search: an SAE's features ranked by how well their top images match any text, through CLIP.
+
+A feature's score for a text is what its automatic name's score is for a vocabulary concept
+(``clipscope/naming.py``): ``(m_f - m) . t``, the text's CLIP embedding ``t`` against the mean
+embedding of the feature's top images beyond the average image's. The precompute keeps each
+feature's ``m_f - m`` beside the SAE (``directions_file``); a search encodes the text with the SAE's
+CLIP, with the templates the vocabulary was encoded with, and takes one product.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from backend.services.analyze import Analyzer
+from clipscope.db.models import Sae
+
+
+class ConceptsUnavailable(Exception):
+    """The SAE's precompute kept no feature directions (automatic names were off, or it predates them)."""
+
+
+class ConceptSearch:
+    """Scores per (SAE precompute, text), the most recent few kept; directions loaded once per precompute."""
+
+    def __init__(self, analyzer: Analyzer, data_dir: Path, max_texts: int = 32):
+        self.analyzer, self.data_dir, self.max_texts = analyzer, Path(data_dir), max_texts
+        self._directions: dict[str, tuple[str, np.ndarray]] = {}
+        self._scores: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def scores(self, sae: Sae, text: str) -> np.ndarray:
+        """``[d_sae]`` float32 scores of ``text``; NaN for features without top images."""
+        names = (sae.precompute or {}).get("names") or {}
+        if not names.get("directions"):
+            raise ConceptsUnavailable(
+                f"SAE {sae.key} has no feature directions to search: its precompute ran without automatic names "
+                "(precompute.names.enabled) or before they existed; run `clipscope precompute` again."
+            )
+        key = (sae.key, names["directions"], " ".join(text.split()).lower())
+        with self._lock:
+            found = self._scores.get(key)
+            if found is not None:
+                self._scores.move_to_end(key)
+                return found
+        directions = self._load(sae, names["directions"])
+        vector = self.analyzer.text_embedding(sae, " ".join(text.split()), names["templates"]).numpy()
+        scores = directions @ vector
+        scores[~directions.any(axis=1)] = np.nan
+        with self._lock:
+            self._scores[key] = scores
+            while len(self._scores) > self.max_texts:
+                self._scores.popitem(last=False)
+        return scores
+
+    def _load(self, sae: Sae, name: str) -> np.ndarray:
+        kept = self._directions.get(sae.key)
+        if kept is not None and kept[0] == name:
+            return kept[1]
+        path = self.data_dir / "saes" / sae.key / name
+        if not path.is_file():
+            raise ConceptsUnavailable(f"{path} is missing: run `clipscope precompute` again to search SAE {sae.key}'s features by text.")
+        directions = np.load(path).astype(np.float32)
+        with self._lock:
+            self._directions[sae.key] = (name, directions)
+        return directions
