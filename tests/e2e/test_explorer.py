@@ -122,4 +122,10 @@ def test_the_automatic_name_fills_the_label_editor_and_saves_nothing(browser, se
     assert page.input_value("textarea[name=text]") == feature["auto_name"]
     assert page.evaluate("document.activeElement.name") == "text"
     assert not posts, "filling the editor saves nothing"
+    page.goto(f"{base}/saes/{key}/features")
+    page.fill("input[name=concept]", feature["auto_name"])
+    page.click("form.filters button")
+    page.wait_for_url("**concept=**")
+    matches = [float(t.split()[-1]) for t in page.locator(".feature-row .concept-score").all_inner_texts()]
+    assert len(matches) == 50 and matches == sorted(matches, reverse=True), "ranked by their match, best first"
     page.close()
