@@ -37,6 +37,33 @@ def test_a_cache_extracted_without_embeddings_gets_clips_once(ctx, random_clip):
         image_embeddings(ctx, namer, other, dataset, 2)
 
 
+def _stored(url: str, key: str, top_k: int):
+    """The SAE row, its feature rows, and ``[d_sae, top_k]`` the rows of their top images as stored
+    (an image's dataset index is its row: these sets are not subsampled)."""
+    with session_scope(url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        features = s.execute(select(Feature).where(Feature.sae_id == sae.id).order_by(Feature.idx)).scalars().all()
+        top = s.execute(
+            select(FeatureExample.feature, Image.index).join(Image, Image.id == FeatureExample.image_id)
+            .where(FeatureExample.sae_id == sae.id, FeatureExample.bucket == -1).order_by(FeatureExample.feature, FeatureExample.rank)
+        ).all()
+    top_rows = torch.full((len(features), top_k), -1, dtype=torch.long)
+    for f, index in top:
+        top_rows[f, int((top_rows[f] >= 0).sum())] = index
+    return sae, features, top_rows
+
+
+def _assert_named_as(features, expected, concepts: list[str]) -> None:
+    """Each feature row's candidates, name, score and coherence equal the naming maths' ``expected``."""
+    for f in features:
+        want = [(concepts[c], s) for c, s in zip(expected.concepts[f.idx].tolist(), expected.scores[f.idx].tolist()) if c >= 0]
+        assert [(c["name"], c["score"]) for c in f.auto_names or []] == [(n, pytest.approx(s, abs=1e-5)) for n, s in want]
+        assert f.auto_name == (want[0][0] if want and want[0][1] > 0 else None)
+        assert f.auto_score == (pytest.approx(want[0][1], abs=1e-5) if want else None)
+        c = float(expected.coherence[f.idx])
+        assert f.coherence == (None if np.isnan(c) else pytest.approx(c, abs=1e-5))
+
+
 @pytest.mark.slow
 def test_the_precompute_names_features_from_their_own_top_images(web_data, random_clip):  # noqa: F811
     """What the pipeline wrote equals the naming maths over the kept embeddings, the feature's top images
@@ -45,33 +72,16 @@ def test_the_precompute_names_features_from_their_own_top_images(web_data, rando
     url = make_context(settings.data_dir).database_url
     (emb_file,) = settings.data_dir.glob(f"activations/*/{EMBEDDINGS}")
     images = torch.from_numpy(np.load(emb_file))
-    with session_scope(url) as s:
-        sae = s.scalar(select(Sae).where(Sae.key == key))
-        features = s.execute(select(Feature).where(Feature.sae_id == sae.id).order_by(Feature.idx)).scalars().all()
-        top = s.execute(
-            select(FeatureExample.feature, Image.index).join(Image, Image.id == FeatureExample.image_id)
-            .where(FeatureExample.sae_id == sae.id, FeatureExample.bucket == -1).order_by(FeatureExample.feature, FeatureExample.rank)
-        ).all()
-        summary = sae.precompute["names"]
     pc = PrecomputeConfig(**TINY["precompute"])
-    top_rows = torch.full((len(features), pc.top_k), -1, dtype=torch.long)
-    for f, index in top:  # the synthetic set is not subsampled: an image's index is its row
-        top_rows[f, int((top_rows[f] >= 0).sum())] = index
+    sae, features, top_rows = _stored(url, key, pc.top_k)
+    summary = sae.precompute["names"]
     dataset = build_dataset(DatasetSpec(**TINY["data"]), settings.data_dir / "datasets")
     concepts = concepts_of(pc.names, dataset.classes)
     assert len(concepts) == 5 + 30 and summary["concepts"] == len(concepts)
     text = concept_embeddings(Namer(lambda: random_clip, ModelConfig(pretrained="none")), concepts, pc.names.templates, "cpu")
     expected = name_features(top_rows, images, text, pc.names.candidates)
-    named = 0
-    for f in features:
-        want = [(concepts[c], s) for c, s in zip(expected.concepts[f.idx].tolist(), expected.scores[f.idx].tolist()) if c >= 0]
-        assert [(c["name"], c["score"]) for c in f.auto_names or []] == [(n, pytest.approx(s, abs=1e-5)) for n, s in want]
-        assert f.auto_name == (want[0][0] if want and want[0][1] > 0 else None)
-        assert f.auto_score == (pytest.approx(want[0][1], abs=1e-5) if want else None)
-        c = float(expected.coherence[f.idx])
-        assert f.coherence == (None if np.isnan(c) else pytest.approx(c, abs=1e-5))
-        named += f.auto_name is not None
-    assert named > len(features) / 4
+    _assert_named_as(features, expected, concepts)
+    assert sum(f.auto_name is not None for f in features) > len(features) / 4
     assert summary["baseline"] == pytest.approx(expected.baseline, abs=1e-5)
     alive = expected.coherence[~expected.coherence.isnan()]
     assert summary["mean_coherence"] == pytest.approx(float(alive.mean()), abs=1e-5)
@@ -114,24 +124,11 @@ def test_names_are_written_and_read_back_on_sqlite_and_postgresql(trained, rando
     pc = PC.model_copy(update={"names": PC.names.model_copy(update={"enabled": True, "vocabulary": ["stripes", "grass"], "templates": ["a photo of {}."]})})
     namer = Namer(lambda: random_clip, ModelConfig(pretrained="none"))
     precompute(ctx, key, sae, cache, dataset, pc, namer=namer)
-    with session_scope(ctx.database_url) as s:
-        sae_id = s.scalar(select(Sae.id).where(Sae.key == key))
-        features = s.execute(select(Feature).where(Feature.sae_id == sae_id).order_by(Feature.idx)).scalars().all()
-        top = s.execute(
-            select(FeatureExample.feature, Image.index).join(Image, Image.id == FeatureExample.image_id)
-            .where(FeatureExample.sae_id == sae_id, FeatureExample.bucket == -1).order_by(FeatureExample.feature, FeatureExample.rank)
-        ).all()
-    top_rows = torch.full((len(features), pc.top_k), -1, dtype=torch.long)
-    for f, index in top:
-        top_rows[f, int((top_rows[f] >= 0).sum())] = index
+    _, features, top_rows = _stored(ctx.database_url, key, pc.top_k)
     concepts = concepts_of(pc.names, dataset.classes)
     text = concept_embeddings(namer, concepts, pc.names.templates, "cpu")
     expected = name_features(top_rows, torch.from_numpy(np.array(cache.embeddings())), text, pc.names.candidates)
-    for f in features:
-        want = [(concepts[c], s) for c, s in zip(expected.concepts[f.idx].tolist(), expected.scores[f.idx].tolist()) if c >= 0]
-        assert [(c["name"], c["score"]) for c in f.auto_names or []] == [(n, pytest.approx(s, abs=1e-5)) for n, s in want]
-        c = float(expected.coherence[f.idx])
-        assert f.coherence == (None if np.isnan(c) else pytest.approx(c, abs=1e-5))
+    _assert_named_as(features, expected, concepts)
     assert sum(f.coherence is not None for f in features) > len(features) / 2
     first = directions_file(ctx.layout.saes / key, precompute_key(key, cache, pc))
     np.testing.assert_allclose(np.load(first).astype(np.float32), expected.directions.numpy(), atol=1e-3, rtol=0)
