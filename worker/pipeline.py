@@ -52,9 +52,9 @@ class _LazyClip:
         return self.clip
 
 
-def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
+def run_extract(ctx: Context, cfg: RunConfig, clip: _LazyClip | None = None) -> Caches:
     with stage("extract") as report:
-        lazy = _LazyClip(ctx, cfg)
+        lazy = clip or _LazyClip(ctx, cfg)
         specs = {"train": cfg.data, "eval": cfg.train.eval_data, "precompute": cfg.precompute_data}
         caches: dict[str, ActivationCache | None] = {}
         parts, done = [], {}
@@ -66,9 +66,9 @@ def run_extract(ctx: Context, cfg: RunConfig) -> Caches:
             if spec in done:  # the same image set serves two roles
                 caches[role] = done[spec]
                 continue
-            clip = None if cache_is_complete(ctx, cfg.model, spec) else lazy.get()
+            loaded = None if cache_is_complete(ctx, cfg.model, spec) else lazy.get()
             named = named_cache is not None and cache_path(ctx, cfg.model, spec) == named_cache  # its images' embeddings name the features
-            result = extract(ctx, cfg.model, spec, cfg.extract, clip=clip, embeddings=named)
+            result = extract(ctx, cfg.model, spec, cfg.extract, clip=loaded, embeddings=named)
             caches[role] = done[spec] = result.cache
             verb = f"extracted {result.extracted}" if result.extracted else "reused"
             parts.append(f"{role} {spec.name}/{spec.split}: {verb} ({result.cache.n_images} images -> {result.cache.path.name})")
@@ -89,12 +89,15 @@ def run_train(ctx: Context, cfg: RunConfig, caches: Caches | None = None) -> Tra
     return result
 
 
-def run_evaluate(ctx: Context, cfg: RunConfig, caches: Caches | None = None, trained: TrainResult | None = None) -> list[EvalResult]:
-    caches = caches or run_extract(ctx, cfg)
+def run_evaluate(
+    ctx: Context, cfg: RunConfig, caches: Caches | None = None, trained: TrainResult | None = None, clip: _LazyClip | None = None
+) -> list[EvalResult]:
+    clip = clip or _LazyClip(ctx, cfg)
+    caches = caches or run_extract(ctx, cfg, clip)
     trained = trained or run_train(ctx, cfg, caches)
     with stage("evaluate") as report:
         sae, _ = load_sae(trained.sae_dir, ctx.device)
-        results = evaluate(ctx, cfg, trained.sae_key, sae, caches.train, _LazyClip(ctx, cfg).get)
+        results = evaluate(ctx, cfg, trained.sae_key, sae, caches.train, clip.get)
         print(format_table(results), flush=True)
         report["did"] = "; ".join(
             f"{r.dataset}/{r.split} {'reused' if r.reused else 'evaluated'} ({r.n} images, splice check {r.max_error_splice_diff:.1e})"
@@ -103,13 +106,16 @@ def run_evaluate(ctx: Context, cfg: RunConfig, caches: Caches | None = None, tra
     return results
 
 
-def run_precompute(ctx: Context, cfg: RunConfig, caches: Caches | None = None, trained: TrainResult | None = None) -> PrecomputeResult:
-    caches = caches or run_extract(ctx, cfg)
+def run_precompute(
+    ctx: Context, cfg: RunConfig, caches: Caches | None = None, trained: TrainResult | None = None, clip: _LazyClip | None = None
+) -> PrecomputeResult:
+    clip = clip or _LazyClip(ctx, cfg)
+    caches = caches or run_extract(ctx, cfg, clip)
     trained = trained or run_train(ctx, cfg, caches)
     with stage("precompute") as report:
         sae, _ = load_sae(trained.sae_dir, ctx.device)
         dataset = build_dataset(cfg.precompute_data, ctx.layout.datasets, ctx.settings.allow_downloads)
-        result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute, namer=Namer(_LazyClip(ctx, cfg).get, cfg.model))
+        result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute, namer=Namer(clip.get, cfg.model))
         verb = "reused" if result.reused else "committed"
         report["did"] = (
             f"{verb}: {result.n_features} features over {result.n_images} images, {result.n_examples} examples, "
@@ -119,8 +125,9 @@ def run_precompute(ctx: Context, cfg: RunConfig, caches: Caches | None = None, t
 
 
 def run_all(ctx: Context, cfg: RunConfig) -> TrainResult:
-    caches = run_extract(ctx, cfg)
+    clip = _LazyClip(ctx, cfg)  # loaded at most once, by the first stage that needs it
+    caches = run_extract(ctx, cfg, clip)
     trained = run_train(ctx, cfg, caches)
-    run_evaluate(ctx, cfg, caches, trained)
-    run_precompute(ctx, cfg, caches, trained)
+    run_evaluate(ctx, cfg, caches, trained, clip)
+    run_precompute(ctx, cfg, caches, trained, clip)
     return trained
