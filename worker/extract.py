@@ -163,7 +163,6 @@ def cache_path(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> Path:
     return cache_dir_for(ctx.layout.activations, cache_key(model_cfg, dataset.identity(), spec.split))
 
 
-def cache_is_complete(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> bool:
-    """Whether ``spec``'s cache at this hook site is already complete (then CLIP need not load)."""
-    path = cache_path(ctx, model_cfg, spec)
+def is_complete(path: Path) -> bool:
+    """Whether the cache at ``path`` (``cache_path``) is complete: then extracting it needs no CLIP."""
     return (path / "metadata.json").is_file() and ActivationCache.open(path).complete

@@ -15,7 +15,7 @@ from clipscope.sae.io import load_sae
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
 from worker.datasets import build_dataset
-from worker.extract import cache_is_complete, cache_path, extract
+from worker.extract import cache_path, extract, is_complete
 from worker.precompute.naming import Namer
 from worker.precompute.stage import PrecomputeResult, precompute
 from worker.train.loop import TrainResult, train
@@ -66,8 +66,9 @@ def run_extract(ctx: Context, cfg: RunConfig, clip: _LazyClip | None = None) -> 
             if spec in done:  # the same image set serves two roles
                 caches[role] = done[spec]
                 continue
-            loaded = None if cache_is_complete(ctx, cfg.model, spec) else lazy.get()
-            named = named_cache is not None and cache_path(ctx, cfg.model, spec) == named_cache  # its images' embeddings name the features
+            path = cache_path(ctx, cfg.model, spec)
+            loaded = None if is_complete(path) else lazy.get()
+            named = path == named_cache  # its images' embeddings name the features
             result = extract(ctx, cfg.model, spec, cfg.extract, clip=loaded, embeddings=named)
             caches[role] = done[spec] = result.cache
             verb = f"extracted {result.extracted}" if result.extracted else "reused"
