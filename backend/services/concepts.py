@@ -40,14 +40,14 @@ class ConceptSearch:
                 f"SAE {sae.key} has no feature directions to search: its precompute ran without automatic names "
                 "(precompute.names.enabled) or before they existed; run `clipscope precompute` again."
             )
-        key = (sae.key, names["directions"], " ".join(text.split()).lower())
+        key = (sae.key, names["directions"], text)
         with self._lock:
             found = self._scores.get(key)
             if found is not None:
                 self._scores.move_to_end(key)
                 return found
         directions = self._load(sae, names["directions"])
-        vector = self.analyzer.text_embedding(sae, " ".join(text.split()), names["templates"]).numpy()
+        vector = self.analyzer.text_embedding(sae, text, names["templates"]).numpy()
         scores = directions @ vector
         scores[~directions.any(axis=1)] = np.nan
         with self._lock:

@@ -49,6 +49,12 @@ class FeatureQuery(BaseModel):
         """An empty form field means "no bound"."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("concept")
+    @classmethod
+    def _one_spaced(cls, value: str) -> str:
+        """Spaces collapsed: "  berries  on cream " is the search "berries on cream" (and only spaces, none)."""
+        return " ".join(value.split())
+
 
 LIST_COLUMNS = (
     Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense,

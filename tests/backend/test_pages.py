@@ -172,7 +172,8 @@ def test_concept_search_ranks_features_by_their_top_images_match_to_any_text(web
     client, key = web
     settings, _ = web_data
     api = lambda **q: client.get(f"/api/saes/{key}/features", params={"per_page": 64, **q})  # noqa: E731
-    found = api(concept="Stripes ").json()["features"]
+    found = api(concept="  Stripes ").json()["features"]
+    assert api(concept="   ").json()["features"] == api().json()["features"], "a blank search is no search"
     summary = client.get(f"/api/saes/{key}").json()["precompute"]["names"]
     directions = np.load(settings.data_dir / "saes" / key / summary["directions"]).astype(np.float32)
     text = build_classifier(random_clip.model, "ViT-B-32", ["Stripes"], summary["templates"], "cpu")[:, 0].numpy()
