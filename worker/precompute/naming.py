@@ -23,6 +23,7 @@ from worker.context import Context
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Namer:
     """What naming needs from the run: CLIP, loaded on first use, and the model config the cache was extracted with."""
