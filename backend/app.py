@@ -14,7 +14,7 @@ from fastapi.templating import Jinja2Templates
 import clipscope
 from starlette.middleware.sessions import SessionMiddleware
 
-from backend import charts
+from backend import charts, errors
 from backend.assets import ImmutableFiles, static_url
 from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.deps import SaeRows
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
         veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri,
     )
     app.state.templates = templates
+    errors.install(app)
     if settings.auth == "password":
         if settings.browse == "closed":
             app.add_middleware(LoginGate)

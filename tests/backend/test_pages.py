@@ -430,6 +430,30 @@ def test_absurd_paging_and_indices_are_client_errors(web):
     assert client.get(f"/saes/{key}/features?page=0").status_code == 422
 
 
+BROWSER = {"accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
+def test_a_browser_gets_refusals_as_pages_and_every_other_client_json(web):
+    client, key = web
+    for url, status, says in (
+        (f"/saes/{key}/features/64", 404, "Feature 64 does not exist (0..63)."),
+        ("/saes/nope/features/1", 404, "No SAE &#39;nope&#39;."),
+        (f"/saes/{key}/features/abc", 422, "idx (path): Input should be a valid integer"),
+        (f"/saes/{key}/features?page=0", 422, "page (query): Input should be greater than or equal to 1"),
+        ("/no/such/page", 404, "ClipScope has no page at /no/such/page."),
+        ("/saes/%3Cscript%3Ex/features/1", 404, "No SAE &#39;&lt;script&gt;x&#39;."),  # markup in the URL is text
+    ):
+        page = client.get(url, headers=BROWSER)
+        assert page.status_code == status and page.headers["content-type"].startswith("text/html"), url
+        assert says in page.text and 'role="alert"' in page.text and 'href="/"' in page.text, url
+        assert "Accept" in page.headers["vary"], url
+        plain = client.get(url)  # a script, a probe, a test: FastAPI's JSON, as before
+        assert plain.status_code == status and "detail" in plain.json() and "Accept" in plain.headers["vary"], url
+    api = client.get(f"/api/saes/{key}/features/64", headers=BROWSER)  # the API answers JSON whatever the client accepts
+    assert api.status_code == 404 and api.json() == {"detail": "Feature 64 does not exist (0..63)."}
+    assert "vary" not in api.headers
+
+
 @pytest.mark.parametrize("mode", ["yes", "no"])
 def test_read_pages_run_where_the_setting_says_and_answer_the_same(web_data, tmp_path, monkeypatch, mode):
     import asyncio

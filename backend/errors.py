@@ -1,0 +1,64 @@
+"""Refusals as pages for browsers: a request outside ``/api`` whose client asks for HTML (a browser
+following a stale link, an out-of-range page number, a feature that does not exist) gets
+``frontend/templates/error.html`` with the same status and message; the API, probes, scripts and
+tests (which do not ask for HTML) keep FastAPI's JSON ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+
+def wants_html(request: Request) -> bool:
+    """A page request from a browser: not under ``/api`` and ``Accept`` names ``text/html``."""
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """Each refused input as "where: why", e.g. ``page (query): Input should be greater than or equal to 1``."""
+    parts = []
+    for error in exc.errors():
+        where, *path = error.get("loc", ()) or ("request",)
+        name = ".".join(str(p) for p in path)
+        msg = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
+        parts.append(f"{name} ({where}): {msg}" if name else msg)
+    return "; ".join(parts) or "The request is not valid."
+
+
+def _page(request: Request, status_code: int, message: str, headers: dict | None = None) -> Response:
+    context = {"status": status_code, "reason": HTTPStatus(status_code).phrase, "message": message}
+    return request.app.state.templates.TemplateResponse(request, "error.html", context, status_code=status_code, headers=headers)
+
+
+def _negotiated(request: Request, response: Response) -> Response:
+    """Outside ``/api`` the answer depends on ``Accept``; a cache must know (a 404 may be cached)."""
+    if not request.url.path.startswith("/api/"):
+        response.headers.append("vary", "Accept")
+    return response
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if wants_html(request):
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == HTTPStatus.NOT_FOUND.phrase:  # no route: Starlette's bare 404
+            message = f"ClipScope has no page at {request.url.path}."
+        return _negotiated(request, _page(request, exc.status_code, message, exc.headers))
+    return _negotiated(request, await http_exception_handler(request, exc))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    if wants_html(request):
+        return _negotiated(request, _page(request, 422, validation_message(exc)))
+    return _negotiated(request, await request_validation_exception_handler(request, exc))
+
+
+def install(app: FastAPI) -> None:
+    """Route the app's HTTP refusals (raised ones and unknown URLs alike) and invalid inputs through the above."""
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
