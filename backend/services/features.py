@@ -6,7 +6,7 @@ import random
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
@@ -54,6 +54,13 @@ class FeatureQuery(BaseModel):
     def _one_spaced(cls, value: str) -> str:
         """Spaces collapsed: "  berries  on cream " is the search "berries on cream" (and only spaces, none)."""
         return " ".join(value.split())
+
+    @model_validator(mode="after")
+    def _frequency_range(self) -> FeatureQuery:
+        """A range no feature can fall in is a mistake to point out, not an empty list."""
+        if self.min_freq is not None and self.max_freq is not None and self.min_freq > self.max_freq:
+            raise ValueError(f"min_freq ({self.min_freq:g}) is above max_freq ({self.max_freq:g}): no frequency lies between them")
+        return self
 
 
 LIST_COLUMNS = (

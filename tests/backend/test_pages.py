@@ -454,6 +454,26 @@ def test_a_browser_gets_refusals_as_pages_and_every_other_client_json(web):
     assert "vary" not in api.headers
 
 
+def test_a_frequency_range_that_nothing_can_fall_in_is_refused(web):
+    client, key = web
+    r = client.get(f"/api/saes/{key}/features", params={"min_freq": 0.5, "max_freq": 0.1})
+    assert r.status_code == 422 and "min_freq (0.5) is above max_freq (0.1)" in r.json()["detail"][0]["msg"]
+    page = client.get(f"/saes/{key}/features?min_freq=0.5&max_freq=0.1", headers=BROWSER)
+    assert page.status_code == 422 and ">min_freq (0.5) is above max_freq (0.1): no frequency lies between them<" in page.text
+    assert client.get(f"/api/saes/{key}/features", params={"min_freq": 0.2, "max_freq": 0.2}).status_code == 200  # a point is a range
+
+
+def test_a_page_past_the_last_links_back_to_it(web):
+    client, key = web
+    html = client.get(f"/saes/{key}/features?per_page=10&page=99&sort=frequency").text  # 64 features: 7 pages
+    assert "Page 99 is past the last page" in html and "No feature matches" not in html
+    last = "?per_page=10&amp;sort=frequency&amp;page=7"
+    assert f'<a href="{last}">go to page 7</a>' in html and f'<a rel="prev" href="{last}">' in html and 'rel="next"' not in html
+    first = client.get(f"/saes/{key}/features?page=1").text  # no other parameter: no stray "&"
+    assert '<a rel="next" href="?page=2">' in first
+    assert "No feature matches" in client.get(f"/saes/{key}/features?q=no+such+label").text
+
+
 @pytest.mark.parametrize("mode", ["yes", "no"])
 def test_read_pages_run_where_the_setting_says_and_answer_the_same(web_data, tmp_path, monkeypatch, mode):
     import asyncio
