@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,10 +109,17 @@ def serve(
     uvicorn.run("backend.app:serve_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 
+class LabelFormat(str, Enum):
+    """The two forms labels travel in (``--format``): one JSON object per line, or CSV with a header."""
+
+    jsonl = "jsonl"
+    csv = "csv"
+
+
 @app.command("export")
 def export_labels(
     sae: str = typer.Argument(..., help="SAE key (its folder name under <data_dir>/saes)."),
-    fmt: str = typer.Option("jsonl", "--format", help="jsonl or csv."),
+    fmt: LabelFormat = typer.Option(LabelFormat.jsonl, "--format", help="jsonl or csv."),
     output: Path = typer.Option(None, "--output", "-o", help="File to write (default: standard output)."),
 ) -> None:
     """Export every label revision of an SAE (JSONL or CSV)."""
@@ -119,7 +127,7 @@ def export_labels(
 
     with _sae_session(sae) as (session, row):
         rows = labels.export_rows(session, row)
-        text = labels.to_jsonl(rows) if fmt == "jsonl" else labels.to_csv(rows)
+        text = labels.to_jsonl(rows) if fmt is LabelFormat.jsonl else labels.to_csv(rows)
     if output:
         output.write_text(text)
     else:
@@ -130,15 +138,15 @@ def export_labels(
 def import_labels(
     sae: str = typer.Argument(..., help="SAE key."),
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSONL or CSV export."),
-    fmt: str = typer.Option(None, "--format", help="jsonl or csv (default: from the file extension)."),
+    fmt: LabelFormat | None = typer.Option(None, "--format", help="jsonl or csv (default: from the file extension)."),
 ) -> None:
     """Import labels: appends revisions, skips ones already present, never overwrites."""
     from backend.services import labels
 
-    fmt = fmt or ("csv" if path.suffix.lower() == ".csv" else "jsonl")
+    fmt = fmt or (LabelFormat.csv if path.suffix.lower() == ".csv" else LabelFormat.jsonl)
     with _sae_session(sae) as (session, row):
         try:
-            result = labels.import_rows(session, row, labels.parse_export(path.read_text(encoding="utf-8-sig"), fmt))
+            result = labels.import_rows(session, row, labels.parse_export(path.read_text(encoding="utf-8-sig"), fmt.value))
         except labels.LabelError as exc:
             raise ClipScopeError(f"{path}: {exc}") from None
     typer.echo(f"added {result['added']} revisions, skipped {result['skipped']} already present")
@@ -208,18 +216,11 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target Alembic revis
 
 
 def main() -> None:
+    """The console entry point. A usage error (a missing argument, an unknown option or choice, a file
+    that does not exist) is typer's message and exit code 2; a ``ClipScopeError`` (a bad config,
+    missing data or weights, an unmigrated database) one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        app()
     except ClipScopeError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        raise SystemExit(130) from None
-    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            raise SystemExit(exc.exit_code) from None
-        raise

@@ -1,5 +1,6 @@
 """The console command, end to end on random-initialised CLIP and synthetic images."""
 
+import os
 import subprocess
 import sys
 
@@ -88,6 +89,20 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: Config") and "exceeds d_sae" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["import", "some-sae", "missing.jsonl"], "does not exist"),
+    (["export", "some-sae", "--format", "xml"], "'xml' is not one of"),
+    (["users", "add"], "Missing argument 'username'"),
+    (["no-such-stage"], "No such command 'no-such-stage'"),
+])
+def test_a_usage_error_is_a_message_and_exit_code_2_never_a_traceback(tmp_path, args, says):
+    proc = subprocess.run([sys.executable, "-m", "clipscope_cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "CLIPSCOPE_DATA_DIR": str(tmp_path / "data")})
+    assert proc.returncode == 2, proc.stderr
+    assert says in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was touched
 
 
 def test_labels_export_and_import_through_the_cli(env, tmp_path):
