@@ -14,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from clipscope.errors import validation_reason
+
 
 def wants_html(request: Request) -> bool:
     """A page request from a browser: not under ``/api`` and ``Accept`` names ``text/html``."""
@@ -26,8 +28,7 @@ def validation_message(exc: RequestValidationError) -> str:
     for error in exc.errors():
         where, *path = error.get("loc", ()) or ("request",)
         name = ".".join(str(p) for p in path)
-        msg = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
-        parts.append(f"{name} ({where}): {msg}" if name else msg)
+        parts.append(f"{name} ({where}): {validation_reason(error)}" if name else validation_reason(error))
     return "; ".join(parts) or "The request is not valid."
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from clipscope.errors import ClipScopeError
+from clipscope.errors import ClipScopeError, validation_reason
 
 DatasetName = Literal["food101", "cifar10", "cifar100", "imagefolder", "synthetic"]
 
@@ -59,6 +59,23 @@ class ModelConfig(_Strict):
     @property
     def is_random(self) -> bool:
         return self.weights_file is None and self.pretrained.lower() == "none"
+
+    @model_validator(mode="after")
+    def _hook_site_exists(self) -> ModelConfig:
+        """The architecture is one of open_clip's vision transformers and ``layer`` one of its blocks, read
+        from open_clip's architecture table (no weights): a typo fails here, before a stage downloads
+        weights or a dataset."""
+        import open_clip
+
+        vision = (open_clip.get_model_config(self.name) or {}).get("vision_cfg")
+        if vision is None:
+            raise ValueError(f"name {self.name!r} is not an open_clip architecture (open_clip.list_models() lists them)")
+        layers = vision.get("layers")
+        if not isinstance(layers, int) or "patch_size" not in vision:
+            raise ValueError(f"name {self.name!r} is not a vision transformer: ClipScope hooks a ViT's residual stream")
+        if self.layer >= layers:
+            raise ValueError(f"layer {self.layer} is outside 0..{layers - 1}, the blocks of {self.name}")
+        return self
 
 
 class DatasetSpec(_Strict):
@@ -291,7 +308,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {validation_reason(err)}" for err in exc.errors()
         )
         raise ClipScopeError(f"Config {source} is invalid: {problems}.") from None
 

@@ -3,3 +3,8 @@
 
 class ClipScopeError(Exception):
     """A failure caused by input or environment, reported to the user as one clear sentence."""
+
+
+def validation_reason(error: dict) -> str:
+    """A pydantic error's sentence, without the "Value error, " pydantic puts before a validator's own."""
+    return error["msg"].removeprefix("Value error, ")

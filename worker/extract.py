@@ -58,8 +58,6 @@ def extract(
     descriptor = preprocess_descriptor(model_cfg)
     key = cache_key(model_cfg, dataset.identity(), spec.split)
     width, n_positions = _tower_shape(model_cfg)
-    if not 0 <= model_cfg.layer < _n_layers(model_cfg):
-        raise ValueError(f"model.layer {model_cfg.layer} is outside 0..{_n_layers(model_cfg) - 1} for {model_cfg.name}")
     cache = ActivationCache.create_or_open(
         ctx.layout.activations,
         key,
@@ -151,10 +149,6 @@ def _embed_dim(model_cfg: ModelConfig) -> int:
     import open_clip
 
     return int((open_clip.get_model_config(model_cfg.name) or {})["embed_dim"])
-
-
-def _n_layers(model_cfg: ModelConfig) -> int:
-    return int(_vision_cfg(model_cfg).get("layers", 12))
 
 
 def cache_path(ctx: Context, model_cfg: ModelConfig, spec: DatasetSpec) -> Path:

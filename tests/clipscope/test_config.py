@@ -36,6 +36,17 @@ def test_unknown_keys_and_bad_values_are_errors_naming_the_key():
         parse_config({"data": {"name": "imagefolder"}})
 
 
+def test_the_hook_site_is_checked_against_open_clips_architecture_table_before_any_stage():
+    with pytest.raises(ClipScopeError, match=r"model: layer 12 is outside 0\.\.11, the blocks of ViT-B-32\.$"):
+        parse_config({"model": {"layer": 12}})
+    with pytest.raises(ClipScopeError, match="'ViT-B-99' is not an open_clip architecture"):
+        parse_config({"model": {"name": "ViT-B-99"}})
+    with pytest.raises(ClipScopeError, match="'RN50' is not a vision transformer"):
+        parse_config({"model": {"name": "RN50"}})
+    assert parse_config({"model": {"name": "ViT-L-14", "layer": 23}}).model.layer == 23  # its 24 blocks, not B/32's 12
+    assert parse_config({"model": {"layer": 0}}).model.layer == 0
+
+
 def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ClipScopeError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
