@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +8,7 @@ from clipscope.activation_cache import ActivationCache
 from clipscope.clip.hooks import residual_at
 from clipscope.clip.preprocess import build_transform, preprocess_descriptor
 from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
+from clipscope.errors import ClipScopeError
 from worker.datasets import build_dataset
 from worker.extract import extract
 
@@ -144,6 +147,21 @@ def test_resizing_on_the_device_fills_a_cache_of_its_own_close_to_pils(ctx, rand
     assert list(on_device.labels()) == list(pil.labels())
     relative = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
     assert relative.max() < 2e-3, relative  # fp16 storage alone rounds at ~5e-4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_an_image_that_cannot_be_read_stops_extraction_naming_it_and_keeps_the_batches_before(ctx, random_clip, workers, damage):
+    ctx.settings.num_workers = workers
+    root = _folder_of_photos(ctx.layout.datasets / "photos")  # 7 photos in c0/, c1/; batches of 4
+    bad = root / "c1" / "5.jpg"  # the last of the 7 in listing order (c0/ first): in the second batch
+    data = bad.read_bytes()
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg" if damage == "not an image" else data[: len(data) // 2])
+    spec = DatasetSpec(name="imagefolder", root=root)
+    with pytest.raises(ClipScopeError, match=rf"^Cannot read {re.escape(str(bad))} \((UnidentifiedImageError|OSError): .+\); remove or repair it, then run again\.$"):
+        extract(ctx, MODEL, spec, SMALL, clip=random_clip)
+    (cache,) = [ActivationCache.open(p) for p in ctx.layout.activations.iterdir()]
+    assert cache.n_done == 4 and not cache.complete  # the first batch was kept
 
 
 def _folder_of_photos(root):

@@ -25,6 +25,10 @@ class ImageDataset(Protocol):
         """What determines the dataset's content, for cache names."""
         ...
 
+    def where(self, index: int) -> str:
+        """Item ``index`` as a user finds it: its file, or the dataset and position."""
+        ...
+
 
 class Selection:
     """A spec's subset of a base dataset; item ``j`` is base item ``indices[j]``."""
@@ -39,6 +43,9 @@ class Selection:
 
     def __getitem__(self, j: int) -> tuple[Image.Image, int]:
         return self.base[int(self.indices[j])]
+
+    def where(self, j: int) -> str:
+        return self.base.where(int(self.indices[j]))
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -43,6 +43,9 @@ class ImageFolder:
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return open_rgb(self.files[i]), self.labels[i]
 
+    def where(self, i: int) -> str:
+        return str(self.files[i])
+
     def identity(self) -> dict[str, Any]:
         listing = hashlib.sha256()
         for f in self.files:

@@ -36,6 +36,9 @@ class SyntheticShapes:
     def identity(self) -> dict[str, Any]:
         return {"dataset": "synthetic", "version": 1, "size": self.size, "gen_seed": self.seed, "image_size": self.image_size}
 
+    def where(self, index: int) -> str:
+        return f"synthetic {self.split} image {index}"
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         if not 0 <= index < self.size:
             raise IndexError(index)

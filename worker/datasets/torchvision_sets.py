@@ -54,6 +54,9 @@ class CifarFiles:
     def identity(self) -> dict[str, Any]:
         return {"dataset": self.name, "n": len(self)}
 
+    def where(self, i: int) -> str:
+        return f"{self.name} image {i}"
+
 
 class Food101Files:
     def __init__(self, root: Path, split: str, download: bool):
@@ -71,6 +74,10 @@ class Food101Files:
 
     def identity(self) -> dict[str, Any]:
         return {"dataset": "food101", "n": len(self)}
+
+    def where(self, i: int) -> str:
+        files = getattr(self.dataset, "_image_files", None)  # torchvision's list of paths (not public API)
+        return str(files[i]) if files is not None else f"food101 image {i}"
 
 
 def _open(name: str, root: Path, split: str):
