@@ -146,7 +146,7 @@ def import_labels(
     fmt = fmt or (LabelFormat.csv if path.suffix.lower() == ".csv" else LabelFormat.jsonl)
     with _sae_session(sae) as (session, row):
         try:
-            result = labels.import_rows(session, row, labels.parse_export(path.read_text(encoding="utf-8-sig"), fmt.value))
+            result = labels.import_rows(session, row, labels.parse_export(path.read_bytes(), fmt.value))
         except labels.LabelError as exc:
             raise ClipScopeError(f"{path}: {exc}") from None
     typer.echo(f"added {result['added']} revisions, skipped {result['skipped']} already present")

@@ -109,8 +109,8 @@ async def api_import(request: Request, sae: SaeDep, session: SessionDep, file: U
     if len(data) > MAX_IMPORT:
         raise HTTPException(413, "The file is too large.")
     try:
-        return label_service.import_rows(session, sae, label_service.parse_export(data.decode("utf-8-sig"), format))
-    except (label_service.LabelError, UnicodeDecodeError) as exc:
+        return label_service.import_rows(session, sae, label_service.parse_export(data, format))
+    except label_service.LabelError as exc:
         session.rollback()
         raise HTTPException(400, str(exc)) from None
 

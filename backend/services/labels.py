@@ -104,21 +104,37 @@ def to_csv(rows: Iterable[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def parse_export(data: str, fmt: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL or CSV export; a malformed line is an error naming it."""
+def parse_export(data: bytes, fmt: str) -> list[dict[str, Any]]:
+    """Rows of a JSONL or CSV export (UTF-8, with or without a byte-order mark); a malformed line is an error naming it."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelError(f"The file is not UTF-8 text (byte {exc.start} cannot be decoded); exports are UTF-8.") from None
     rows = []
     if fmt == "jsonl":
-        for n, line in enumerate(data.splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise LabelError(f"Line {n} is not JSON: {exc.msg}.") from None
     elif fmt == "csv":
-        rows = list(csv.DictReader(io.StringIO(data)))
+        rows = list(csv.DictReader(io.StringIO(text)))
     else:
         raise LabelError("Format must be jsonl or csv.")
     return rows
+
+
+IMPORT_FIELDS = ("feature", "text", "category", "author")
+
+
+def _feature_of(value: Any) -> int:
+    """A feature index as JSON (a whole number) or CSV (its digits) writes it; anything else is refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise LabelError(f"feature must be a whole number, not {value!r}.")
 
 
 def import_rows(session: Session, sae: Sae, rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -130,10 +146,15 @@ def import_rows(session: Session, sae: Sae, rows: list[dict[str, Any]]) -> dict[
     """
     checked = []
     for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise LabelError(f"Row {n} is not an object with {', '.join(IMPORT_FIELDS)}.")
+        missing = [f for f in IMPORT_FIELDS if row.get(f) is None]
+        if missing:
+            raise LabelError(f"Row {n} has no {', '.join(missing)}.")
         try:
-            feature = int(row["feature"])
+            feature = _feature_of(row["feature"])
             checked.append((feature, *validate(str(row["text"]), str(row["category"]), str(row["author"]))))
-        except (KeyError, ValueError, TypeError) as exc:
+        except LabelError as exc:
             raise LabelError(f"Row {n}: {exc}") from None
         if not 0 <= feature < sae.d_sae:
             raise LabelError(f"Row {n}: feature {feature} does not exist (0..{sae.d_sae - 1}).")

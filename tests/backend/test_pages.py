@@ -315,6 +315,29 @@ def test_labels_export_as_jsonl_and_csv_and_import_back(web):
     assert bad.status_code == 400
 
 
+GOOD_ROW = b'{"feature": 2, "text": "fine", "category": "noise", "author": "ann"}\n'
+
+
+@pytest.mark.parametrize("body, fmt, says", [
+    (b'[2, "text"]\n', "jsonl", "Row 2 is not an object with feature, text, category, author."),
+    (b'{"feature": 2, "text": "x"}\n', "jsonl", "Row 2 has no category, author."),
+    (b'{"feature": 1.5, "text": "x", "category": "noise", "author": "a"}\n', "jsonl", "Row 2: feature must be a whole number, not 1.5."),
+    (b'{"feature": true, "text": "x", "category": "noise", "author": "a"}\n', "jsonl", "Row 2: feature must be a whole number, not True."),
+    (b'{"feature": 64, "text": "x", "category": "noise", "author": "a"}\n', "jsonl", "Row 2: feature 64 does not exist (0..63)."),
+    (b"not json\n", "jsonl", "Line 2 is not JSON"),
+    (b"\xff\xfe not utf-8\n", "jsonl", "The file is not UTF-8 text (byte 69 cannot be decoded)"),
+    (b"a,b\n1,2\n", "csv", "Row 1 has no feature, text, category, author."),
+    (b"feature,text,category,author\nseven,x,noise,a\n", "csv", "Row 1: feature must be a whole number, not 'seven'."),
+])
+def test_a_malformed_import_is_refused_with_the_row_and_the_reason_and_writes_nothing(web, body, fmt, says):
+    client, key = web
+    before = client.get(f"/api/saes/{key}/labels.jsonl").text
+    data = body if fmt == "csv" else GOOD_ROW + body  # the good first row is not written either
+    r = client.post(f"/api/saes/{key}/labels/import?format={fmt}", files={"file": ("labels", data)})
+    assert r.status_code == 400 and says in r.json()["detail"]
+    assert client.get(f"/api/saes/{key}/labels.jsonl").text == before
+
+
 def _png(seed=0, size=(96, 80)):
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()

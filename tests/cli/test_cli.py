@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from clipscope.db.models import Sae, SaeStatus, TrainingPoint
 from clipscope.db.session import session_scope
+from clipscope.errors import ClipScopeError
 from clipscope.settings import get_settings
 from clipscope_cli.main import app
 
@@ -124,3 +125,6 @@ def test_labels_export_and_import_through_the_cli(env, tmp_path):
     assert out.exit_code == 0 and "added 1" in out.output
     out = runner.invoke(app, ["export", key])
     assert '"text": "second"' in out.output and '"text": "first"' in out.output
+    (tmp_path / "latin1.csv").write_bytes("feature,text,category,author\n3,crème,noise,bob\n".encode("latin-1"))
+    out = runner.invoke(app, ["import", key, str(tmp_path / "latin1.csv")])
+    assert isinstance(out.exception, ClipScopeError) and "latin1.csv: The file is not UTF-8 text" in str(out.exception)
