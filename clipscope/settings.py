@@ -10,8 +10,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt
+from pydantic import Field, NonNegativeInt, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from clipscope.errors import ClipScopeError, validation_reason
 
 
 class Settings(BaseSettings):
@@ -31,6 +33,7 @@ class Settings(BaseSettings):
     )
     device: str = Field(
         default="auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
         description="Torch device for CLIP and the SAE: 'auto' (cuda when available, else cpu), "
         "'cpu', 'cuda' or 'cuda:N'.",
     )
@@ -128,15 +131,31 @@ class Settings(BaseSettings):
         return max(1, min(16, usable - 1))
 
     def resolved_device(self) -> str:
-        """The concrete torch device string for ``device='auto'``."""
-        if self.device != "auto":
+        """The concrete torch device string for ``device='auto'``; a GPU asked for must be there."""
+        if self.device == "cpu":
             return self.device
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            raise ClipScopeError(f"CLIPSCOPE_DEVICE={self.device}, but PyTorch sees no CUDA GPU on this machine; set it to cpu or auto.")
+        index, count = int(self.device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ClipScopeError(f"CLIPSCOPE_DEVICE={self.device}, but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}.")
+        return self.device
 
 
 @lru_cache
 def get_settings() -> Settings:
-    """The settings of this process (cached; tests call ``get_settings.cache_clear()``)."""
-    return Settings()
+    """The settings of this process (cached; tests call ``get_settings.cache_clear()``); a value that is
+    not valid is a ``ClipScopeError`` naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        reasons: dict[str, tuple[object, list[str]]] = {}
+        for error in exc.errors():  # a union (num_workers) reports each alternative: "... or ..."
+            reasons.setdefault(str(error["loc"][0]), (error.get("input"), []))[1].append(validation_reason(error))
+        raise ClipScopeError("; ".join(
+            f"CLIPSCOPE_{name.upper()}={value!r} is not valid: {' or '.join(why)}" for name, (value, why) in reasons.items()
+        ) + ".") from None

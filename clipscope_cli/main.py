@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from sqlalchemy.exc import OperationalError
 
 from clipscope.config import load_config
 from clipscope.errors import ClipScopeError
@@ -217,10 +218,26 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target Alembic revis
 
 def main() -> None:
     """The console entry point. A usage error (a missing argument, an unknown option or choice, a file
-    that does not exist) is typer's message and exit code 2; a ``ClipScopeError`` (a bad config,
-    missing data or weights, an unmigrated database) one line on stderr and exit code 2."""
+    that does not exist) is typer's message and exit code 2; a ``ClipScopeError`` (a bad config or
+    setting, missing data or weights, an unmigrated database), a database that cannot be reached and a
+    file or folder that cannot be used (no permission, no such folder, a full disk) are one line on
+    stderr and exit code 2."""
     try:
         app()
     except ClipScopeError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except OperationalError as exc:
+        from sqlalchemy.engine import make_url
+
+        from clipscope.settings import get_settings
+
+        url = make_url(get_settings().resolved_database_url).render_as_string()  # the password hidden
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+        typer.echo(f"error: Cannot use the database {url}: {reason}", err=True)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        if exc.filename is None:  # not about a file: a bug to see whole
+            raise
+        typer.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
         raise SystemExit(2) from None

@@ -8,14 +8,32 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+
+from clipscope.errors import ClipScopeError
 
 
 _SQLITE_MMAP_BYTES = 1 << 30
 
 
+def check_url(url: str) -> None:
+    """ClipScope's data lives in SQLite or PostgreSQL: any other URL is refused with the forms that work."""
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        backend = None
+    if backend not in ("sqlite", "postgresql"):
+        raise ClipScopeError(
+            f"CLIPSCOPE_DATABASE_URL must name a SQLite or PostgreSQL database (sqlite:///path/clipscope.db, "
+            f"postgresql+psycopg://user:password@host/db), not {make_url(url).render_as_string() if backend else repr(url)}."
+        )
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
+    check_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -35,7 +53,10 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ImportError as exc:
+        raise ClipScopeError(f"The database driver of {make_url(url).drivername} is not installed ({exc}); use postgresql+psycopg://.") from None
 
 
 @lru_cache(maxsize=8)

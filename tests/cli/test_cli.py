@@ -106,6 +106,19 @@ def test_a_usage_error_is_a_message_and_exit_code_2_never_a_traceback(tmp_path, 
     assert not (tmp_path / "data").exists()  # refused before anything was touched
 
 
+def test_a_database_or_folder_that_cannot_be_used_is_one_line_and_exit_code_2(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for env, says in (
+        ({"CLIPSCOPE_DATABASE_URL": "postgresql+psycopg://nobody:secret@127.0.0.1:1/db"},  # nothing listens on port 1
+         "error: Cannot use the database postgresql+psycopg://nobody:***@127.0.0.1:1/db: connection failed"),
+        ({"CLIPSCOPE_DATA_DIR": str(tmp_path / "a-file" / "data")}, f"error: Not a directory: {tmp_path / 'a-file' / 'data'}"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "clipscope_cli", "export", "some-sae"], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, **env})
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(says), proc.stderr
+        assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
+
+
 def test_labels_export_and_import_through_the_cli(env, tmp_path):
     (env / "run.toml").write_text(CONFIG)
     runner = CliRunner()
