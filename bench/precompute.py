@@ -63,8 +63,12 @@ def _run(kind: str, cache_path: str, args: dict, out) -> None:
         else:
             with tempfile.TemporaryDirectory() as spill:
                 compute(sae, cache, pc, Path(spill) / "spill", args["device"])
+    on_gpu = args["device"].startswith("cuda")
+    if on_gpu:
+        torch.cuda.synchronize()  # the reference only queues its work: count it done
     seconds = time.perf_counter() - started
-    out.put({"kind": kind, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    out.put({"kind": kind, "seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             **({"peak_device_mb": torch.cuda.max_memory_allocated() / 2**20} if on_gpu else {})})
 
 
 def measure(kind: str, cache_path: str, args: dict) -> dict:
@@ -97,6 +101,7 @@ def main() -> None:
         "precompute": ours,
         "time_ratio": ours["seconds"] / ref["seconds"],
         "peak_memory_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
+        **({"peak_device_memory_ratio": ours["peak_device_mb"] / ref["peak_device_mb"]} if "peak_device_mb" in ref else {}),
     }
     print(json.dumps(report, indent=2))
 

@@ -16,6 +16,7 @@ if [ "${1:-}" = "--smoke" ]; then
   py=.venv/bin/python
   seed_run=(--images 3200 --eval-images 500 --epochs 1); steps_small=(--steps 2 --rounds 1); steps_large=(--steps 1 --rounds 1 --batch 256)
   extract=(--images 32 --copies 2 --batch 32 --workers 2)
+  precompute=(--images 2000 --d-sae 4096 --k 32)
 else
   py=python3
   if [ -d .whl ]; then
@@ -24,6 +25,7 @@ else
   fi
   seed_run=(); steps_small=(--steps 50 --rounds 3); steps_large=(--steps 10 --rounds 3 --batch 4096)
   extract=(--images 2048 --copies 8 --batch 256 --workers 14)
+  precompute=()
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 parts=$(mktemp -d)
@@ -58,3 +60,4 @@ for precision in fp32 bf16; do
     run "extract_${precision}_$resize" $py bench/extract.py "${extract[@]}" --precision $precision --resize $resize
   done
 done
+run precompute $py bench/precompute.py "${precompute[@]}"
