@@ -96,8 +96,8 @@ def demo(
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
-    port: int = typer.Option(8000, help="Port."),
-    workers: int = typer.Option(1, help="Uvicorn worker processes."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port."),
+    workers: int = typer.Option(1, min=1, help="Uvicorn worker processes."),
 ) -> None:
     """Serve the feature explorer and the JSON API (the database must be migrated: `clipscope db upgrade`)."""
     import uvicorn
@@ -106,6 +106,7 @@ def serve(
 
     _setup()
     create_app()  # fail here, with a clear message, if the database is not ready
+    _check_listenable(host, port)
     typer.echo(f"ClipScope explorer: http://{host}:{port}/", err=True)
     uvicorn.run("backend.app:serve_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
@@ -115,6 +116,19 @@ class LabelFormat(str, Enum):
 
     jsonl = "jsonl"
     csv = "csv"
+
+
+def _check_listenable(host: str, port: int) -> None:
+    """Bind ``host:port`` once, as uvicorn will, so that a port in use is one sentence before the URL is printed."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+            probe.bind(address)
+    except OSError as exc:
+        raise ClipScopeError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host.") from None
 
 
 @app.command("export")

@@ -97,10 +97,11 @@ def test_bad_config_exits_2_with_one_clear_line(tmp_path):
     (["export", "some-sae", "--format", "xml"], "'xml' is not one of"),
     (["users", "add"], "Missing argument 'username'"),
     (["no-such-stage"], "No such command 'no-such-stage'"),
+    (["serve", "--port", "70000"], "Invalid value for '--port'"),
 ])
 def test_a_usage_error_is_a_message_and_exit_code_2_never_a_traceback(tmp_path, args, says):
     proc = subprocess.run([sys.executable, "-m", "clipscope_cli", *args], capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "CLIPSCOPE_DATA_DIR": str(tmp_path / "data")})
+                          env={**os.environ, "CLIPSCOPE_DATA_DIR": str(tmp_path / "data")}, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert says in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was touched
@@ -117,6 +118,21 @@ def test_a_database_or_folder_that_cannot_be_used_is_one_line_and_exit_code_2(tm
                               cwd=tmp_path, env={**os.environ, **env})
         assert proc.returncode == 2 and proc.stderr.strip().startswith(says), proc.stderr
         assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
+
+
+def test_serving_on_a_port_in_use_is_one_sentence_before_any_url(tmp_path):
+    import socket
+
+    env = {**os.environ, "CLIPSCOPE_DATA_DIR": str(tmp_path / "data")}
+    subprocess.run([sys.executable, "-m", "clipscope_cli", "db", "upgrade"], check=True, capture_output=True, cwd=tmp_path, env=env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "clipscope_cli", "serve", "--port", str(port)], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and "http://" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == f"error: Cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host."
 
 
 def test_labels_export_and_import_through_the_cli(env, tmp_path):
