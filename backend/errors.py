@@ -1,16 +1,20 @@
 """Refusals as pages for browsers: a request outside ``/api`` whose client asks for HTML (a browser
 following a stale link, an out-of-range page number, a feature that does not exist) gets
 ``frontend/templates/error.html`` with the same status and message; the API, probes, scripts and
-tests (which do not ask for HTML) keep FastAPI's JSON ``{"detail": ...}``.
+tests (which do not ask for HTML) keep FastAPI's JSON ``{"detail": ...}``. A database that cannot
+be reached (PostgreSQL restarting, SQLite locked past its timeout) is a 503 with ``Retry-After``,
+answered the same two ways, rather than a bare 500.
 """
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -59,7 +63,15 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
     return _negotiated(request, await request_validation_exception_handler(request, exc))
 
 
+async def _database_unavailable(request: Request, exc: OperationalError) -> Response:
+    logging.getLogger(__name__).error("database unavailable for %s %s: %s", request.method, request.url.path, exc.orig or exc)
+    refusal = HTTPException(503, "The database cannot be reached right now; try again in a moment.", headers={"Retry-After": "5"})
+    return await _http_error(request, refusal)
+
+
 def install(app: FastAPI) -> None:
-    """Route the app's HTTP refusals (raised ones and unknown URLs alike) and invalid inputs through the above."""
+    """Route the app's HTTP refusals (raised ones and unknown URLs alike), invalid inputs and an
+    unreachable database through the above."""
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)

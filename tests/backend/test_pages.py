@@ -477,6 +477,22 @@ def test_a_browser_gets_refusals_as_pages_and_every_other_client_json(web):
     assert "vary" not in api.headers
 
 
+def test_a_database_that_cannot_be_reached_is_a_503_to_retry_not_a_500(web, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    def down(*args, **kwargs):
+        raise OperationalError("SELECT ...", {}, ConnectionRefusedError("connection refused"))
+
+    monkeypatch.setattr("backend.routes.pages.feature_detail", down)
+    monkeypatch.setattr("backend.routes.api.feature_detail", down)
+    client, key = web
+    says = "The database cannot be reached right now; try again in a moment."
+    page = client.get(f"/saes/{key}/features/3", headers=BROWSER)
+    assert page.status_code == 503 and page.headers["retry-after"] == "5" and says in page.text and 'role="alert"' in page.text
+    api = client.get(f"/api/saes/{key}/features/3")
+    assert api.status_code == 503 and api.headers["retry-after"] == "5" and api.json() == {"detail": says}
+
+
 def test_a_frequency_range_that_nothing_can_fall_in_is_refused(web):
     client, key = web
     r = client.get(f"/api/saes/{key}/features", params={"min_freq": 0.5, "max_freq": 0.1})
