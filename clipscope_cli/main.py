@@ -111,13 +111,6 @@ def serve(
     uvicorn.run("backend.app:serve_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 
-class LabelFormat(str, Enum):
-    """The two forms labels travel in (``--format``): one JSON object per line, or CSV with a header."""
-
-    jsonl = "jsonl"
-    csv = "csv"
-
-
 def _check_listenable(host: str, port: int) -> None:
     """Bind ``host:port`` once, as uvicorn will, so that a port in use is one sentence before the URL is printed."""
     import socket
@@ -129,6 +122,13 @@ def _check_listenable(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as exc:
         raise ClipScopeError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host.") from None
+
+
+class LabelFormat(str, Enum):
+    """The two forms labels travel in (``--format``): one JSON object per line, or CSV with a header."""
+
+    jsonl = "jsonl"
+    csv = "csv"
 
 
 @app.command("export")

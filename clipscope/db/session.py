@@ -25,9 +25,10 @@ def check_url(url: str) -> None:
     except ArgumentError:
         backend = None
     if backend not in ("sqlite", "postgresql"):
+        given = make_url(url).render_as_string() if backend else "a value that is not a URL"  # never a password
         raise ClipScopeError(
             f"CLIPSCOPE_DATABASE_URL must name a SQLite or PostgreSQL database (sqlite:///path/clipscope.db, "
-            f"postgresql+psycopg://user:password@host/db), not {make_url(url).render_as_string() if backend else repr(url)}."
+            f"postgresql+psycopg://user:password@host/db), not {given}."
         )
 
 
