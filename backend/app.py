@@ -30,6 +30,8 @@ from clipscope.token_maps import occlusion_veil_data_uri, veil_data_uri
 
 FRONTEND = Path(__file__).resolve().parents[1] / "frontend"
 HTMX = "vendor/htmx-2.0.11.min.js"
+SWAGGER_UI = "vendor/swagger-ui-5.35.0"
+"""Swagger UI's files for ``/docs``, vendored like htmx: the API's page works offline (FastAPI's default loads them from a CDN)."""
 
 
 def create_app(settings: Settings | None = None, check_schema: bool = True) -> FastAPI:
@@ -43,6 +45,8 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
         title="ClipScope",
         version=clipscope.__version__,
         description="Sparse-autoencoder features of CLIP ViT-B/32: SAEs, features, labels and live analysis.",
+        docs_url=None,  # served by backend/routes/pages.py from the vendored Swagger UI
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.database_url = url
@@ -56,7 +60,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
-        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES,
+        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, swagger_ui=SWAGGER_UI, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES,
         veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri,
     )
     app.state.templates = templates

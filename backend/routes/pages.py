@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
@@ -36,6 +37,18 @@ def healthz(session: SessionDep) -> dict[str, str]:
 
     session.execute(text("SELECT 1"))
     return {"status": "ok"}
+
+
+@router.get("/docs", response_class=HTMLResponse)
+def api_docs(request: Request):
+    """The JSON API's interactive description (Swagger UI over ``/openapi.json``), from vendored files only."""
+    globals_ = request.app.state.templates.env.globals
+    static, folder = globals_["static"], globals_["swagger_ui"]
+    return get_swagger_ui_html(
+        openapi_url=request.app.openapi_url, title=f"{request.app.title} API",
+        swagger_js_url=static(f"{folder}/swagger-ui-bundle.js"), swagger_css_url=static(f"{folder}/swagger-ui.css"),
+        swagger_favicon_url=static(f"{folder}/favicon-32x32.png"),
+    )
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -555,6 +555,21 @@ def test_reads_on_the_event_loop_by_default_for_sqlite_only():
     assert Settings(database_url="sqlite:///x.db", reads_in_event_loop="no").resolved_reads_in_event_loop is False
 
 
+def test_the_api_docs_page_loads_nothing_from_another_host(web):
+    from backend.assets import IMMUTABLE
+
+    client, _ = web
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text and "url: '/openapi.json'" in page.text
+    assets = re.findall(r'(?:href|src)="([^"]+)"', page.text)
+    assert len(assets) == 3 and all(a.startswith("/static/vendor/swagger-ui-") for a in assets), assets  # script, stylesheet, icon
+    for url in assets:
+        got = client.get(url)
+        assert got.status_code == 200 and got.headers["cache-control"] == IMMUTABLE and len(got.content) > 500, url
+    assert client.get("/openapi.json").json()["info"]["title"] == "ClipScope"
+    assert client.get("/redoc").status_code == 404  # one API page, not a second from a CDN
+
+
 def test_thumbnails_and_static_files_are_named_by_content_and_cached_for_good(web, tmp_path):
     from backend.assets import IMMUTABLE, static_url
 
