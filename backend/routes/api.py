@@ -18,6 +18,7 @@ from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
 from backend.uploads import BadUpload, decode_upload
+from clipscope.errors import ClipScopeError
 from backend.services.features import FeatureQuery, feature_detail, list_features
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 
@@ -126,7 +127,8 @@ async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool 
     """Check and decode the upload, queue it for analysis, and wait for its result.
 
     Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400
-    (empty, truncated, corrupt, polyglot), 503 with Retry-After (analysis queue full).
+    (empty, truncated, corrupt, polyglot), 503 with Retry-After (analysis queue full), 503 (the
+    SAE's CLIP or files cannot be loaded here).
     """
     settings = request.app.state.settings
     data = await file.read(settings.max_upload_bytes + 1)
@@ -140,7 +142,10 @@ async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool 
         future = request.app.state.analysis.submit(sae, image, occlude)
     except PoolFull:
         raise HTTPException(503, "The analyzer is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
-    return await asyncio.wrap_future(future)
+    try:
+        return await asyncio.wrap_future(future)
+    except ClipScopeError as exc:  # this server lacks what the SAE needs (its CLIP weights, its files): say which
+        raise HTTPException(503, f"This server cannot analyze with SAE {sae.key}: {exc}") from None
 
 
 @router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image",

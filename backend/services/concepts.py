@@ -17,10 +17,12 @@ import numpy as np
 
 from backend.services.analyze import Analyzer
 from clipscope.db.models import Sae
+from clipscope.errors import ClipScopeError
 
 
 class ConceptsUnavailable(Exception):
-    """The SAE's precompute kept no feature directions (automatic names were off, or it predates them)."""
+    """The SAE's precompute kept no feature directions (automatic names were off, or it predates them),
+    or its CLIP cannot be loaded on this server to encode the text."""
 
 
 class ConceptSearch:
@@ -47,7 +49,10 @@ class ConceptSearch:
                 self._scores.move_to_end(key)
                 return found
         directions = self._load(sae, names["directions"])
-        vector = self.analyzer.text_embedding(sae, text, names["templates"]).numpy()
+        try:
+            vector = self.analyzer.text_embedding(sae, text, names["templates"]).numpy()
+        except ClipScopeError as exc:  # e.g. the SAE's CLIP weights are not on this server
+            raise ConceptsUnavailable(f"Cannot encode the text with SAE {sae.key}'s CLIP: {exc}") from None
         scores = directions @ vector
         scores[~directions.any(axis=1)] = np.nan
         with self._lock:

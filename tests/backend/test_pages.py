@@ -213,6 +213,27 @@ def test_concept_search_of_an_sae_without_directions_says_why(web):
     assert page.text.count('class="feature-row"') == 50 and "concept-score" not in page.text, "the list, without the search"
 
 
+def test_an_sae_whose_clip_this_server_cannot_load_says_so_where_clip_is_needed(web, monkeypatch):
+    from backend.services.analyze import Analyzer
+    from clipscope.errors import ClipScopeError
+
+    def no_weights(self, sae):
+        raise ClipScopeError("Could not download the open_clip weights ViT-B-32/laion2b_s34b_b79k; set model.weights_file.")
+
+    monkeypatch.setattr(Analyzer, "_get", no_weights)
+    client, key = web
+    says = f"This server cannot analyze with SAE {key}: Could not download the open_clip weights"
+    api = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
+    assert api.status_code == 503 and api.json()["detail"].startswith(says)
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}, data=with_token(client))
+    assert page.status_code == 503 and says in page.text and 'class="error" role="alert"' in page.text
+    search = client.get(f"/api/saes/{key}/features", params={"concept": "a never searched text"})
+    assert search.status_code == 409 and "Cannot encode the text with SAE" in search.json()["detail"]
+    listing = client.get(f"/saes/{key}/features", params={"concept": "a never searched text"})
+    assert listing.status_code == 200 and "Could not download the open_clip weights" in listing.text
+    assert listing.text.count('class="feature-row"') == 50, "the list, without the search"
+
+
 def test_a_dead_features_page_offers_no_collage_to_download(web):
     client, key = web
     dead = client.get(f"/api/saes/{key}/features", params={"dead": "only", "per_page": 1}).json()["features"][0]["index"]
