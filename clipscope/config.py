@@ -237,6 +237,14 @@ class NamingConfig(_Strict):
             raise ValueError("every naming template needs a '{}' for the concept")
         return self
 
+    @model_validator(mode="after")
+    def _vocabulary_file_exists(self):
+        """A vocabulary file that is not there fails when the config is read, not after training."""
+        if self.enabled and isinstance(self.vocabulary, str) and self.vocabulary != "builtin":
+            if not Path(self.vocabulary).expanduser().is_file():
+                raise ValueError(f"vocabulary file {self.vocabulary} does not exist (use 'builtin', a text file with one concept per line, or a list)")
+        return self
+
 
 class PrecomputeConfig(_Strict):
     """Per-feature statistics, examples and neighbours written to the database for the explorer."""

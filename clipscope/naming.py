@@ -23,6 +23,8 @@ from typing import Sequence
 
 import torch
 
+from clipscope.errors import ClipScopeError
+
 BUILTIN_VOCABULARY = Path(__file__).with_name("vocabularies") / "visual-concepts.txt"
 """About 530 visual concepts phrased to fit "a photo of {}.": colours, textures, materials, shapes,
 scenes, animals, people, dishes and ingredients, objects, vehicles, text and art."""
@@ -39,7 +41,7 @@ def read_vocabulary(spec: str | Sequence[str]) -> list[str]:
     if isinstance(spec, str):
         path = BUILTIN_VOCABULARY if spec == "builtin" else Path(spec).expanduser()
         if not path.is_file():
-            raise ValueError(f"vocabulary file {path} does not exist (use 'builtin', a text file with one concept per line, or a list)")
+            raise ClipScopeError(f"vocabulary file {path} does not exist (use 'builtin', a text file with one concept per line, or a list)")
         lines = path.read_text(encoding="utf-8").splitlines()
         spec = [line.split("#", 1)[0] for line in lines]
     return unique_concepts(spec)

@@ -47,6 +47,15 @@ def test_the_hook_site_is_checked_against_open_clips_architecture_table_before_a
     assert parse_config({"model": {"layer": 0}}).model.layer == 0
 
 
+def test_a_vocabulary_file_that_is_not_there_is_refused_when_the_config_is_read(tmp_path):
+    missing = tmp_path / "concepts.txt"
+    with pytest.raises(ClipScopeError, match=rf"precompute.names: vocabulary file {missing} does not exist"):
+        parse_config({"precompute": {"names": {"vocabulary": str(missing)}}})
+    assert parse_config({"precompute": {"names": {"vocabulary": str(missing), "enabled": False}}})  # not used: not needed
+    missing.write_text("stripes\n")
+    assert parse_config({"precompute": {"names": {"vocabulary": str(missing)}}}).precompute.names.vocabulary == str(missing)
+
+
 def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ClipScopeError, match="does not exist"):
         load_config(tmp_path / "nope.toml")

@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 
+from clipscope.errors import ClipScopeError
 from clipscope.naming import BUILTIN_VOCABULARY, mean_pair_cosine, name_features, read_vocabulary
 
 
@@ -74,5 +75,5 @@ def test_vocabularies_builtin_file_and_list(tmp_path):
     path.write_text("# my concepts\nberry  tart   # sweet\n\nBerry tart\nsoup\n")
     assert read_vocabulary(str(path)) == ["berry tart", "soup"]
     assert read_vocabulary(["a", " A ", "b"]) == ["a", "b"]
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ClipScopeError, match="does not exist"):
         read_vocabulary(str(tmp_path / "missing.txt"))
