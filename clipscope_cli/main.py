@@ -23,6 +23,32 @@ app.add_typer(db_app, name="db")
 users_app = typer.Typer(no_args_is_help=True, help="Accounts for CLIPSCOPE_AUTH=password.")
 app.add_typer(users_app, name="users")
 
+def _print_versions(asked: bool) -> None:
+    """``--version``: ClipScope's and the versions that decide its results, read from the installed metadata (no import)."""
+    if not asked:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    import clipscope
+
+    parts = [f"clipscope {clipscope.__version__}"]
+    for name in ("torch", "torchvision", "open_clip_torch", "fastapi", "sqlalchemy"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    typer.echo(", ".join(parts))
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _version: bool = typer.Option(False, "--version", callback=_print_versions, is_eager=True,
+                                  help="Print the versions of ClipScope, torch, torchvision, open_clip, FastAPI and SQLAlchemy, then exit."),
+) -> None:
+    """Train SAEs on CLIP ViT-B/32 and explore their features."""
+
+
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 ConfigArg = typer.Argument(..., dir_okay=False, help="Run config (TOML), e.g. configs/seed.toml.")
 

@@ -120,6 +120,17 @@ def test_a_database_or_folder_that_cannot_be_used_is_one_line_and_exit_code_2(tm
         assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
 
 
+def test_version_names_clipscope_and_what_decides_its_results():
+    from importlib.metadata import version
+
+    import clipscope
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0
+    assert out.output.strip() == ", ".join([f"clipscope {clipscope.__version__}", *(
+        f"{name} {version(name)}" for name in ("torch", "torchvision", "open_clip_torch", "fastapi", "sqlalchemy"))])
+
+
 def test_serving_on_a_port_in_use_is_one_sentence_before_any_url(tmp_path):
     import socket
 
