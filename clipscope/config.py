@@ -81,7 +81,11 @@ class ModelConfig(_Strict):
 class DatasetSpec(_Strict):
     """A set of images: which dataset, which split, and which subset of it."""
 
-    name: DatasetName = Field("synthetic", description="Dataset kind.")
+    name: DatasetName = Field(
+        "synthetic",
+        description="Dataset kind. 'imagefolder': every image under root (.jpg .jpeg .png .webp .bmp .gif .tif .tiff), "
+        "its class the first-level folder, hidden files and folders (a leading dot) skipped.",
+    )
     split: str = Field("train", description="'train' or 'test' ('test' is Food-101's and CIFAR's evaluation split).")
     root: Path | None = Field(
         None,

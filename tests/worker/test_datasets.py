@@ -46,6 +46,9 @@ def test_imagefolder_takes_the_class_from_the_first_level_folder(tmp_path):
             Image.new("RGB", (20, 10), (i * 50, 0, 0)).save(tmp_path / cls / "nested" / f"{i}.png")
     Image.new("L", (8, 8)).save(tmp_path / "loose.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "cats" / "nested" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: skipped
+    (tmp_path / ".thumbnails" / "cats").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / ".thumbnails" / "cats" / "0.png")  # a hidden folder is no class
     ds = build_dataset(DatasetSpec(name="imagefolder", root=tmp_path), tmp_path)
     assert ds.classes == ["cats", "dogs"]
     items = [ds[i] for i in range(len(ds))]

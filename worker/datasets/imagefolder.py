@@ -1,4 +1,8 @@
-"""Any folder tree of images; the class is the first-level folder (images at the top level are unlabelled)."""
+"""Any folder tree of images; the class is the first-level folder (images at the top level are unlabelled).
+
+Hidden files and folders (names starting with a dot) are not images of the set: macOS leaves a
+``._name.jpg`` resource fork beside every copied ``name.jpg``, and tools keep caches in ``.thumbnails/``.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ class ImageFolder:
             raise ClipScopeError(f"Image folder {self.root} does not exist.")
         files: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            dirnames.sort()
-            files += [Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
         if not files:
             raise ClipScopeError(f"Image folder {self.root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
         self.files = files
