@@ -134,6 +134,22 @@ def test_finished_training_records_metrics_and_curve_and_is_reused(ctx, data_cac
     assert again.trained_steps == 0 and again.sae_key == first.sae_key
 
 
+@pytest.mark.parametrize("every", [{"log_every": 5}, {"log_every": 1000, "checkpoint_every": 3}])
+def test_a_diverged_run_stops_with_a_sentence_before_any_checkpoint_holds_nan(ctx, every):
+    from clipscope.errors import ClipScopeError
+
+    x, _ = planted_data(n=800)
+    x[123] = np.nan  # one vector the extraction should never have written
+    cfg = small_config("topk", epochs=2, b_dec_init="zeros", keep_checkpoints=100, **every)
+    with pytest.raises(ClipScopeError, match=r"^Training diverged: the mean loss of steps \d+\.\.\d+ is nan\. No checkpoint holds those steps"):
+        train(ctx, cfg, array_cache(ctx.layout.activations, x))
+    with session_scope(ctx.database_url) as s:
+        assert s.scalar(select(Sae.status)) != SaeStatus.TRAINED
+    for run_dir in ctx.layout.saes.glob("*"):  # only checkpoints from before the divergence, if any
+        for _, sae in _checkpoint_saes(run_dir):
+            assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
 def test_held_out_images_never_train(ctx):
     from worker.train.data import split_images
 

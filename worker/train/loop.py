@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from contextlib import closing
@@ -19,6 +20,7 @@ from clipscope.activation_cache import ActivationCache
 from clipscope.config import RunConfig, stable_hash
 from clipscope.db.models import Sae, SaeStatus, TrainingPoint
 from clipscope.db.session import session_scope
+from clipscope.errors import ClipScopeError
 from clipscope.sae.io import WEIGHTS_FILE, save_sae
 from clipscope.sae.metrics import FiringTracker, ReconstructionStats
 from clipscope.sae.model import TopKSAE
@@ -204,9 +206,11 @@ def train(
             bar.update(1)
             if step % tc.log_every == 0 or step == order.total_steps:
                 evaluate_now = step % tc.eval_every == 0 or step == order.total_steps
+                _stop_if_diverged(window, step)
                 _log_point(url, sae_id, step, tc.batch_size, window, tracker, lr, sae, heldout if evaluate_now else None, bar)
                 window = _Window(train_cache.d, device)
             if step % tc.checkpoint_every == 0 and step < order.total_steps:
+                _stop_if_diverged(window, step)  # the steps since the last point; the checkpoint reads the device anyway
                 saving = time.perf_counter()  # the snapshot, plus any wait for the previous write to finish
                 writer.save(step, sae, {"optimizer": portable_optimizer_state(optimizer), "tracker": tracker.state_dict(), "window": window.state_dict()})
                 checkpoint_s += time.perf_counter() - saving
@@ -248,6 +252,17 @@ def _heldout(eval_cache, held_rows, train_cache, tc, device) -> torch.Tensor:
     else:
         raise ValueError("no held-out data: set train.holdout_fraction > 0 or train.eval_data")
     return src.sample(tc.eval_max_samples, tc.seed + 1)
+
+
+def _stop_if_diverged(window: _Window, step: int) -> None:
+    """A mean loss over ``window`` (the steps up to ``step``) that is not finite ends the run before it is
+    logged or checkpointed: every later step would train on NaN (and SQLite stores no NaN)."""
+    loss = float(window.loss) / window.steps if window.steps else 0.0
+    if not math.isfinite(loss):
+        raise ClipScopeError(
+            f"Training diverged: the mean loss of steps {step - window.steps + 1}..{step} is {loss}. No checkpoint holds "
+            "those steps; lower train.lr, or look for non-finite values in the activation cache, then run again."
+        )
 
 
 def _log_point(url, sae_id, step, batch_size, window: _Window, tracker, lr, sae, heldout, bar) -> None:
