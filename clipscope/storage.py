@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from clipscope.errors import ClipScopeError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -41,7 +43,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+    """A JSON file ClipScope wrote (cache metadata, an SAE's cfg.json); one that is not JSON is named, with the way out."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ClipScopeError(
+            f"{path} is not valid JSON ({exc}): ClipScope writes it whole, so something else damaged it. Restore it, "
+            f"or remove {path.parent} and run the stage that makes it again."
+        ) from None
 
 
 @contextmanager

@@ -42,3 +42,18 @@ def test_save_replaces_the_folder_whole_and_leaves_no_temporaries(tmp_path):
 def test_loading_a_folder_that_is_not_an_sae_says_so(tmp_path):
     with pytest.raises(ClipScopeError, match="not an SAE folder"):
         load_sae(tmp_path)
+
+
+def test_a_damaged_json_file_is_named_with_the_way_out(tmp_path):
+    import numpy as np
+
+    from tests.conftest import array_cache
+
+    save_sae(TopKSAE(12, 40, 4, use_b_dec=True), tmp_path / "sae", {"layer": 10})
+    (tmp_path / "sae" / "cfg.json").write_text('{"d_in": 12, "d_sae"')  # cut short
+    with pytest.raises(ClipScopeError, match=r"sae/cfg\.json is not valid JSON \(.+\): ClipScope writes it whole.* or remove .*sae and run"):
+        load_sae(tmp_path / "sae")
+    cache = array_cache(tmp_path / "activations", np.zeros((4, 12), dtype=np.float32))
+    (cache.path / "metadata.json").write_bytes(b"\xff\xfe")  # not even text
+    with pytest.raises(ClipScopeError, match="metadata.json is not valid JSON"):
+        type(cache).open(cache.path)
