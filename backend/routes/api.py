@@ -45,6 +45,9 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
 
 @router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
 async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
+    if mistake := query.frequency_mistake():
+        raise HTTPException(422, mistake)
+
     def work(session, sae):
         require_ready(sae)
         try:

@@ -93,16 +93,19 @@ def overview(request: Request, session: SessionDep):
 async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]):
     def work(session, sae):
         require_ready(sae)
-        asked, error = query, None
+        asked, errors = query, []
+        if mistake := query.frequency_mistake():  # the list without the range, and why; the form keeps what was typed
+            asked, errors = asked.model_copy(update={"min_freq": None, "max_freq": None}), [f"{mistake} The list is shown without it."]
         try:
             scores = request.app.state.concepts.scores(sae, asked.concept) if asked.concept else None
         except ConceptsUnavailable as exc:  # the list without the search, and why
-            asked, scores, error = query.model_copy(update={"concept": ""}), None, str(exc)
+            asked, scores = asked.model_copy(update={"concept": ""}), None
+            errors.append(str(exc))
         rows, total = list_features(session, sae, asked, orders, scores=scores)
         pages = max(1, -(-total // query.per_page))
         params = query.model_dump(exclude_defaults=True, exclude={"page"})
         return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
-                      params=params, categories=CATEGORIES, error=error)
+                      params=params, categories=CATEGORIES, error=" ".join(errors))
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 

@@ -6,7 +6,7 @@ import random
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
@@ -55,12 +55,11 @@ class FeatureQuery(BaseModel):
         """Spaces collapsed: "  berries  on cream " is the search "berries on cream" (and only spaces, none)."""
         return " ".join(value.split())
 
-    @model_validator(mode="after")
-    def _frequency_range(self) -> FeatureQuery:
-        """A range no feature can fall in is a mistake to point out, not an empty list."""
+    def frequency_mistake(self) -> str | None:
+        """Why the frequency range is one no feature can fall in (a mistake to point out, not an empty list), or None."""
         if self.min_freq is not None and self.max_freq is not None and self.min_freq > self.max_freq:
-            raise ValueError(f"min_freq ({self.min_freq:g}) is above max_freq ({self.max_freq:g}): no frequency lies between them")
-        return self
+            return f"min_freq ({self.min_freq:g}) is above max_freq ({self.max_freq:g}): no frequency lies between them."
+        return None
 
 
 LIST_COLUMNS = (

@@ -514,12 +514,15 @@ def test_a_database_that_cannot_be_reached_is_a_503_to_retry_not_a_500(web, monk
     assert api.status_code == 503 and api.headers["retry-after"] == "5" and api.json() == {"detail": says}
 
 
-def test_a_frequency_range_that_nothing_can_fall_in_is_refused(web):
+def test_a_frequency_range_that_nothing_can_fall_in_is_refused_and_the_form_keeps_it(web):
     client, key = web
+    says = "min_freq (0.5) is above max_freq (0.1): no frequency lies between them."
     r = client.get(f"/api/saes/{key}/features", params={"min_freq": 0.5, "max_freq": 0.1})
-    assert r.status_code == 422 and "min_freq (0.5) is above max_freq (0.1)" in r.json()["detail"][0]["msg"]
+    assert r.status_code == 422 and r.json() == {"detail": says}
     page = client.get(f"/saes/{key}/features?min_freq=0.5&max_freq=0.1", headers=BROWSER)
-    assert page.status_code == 422 and ">min_freq (0.5) is above max_freq (0.1): no frequency lies between them<" in page.text
+    assert page.status_code == 200 and f'role="alert">{says} The list is shown without it.<' in page.text
+    assert 'name="min_freq"' in page.text and 'value="0.5"' in page.text and 'value="0.1"' in page.text  # what was typed, to correct
+    assert page.text.count('class="feature-row"') == 50, "the list, without the range"
     assert client.get(f"/api/saes/{key}/features", params={"min_freq": 0.2, "max_freq": 0.2}).status_code == 200  # a point is a range
 
 
