@@ -190,6 +190,13 @@ class TrainConfig(_Strict):
         "each batch from the memory-mapped cache instead.",
     )
 
+    @model_validator(mode="after")
+    def _something_held_out(self) -> TrainConfig:
+        """Held-out metrics need images: a share of the training set, or a set of their own."""
+        if self.holdout_fraction == 0 and self.eval_data is None:
+            raise ValueError("no held-out data: set holdout_fraction > 0 or eval_data")
+        return self
+
 
 def _default_eval_sets() -> list["DatasetSpec"]:
     return [DatasetSpec(name="cifar10", split="test"), DatasetSpec(name="cifar100", split="test")]
@@ -201,10 +208,16 @@ class EvaluateConfig(_Strict):
     datasets: list[DatasetSpec] = Field(
         default_factory=_default_eval_sets, description="Labelled image sets (default: the CIFAR-10 and CIFAR-100 test sets)."
     )
-    templates: str | list[str] = Field(
+    templates: Literal["clip_cifar", "openai_imagenet", "simple_imagenet"] | list[str] = Field(
         "clip_cifar",
         description="Prompt templates: 'clip_cifar' (CLIP's 18), 'openai_imagenet' (80), 'simple_imagenet', or a list with '{}'.",
     )
+
+    @model_validator(mode="after")
+    def _templates_have_a_slot(self) -> EvaluateConfig:
+        if isinstance(self.templates, list) and (not self.templates or any("{}" not in t for t in self.templates)):
+            raise ValueError("templates: every prompt template needs a '{}' for the class name")
+        return self
     batch_size: int = Field(128, ge=1, description="Images per forward pass.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast precision on GPU; keep fp32 unless measured to move accuracy by < 0.1 pp."

@@ -18,6 +18,7 @@ from clipscope.clip.zeroshot import build_classifier, correct_at_k, template_set
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
 from clipscope.db.models import Evaluation, Sae
 from clipscope.db.session import session_scope
+from clipscope.errors import ClipScopeError
 from clipscope.sae.model import TopKSAE
 from clipscope.splice import CONDITIONS, check_error_splice, spliced_features
 from worker.batches import autocast, image_loader
@@ -54,7 +55,8 @@ def evaluate_dataset(
     dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
     name, templates = template_set(cfg.evaluate.templates)
     if not dataset.classes:
-        raise ValueError(f"{spec.name} has no class names: zero-shot evaluation needs a labelled set")
+        raise ClipScopeError(f"{spec.name} at {spec.root or 'its default folder'} has no class names: zero-shot evaluation needs a "
+                             "labelled set (for an image folder, one sub-folder per class).")
     classifier = build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device)
     preprocess = ImagePreprocess(preprocess_descriptor(cfg.model))
     loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.resolved_num_workers, ctx.device)
@@ -77,7 +79,7 @@ def evaluate_dataset(
             n += len(labels)
             bar.update(len(keep))
     if n == 0:
-        raise ValueError(f"{spec.name}/{spec.split} has no labelled images")
+        raise ClipScopeError(f"{spec.name}/{spec.split} has no labelled images: zero-shot evaluation needs each image's class.")
     accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
     return EvalResult(spec.name, spec.split, n, name, accuracy, worst)
 

@@ -56,6 +56,18 @@ def test_a_vocabulary_file_that_is_not_there_is_refused_when_the_config_is_read(
     assert parse_config({"precompute": {"names": {"vocabulary": str(missing)}}}).precompute.names.vocabulary == str(missing)
 
 
+def test_what_would_fail_after_training_fails_when_the_config_is_read():
+    with pytest.raises(ClipScopeError, match="train: no held-out data: set holdout_fraction > 0 or eval_data"):
+        parse_config({"train": {"holdout_fraction": 0}})
+    assert parse_config({"train": {"holdout_fraction": 0, "eval_data": {"name": "synthetic", "split": "test"}}})
+    with pytest.raises(ClipScopeError, match="evaluate.templates"):
+        parse_config({"evaluate": {"templates": "imagenet_80"}})  # a typo of a set's name
+    with pytest.raises(ClipScopeError, match="every prompt template needs a '{}'"):
+        parse_config({"evaluate": {"templates": ["a photo of a dog."]}})
+    assert parse_config({"evaluate": {"templates": "openai_imagenet"}}).evaluate.templates == "openai_imagenet"
+    assert parse_config({"evaluate": {"templates": ["a photo of {}."]}}).evaluate.templates == ["a photo of {}."]
+
+
 def test_missing_or_broken_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ClipScopeError, match="does not exist"):
         load_config(tmp_path / "nope.toml")

@@ -81,3 +81,16 @@ def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, rand
     assert "clean" in table and "drop pp" in table and "synthetic/test" in table
     mean = training_mean(cache)
     torch.testing.assert_close(mean[0], torch.from_numpy(cache.activations()[:, 0].astype(np.float64).mean(0)).float())
+
+
+def test_an_unlabelled_image_folder_cannot_be_evaluated_and_says_why(ctx, random_clip, tmp_path):
+    import pytest
+    from PIL import Image
+
+    from clipscope.errors import ClipScopeError
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")  # no class folders
+    cfg = _cfg([{"name": "imagefolder", "root": str(tmp_path), "split": "test"}])
+    with pytest.raises(ClipScopeError, match=r"imagefolder at .+ has no class names: .+ one sub-folder per class"):
+        evaluate_dataset(ctx, cfg, random_clip, perfect_sae(768), torch.zeros(1, 768), cfg.evaluate.datasets[0])

@@ -17,6 +17,7 @@ from clipscope.clip.loading import LoadedClip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.clip.zeroshot import build_classifier
 from clipscope.config import ModelConfig, NamingConfig
+from clipscope.errors import ClipScopeError
 from clipscope.naming import FeatureNames, name_features, read_vocabulary, unique_concepts
 from worker.batches import autocast, image_loader
 from worker.context import Context
@@ -44,7 +45,8 @@ def image_embeddings(ctx: Context, namer: Namer, cache: ActivationCache, dataset
     if cache.has_embeddings:
         return torch.from_numpy(np.array(cache.embeddings(), dtype=np.float32))
     if len(dataset) != cache.n_images:
-        raise ValueError(f"the precompute dataset has {len(dataset)} images, its activation cache {cache.n_images}")
+        raise ClipScopeError(f"the precompute dataset has {len(dataset)} images but its activation cache {cache.path} has "
+                             f"{cache.n_images}: the images changed after it was extracted; remove that folder to extract them again.")
     clip, device = namer.clip(), ctx.device
     preprocess = ImagePreprocess(preprocess_descriptor(namer.model))
     loader = image_loader(dataset, preprocess, batch_size, ctx.settings.resolved_num_workers, device)
@@ -66,7 +68,7 @@ def name_all(ctx: Context, namer: Namer, cache: ActivationCache, dataset, top_ro
     """Every feature's best concepts and coherence, and the concepts they index."""
     concepts = concepts_of(nc, list(dataset.classes))
     if not concepts:
-        raise ValueError("precompute.names has no concepts: the vocabulary is empty and the dataset has no classes")
+        raise ClipScopeError("precompute.names has no concepts: the vocabulary is empty and the dataset has no classes.")
     started = time.perf_counter()
     images = image_embeddings(ctx, namer, cache, dataset, nc.batch_size).to(ctx.device)
     embedded = time.perf_counter()
