@@ -165,13 +165,17 @@ def collage(
     if detail is None or not detail["top"]:
         raise HTTPException(404, f"Feature {idx} has no top examples.")
     data_dir = request.app.state.settings.data_dir
-    path = cached_collage(
-        data_dir / "collages" / sae.key,
-        [data_dir / e["thumbnail"].lstrip("/") for e in detail["top"]],
-        [e["activation"] for e in detail["top"]],
-        title=f"{sae.key} feature {idx}",
-        veils=[veil_image(e["token_map"], sae.tokens) if veil and e["token_map"] else None for e in detail["top"]],
-    )
+    try:
+        path = cached_collage(
+            data_dir / "collages" / sae.key,
+            [data_dir / e["thumbnail"].lstrip("/") for e in detail["top"]],
+            [e["activation"] for e in detail["top"]],
+            title=f"{sae.key} feature {idx}",
+            veils=[veil_image(e["token_map"], sae.tokens) if veil and e["token_map"] else None for e in detail["top"]],
+        )
+    except FileNotFoundError as exc:  # a database moved without its data dir's thumbnails/
+        raise HTTPException(503, f"The thumbnail {exc.filename} is missing on this server: the database was copied without "
+                                 f"{data_dir / 'thumbnails'}, which must travel with it.") from None
     return FileResponse(path, media_type="image/png", filename=f"{sae.key}-feature-{idx}.png")
 
 

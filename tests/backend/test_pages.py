@@ -243,6 +243,22 @@ def test_a_dead_features_page_offers_no_collage_to_download(web):
     assert client.get(f"/saes/{key}/features/{dead}/collage.png").status_code == 404
 
 
+def test_a_collage_whose_thumbnails_are_missing_says_which_and_why(web, web_data, tmp_path):
+    import shutil
+
+    client, key = web
+    settings, _ = web_data
+    top = client.get(f"/api/saes/{key}/features", params={"sort": "frequency", "order": "desc", "per_page": 1}).json()["features"][0]
+    thumbnail = settings.data_dir / top["examples"][0]["thumbnail"].lstrip("/")
+    shutil.rmtree(settings.data_dir / "collages", ignore_errors=True)  # rendered by another test: served from its cache
+    shutil.move(thumbnail, tmp_path / "aside")
+    try:
+        r = client.get(f"/saes/{key}/features/{top['index']}/collage.png")
+    finally:
+        shutil.move(tmp_path / "aside", thumbnail)
+    assert r.status_code == 503 and r.json()["detail"].startswith(f"The thumbnail {thumbnail} is missing on this server")
+
+
 def test_a_first_label_needs_its_category_chosen_and_a_relabel_starts_from_the_current_one(web):
     client, key = web
     select = lambda page: re.search(r'<select name="category" required>(.*?)</select>', page, re.S).group(1)  # noqa: E731
