@@ -11,13 +11,23 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clipscope.errors import ClipScopeError, validation_reason
 
 DatasetName = Literal["food101", "cifar10", "cifar100", "imagefolder", "synthetic"]
+
+
+def _each_with_a_slot(templates: list[str]) -> list[str]:
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every prompt template needs a '{}' where the name goes")
+    return templates
+
+
+PromptTemplates = Annotated[list[str], AfterValidator(_each_with_a_slot)]
+"""Prompt templates given as a list: at least one, each with ``{}`` for the class or concept name."""
 
 
 class _Strict(BaseModel):
@@ -208,16 +218,11 @@ class EvaluateConfig(_Strict):
     datasets: list[DatasetSpec] = Field(
         default_factory=_default_eval_sets, description="Labelled image sets (default: the CIFAR-10 and CIFAR-100 test sets)."
     )
-    templates: Literal["clip_cifar", "openai_imagenet", "simple_imagenet"] | list[str] = Field(
+    templates: Literal["clip_cifar", "openai_imagenet", "simple_imagenet"] | PromptTemplates = Field(
         "clip_cifar",
         description="Prompt templates: 'clip_cifar' (CLIP's 18), 'openai_imagenet' (80), 'simple_imagenet', or a list with '{}'.",
     )
 
-    @model_validator(mode="after")
-    def _templates_have_a_slot(self) -> EvaluateConfig:
-        if isinstance(self.templates, list) and (not self.templates or any("{}" not in t for t in self.templates)):
-            raise ValueError("templates: every prompt template needs a '{}' for the class name")
-        return self
     batch_size: int = Field(128, ge=1, description="Images per forward pass.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast precision on GPU; keep fp32 unless measured to move accuracy by < 0.1 pp."
@@ -240,19 +245,12 @@ class NamingConfig(_Strict):
         "with one concept per line ('#' comments), or a list.",
     )
     dataset_classes: bool = Field(True, description="Add the precompute dataset's class names (Food-101's dishes, CIFAR's classes...) to the candidates.")
-    templates: list[str] = Field(
+    templates: PromptTemplates = Field(
         ["a photo of {}.", "a close-up photo of {}.", "{}."],
-        min_length=1,
         description="Prompt templates each concept is encoded with ('{}' = the concept); the embeddings are averaged.",
     )
     candidates: int = Field(3, ge=1, le=20, description="Best concepts kept per feature, with their scores.")
     batch_size: int = Field(128, ge=1, description="Images per CLIP forward pass while embedding the precompute set.")
-
-    @model_validator(mode="after")
-    def _templates_have_a_slot(self):
-        if any("{}" not in t for t in self.templates):
-            raise ValueError("every naming template needs a '{}' for the concept")
-        return self
 
     @model_validator(mode="after")
     def _vocabulary_file_exists(self):

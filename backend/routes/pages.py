@@ -174,8 +174,8 @@ def collage(
             veils=[veil_image(e["token_map"], sae.tokens) if veil and e["token_map"] else None for e in detail["top"]],
         )
     except FileNotFoundError as exc:  # a database moved without its data dir's thumbnails/
-        raise HTTPException(503, f"The thumbnail {exc.filename} is missing on this server: the database was copied without "
-                                 f"{data_dir / 'thumbnails'}, which must travel with it.") from None
+        raise HTTPException(503, f"The thumbnail {exc.filename} is missing on this server: {data_dir / 'thumbnails'} must hold "
+                                 "every thumbnail the database names (copy it with the database).") from None
     return FileResponse(path, media_type="image/png", filename=f"{sae.key}-feature-{idx}.png")
 
 

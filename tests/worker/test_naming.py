@@ -6,6 +6,7 @@ from sqlalchemy import select
 from clipscope.config import DatasetSpec, ModelConfig, PrecomputeConfig
 from clipscope.db.models import Feature, FeatureExample, Image, Sae
 from clipscope.db.session import session_scope
+from clipscope.errors import ClipScopeError
 from clipscope.naming import directions_file, name_features
 from tests.backend.conftest import TINY, web_data  # noqa: F401  (a ready SAE built by run_all, names included)
 from tests.conftest import array_cache, make_context
@@ -33,7 +34,7 @@ def test_a_cache_extracted_without_embeddings_gets_clips_once(ctx, random_clip):
 
     torch.testing.assert_close(image_embeddings(ctx, Namer(no_clip, namer.model), cache, dataset, 2), emb)
     other = array_cache(ctx.layout.activations, np.zeros((4, 1, 4)), name="four")
-    with pytest.raises(ValueError, match="5 images, its activation cache 4"):
+    with pytest.raises(ClipScopeError, match=r"has 5 images but its activation cache .+ has 4: the images changed after it was extracted"):
         image_embeddings(ctx, namer, other, dataset, 2)
 
 
