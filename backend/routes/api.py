@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -45,8 +46,8 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
 
 @router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
 async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
-    if mistake := query.frequency_mistake():
-        raise HTTPException(422, mistake)
+    if mistake := query.frequency_mistake():  # a 422 of the documented shape, as FastAPI's own
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "min_freq"), "msg": mistake, "input": query.min_freq}])
 
     def work(session, sae):
         require_ready(sae)
