@@ -108,11 +108,13 @@ def demo(
     config: Path = typer.Option(CONFIGS_DIR / "demo.toml", help="Config of the demo run."),
     serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Serve the explorer when the pipeline is done."),
     host: str = typer.Option("127.0.0.1", help="Interface to serve on."),
-    port: int = typer.Option(8000, help="Port to serve on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to serve on."),
 ) -> None:
     """The offline demo: synthetic images, random-initialised CLIP, a small SAE, SQLite under the data dir; then serve."""
     from worker.pipeline import run_all
 
+    if serve_after:
+        _check_listenable(host, port)  # a port in use is said before minutes of pipeline, not after
     ctx = _setup()
     run_all(ctx, load_config(config))
     if serve_after:

@@ -131,7 +131,7 @@ def test_version_names_clipscope_and_what_decides_its_results():
         f"{name} {version(name)}" for name in ("torch", "torchvision", "open_clip_torch", "fastapi", "sqlalchemy"))])
 
 
-def test_serving_on_a_port_in_use_is_one_sentence_before_any_url(tmp_path):
+def test_serving_on_a_port_in_use_is_one_sentence_before_any_url_or_pipeline(tmp_path):
     import socket
 
     env = {**os.environ, "CLIPSCOPE_DATA_DIR": str(tmp_path / "data")}
@@ -140,10 +140,12 @@ def test_serving_on_a_port_in_use_is_one_sentence_before_any_url(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "clipscope_cli", "serve", "--port", str(port)], capture_output=True, text=True,
-                              cwd=tmp_path, env=env, timeout=120)
-    assert proc.returncode == 2 and "http://" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip() == f"error: Cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host."
+        for command in ("serve", "demo"):  # the demo says so before its minutes of pipeline
+            proc = subprocess.run([sys.executable, "-m", "clipscope_cli", command, "--port", str(port)], capture_output=True, text=True,
+                                  cwd=tmp_path, env=env, timeout=120)
+            assert proc.returncode == 2 and "http://" not in proc.stderr, proc.stderr
+            assert proc.stderr.strip() == f"error: Cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port or --host."
+    assert not (tmp_path / "data" / "activations").exists()
 
 
 def test_labels_export_and_import_through_the_cli(env, tmp_path):
