@@ -21,9 +21,13 @@ from starlette.responses import Response
 from clipscope.errors import validation_reason
 
 
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
 def wants_html(request: Request) -> bool:
     """A page request from a browser: not under ``/api`` and ``Accept`` names ``text/html``."""
-    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+    return not _is_api(request) and "text/html" in request.headers.get("accept", "")
 
 
 def validation_message(exc: RequestValidationError) -> str:
@@ -43,7 +47,7 @@ def _page(request: Request, status_code: int, message: str, headers: dict | None
 
 def _negotiated(request: Request, response: Response) -> Response:
     """Outside ``/api`` the answer depends on ``Accept``; a cache must know (a 404 may be cached)."""
-    if not request.url.path.startswith("/api/"):
+    if not _is_api(request):
         response.headers.append("vary", "Accept")
     return response
 
