@@ -9,9 +9,11 @@ from markupsafe import Markup, escape
 
 
 def line_chart(
-    xs: Sequence[float], series: dict[str, Sequence[float | None]], width: int = 560, height: int = 200, y_label: str = ""
+    xs: Sequence[float], series: dict[str, Sequence[float | None]], width: int = 560, height: int = 200, y_label: str = "",
+    x_label: str = "",
 ) -> Markup:
-    """Lines over a shared x axis, each series with its own colour and legend entry.
+    """Lines over a shared x axis, each series with its own colour and legend entry; ``x_label`` names the axis
+    between its end values.
 
     ``None`` means "not measured at this x" (the held-out EVR is measured every few logged steps): the
     line joins the measured points on either side. A non-finite value (a diverged loss) breaks it.
@@ -33,6 +35,8 @@ def line_chart(
         parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
         parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     parts.append(f'<text x="{pad_l}" y="{height - 4}">{x0:g}</text><text x="{width - pad_r}" y="{height - 4}" text-anchor="end">{x1:g}</text>')
+    if x_label:
+        parts.append(f'<text x="{(pad_l + width - pad_r) / 2:.0f}" y="{height - 4}" text-anchor="middle" class="axis">{escape(x_label)}</text>')
     for i, (name, ys) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         segments, current = [], []

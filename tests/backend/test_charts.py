@@ -24,3 +24,9 @@ def test_a_non_finite_value_breaks_the_line_and_a_lone_point_is_a_dot():
 
 def test_no_measurement_at_all_says_so():
     assert "No data yet" in line_chart([1, 2], {"held-out": [None, None]})
+
+
+def test_the_x_axis_is_named_between_its_end_values():
+    svg = line_chart([50, 340], {"EVR": [0.6, 0.9]}, x_label="training <step>")
+    assert re.search(r'<text x="\d+"[^>]*>50</text>.*>340</text>.*>training &lt;step&gt;</text>', svg)
+    assert "class=\"axis\"" not in line_chart([50, 340], {"EVR": [0.6, 0.9]})

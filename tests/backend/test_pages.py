@@ -199,6 +199,9 @@ def test_concept_search_ranks_features_by_their_top_images_match_to_any_text(web
     assert hidden == [i for i in expected if not everything[i]["is_dense"]], "filters still apply"
     page = client.get(f"/saes/{key}/features", params={"concept": "stripes", "per_page": 5}).text
     assert page.count('class="concept-score"') == 5 and f'match {scores[expected[0]]:+.3f}' in page
+    assert "match “stripes”, best first" in page, "the page says the search, not the sort select, ranks it"
+    plain = client.get(f"/saes/{key}/features", params={"per_page": 5}).text
+    assert "ranked-by" not in plain
 
 
 def test_concept_search_of_an_sae_without_directions_says_why(web):
@@ -211,6 +214,7 @@ def test_concept_search_of_an_sae_without_directions_says_why(web):
     page = client.get(f"/saes/{key}/features", params={"concept": "stripes"})
     assert page.status_code == 200 and "has no feature directions to search" in page.text
     assert page.text.count('class="feature-row"') == 50 and "concept-score" not in page.text, "the list, without the search"
+    assert "ranked-by" not in page.text, "nothing claims a ranking the search could not make"
 
 
 def test_an_sae_whose_clip_this_server_cannot_load_says_so_where_clip_is_needed(web, monkeypatch):
