@@ -20,7 +20,8 @@ from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
-from backend.services.features import FeatureQuery, feature_detail, list_features
+from backend.services.csv_export import csv_text
+from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 
 router = APIRouter(prefix="/api", tags=["api"])
@@ -44,21 +45,44 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id)}
 
 
+def _refuse_frequency_mistake(query: FeatureFilter) -> None:
+    """A frequency range no feature can fall in is a 422 of the documented shape, as FastAPI's own."""
+    if mistake := query.frequency_mistake():
+        raise RequestValidationError([{"type": "value_error", "loc": ("query", "min_freq"), "msg": mistake, "input": query.min_freq}])
+
+
+def _concept_scores(request: Request, sae, query: FeatureFilter):
+    """The concept search's score of every feature (None without one); 409 when this SAE cannot be searched."""
+    try:
+        return request.app.state.concepts.scores(sae, query.concept) if query.concept else None
+    except ConceptsUnavailable as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
 @router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
 async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
-    if mistake := query.frequency_mistake():  # a 422 of the documented shape, as FastAPI's own
-        raise RequestValidationError([{"type": "value_error", "loc": ("query", "min_freq"), "msg": mistake, "input": query.min_freq}])
+    _refuse_frequency_mistake(query)
 
     def work(session, sae):
         require_ready(sae)
-        try:
-            scores = request.app.state.concepts.scores(sae, query.concept) if query.concept else None
-        except ConceptsUnavailable as exc:
-            raise HTTPException(409, str(exc)) from None
-        rows, total = list_features(session, sae, query, orders, scores=scores)
+        rows, total = list_features(session, sae, query, orders, scores=_concept_scores(request, sae, query))
         return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
+
+
+@router.get("/saes/{sae}/features.csv", response_class=PlainTextResponse,
+            summary="Every feature the filters select, in their order, as CSV: statistics, current label, concept match")
+async def api_features_csv(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureFilter, Query()]):
+    _refuse_frequency_mistake(query)
+
+    def work(session, sae):
+        require_ready(sae)
+        scores = _concept_scores(request, sae, query)
+        body = csv_text(feature_table(session, sae, query, orders, scores), table_fields(scores is not None))
+        return PlainTextResponse(body, media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{sae.key}-features.csv"'})
+
+    return await read_sae(request, sae, work, threaded=True)  # up to every feature of the SAE: off the event loop
 
 
 @router.get("/saes/{sae}/features/{idx}", summary="Everything about one feature")

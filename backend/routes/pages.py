@@ -105,7 +105,8 @@ async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, qu
         pages = max(1, -(-total // query.per_page))
         params = query.model_dump(exclude_defaults=True, exclude={"page"})
         return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
-                      params=params, categories=CATEGORIES, error=" ".join(errors), ranked_by=asked.concept)
+                      params=params, categories=CATEGORIES, error=" ".join(errors), ranked_by=asked.concept,
+                      csv_params=asked.model_dump(exclude_defaults=True, exclude={"page", "per_page"}))
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 

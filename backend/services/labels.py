@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from backend.services.csv_export import csv_text
 from clipscope.db.models import Label, LabelRevision, Sae, utcnow
 
 CATEGORIES = ("semantic", "visual", "noise", "unclear")
@@ -97,11 +98,7 @@ def to_jsonl(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def to_csv(rows: Iterable[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=EXPORT_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+    return csv_text(rows, EXPORT_FIELDS)
 
 
 def parse_export(data: bytes, fmt: str) -> list[dict[str, Any]]:

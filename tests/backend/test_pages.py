@@ -550,7 +550,7 @@ def test_a_page_past_the_last_links_back_to_it(web):
     client, key = web
     html = client.get(f"/saes/{key}/features?per_page=10&page=99&sort=frequency").text  # 64 features: 7 pages
     assert "Page 99 is past the last page" in html and "No feature matches" not in html
-    last = "?per_page=10&amp;sort=frequency&amp;page=7"
+    last = "?sort=frequency&amp;per_page=10&amp;page=7"
     assert f'<a href="{last}">go to page 7</a>' in html and f'<a rel="prev" href="{last}">' in html and 'rel="next"' not in html
     first = client.get(f"/saes/{key}/features?page=1").text  # no other parameter: no stray "&"
     assert '<a rel="next" href="?page=2">' in first
