@@ -153,7 +153,7 @@ def _check_listenable(host: str, port: int) -> None:
 
 
 class LabelFormat(str, Enum):
-    """The two forms labels travel in (``--format``): one JSON object per line, or CSV with a header."""
+    """The two forms exports travel in (``--format``): one JSON object per line, or CSV with a header."""
 
     jsonl = "jsonl"
     csv = "csv"
@@ -164,15 +164,29 @@ def export_labels(
     sae: str = typer.Argument(..., help="SAE key (its folder name under <data_dir>/saes)."),
     fmt: LabelFormat = typer.Option(LabelFormat.jsonl, "--format", help="jsonl or csv."),
     output: Path = typer.Option(None, "--output", "-o", help="File to write (default: standard output)."),
+    features: bool = typer.Option(
+        False, "--features", help="Export the feature table instead: every feature's statistics and current label, in index order "
+        "(the API's /api/saes/{sae}/features.csv)."
+    ),
 ) -> None:
-    """Export every label revision of an SAE (JSONL or CSV)."""
+    """Export every label revision of an SAE (JSONL or CSV), or with --features its feature table."""
+    from backend.services import features as feature_service
     from backend.services import labels
+    from backend.services.csv_export import csv_text
+    from backend.services.feature_order import FeatureOrders
+    from clipscope.db.models import SaeStatus
 
     with _sae_session(sae) as (session, row):
-        rows = labels.export_rows(session, row)
-        text = labels.to_jsonl(rows) if fmt is LabelFormat.jsonl else labels.to_csv(rows)
+        if features:
+            if row.status != SaeStatus.READY:
+                raise ClipScopeError(f"SAE {sae} has no feature table yet (status: {row.status}); run `clipscope precompute` first.")
+            rows = feature_service.feature_table(session, row, feature_service.FeatureFilter(), FeatureOrders())
+            fields = feature_service.table_fields(concept=False)
+        else:
+            rows, fields = labels.export_rows(session, row), labels.EXPORT_FIELDS
+        text = labels.to_jsonl(rows) if fmt is LabelFormat.jsonl else csv_text(rows, fields)
     if output:
-        output.write_text(text)
+        output.write_text(text, encoding="utf-8", newline="")  # exactly the text: CSV lines end in \r\n
     else:
         typer.echo(text, nl=False)
 

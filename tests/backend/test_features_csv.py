@@ -90,3 +90,39 @@ def test_the_list_page_links_its_features_as_csv(web):
     assert len(_table(client, key, sort="max", dead="hide")) == total
     nothing = client.get(f"/saes/{key}/features", params={"q": "no label says this"}).text
     assert "features.csv" not in nothing, "no link to an empty table"
+
+
+def test_clipscope_export_features_writes_the_apis_table(web_data, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from backend.app import create_app
+    from backend.services.labels import save_label
+    from clipscope.errors import ClipScopeError
+    from clipscope.settings import get_settings
+    from clipscope_cli.main import app
+    from tests.backend.conftest import copy_database
+
+    settings, key = web_data
+    url = copy_database(settings, tmp_path / "clipscope.db")
+    with session_scope(url) as s:
+        save_label(s, s.scalar(select(Sae).where(Sae.key == key)), 5, "blue, \"bright\"", "visual", "ann", 0)
+    monkeypatch.setenv("CLIPSCOPE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CLIPSCOPE_DATABASE_URL", url)
+    monkeypatch.setenv("CLIPSCOPE_DEVICE", "cpu")
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        out = runner.invoke(app, ["export", key, "--features", "--format", "csv", "-o", str(tmp_path / "f.csv")])
+        assert out.exit_code == 0, out.output
+        with TestClient(create_app(settings.model_copy(update={"database_url": url}))) as client:
+            assert (tmp_path / "f.csv").read_bytes() == client.get(f"/api/saes/{key}/features.csv").content
+        as_json = [__import__("json").loads(line) for line in runner.invoke(app, ["export", key, "--features"]).output.splitlines()]
+        assert [r["index"] for r in as_json] == list(range(64)) and as_json[5]["label_text"] == 'blue, "bright"'
+        assert isinstance(as_json[0]["is_dead"], bool) and isinstance(as_json[0]["frequency"], float)
+        with session_scope(url) as s:
+            s.query(Sae).filter(Sae.key == key).update({"status": SaeStatus.TRAINED})
+        out = runner.invoke(app, ["export", key, "--features"])
+        assert isinstance(out.exception, ClipScopeError) and "no feature table yet (status: trained)" in str(out.exception)
+    finally:
+        get_settings.cache_clear()
