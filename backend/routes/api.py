@@ -25,6 +25,19 @@ from backend.services.features import FeatureFilter, FeatureQuery, feature_detai
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 
 router = APIRouter(prefix="/api", tags=["api"])
+
+
+class CSVResponse(PlainTextResponse):
+    media_type = "text/csv"
+
+
+class NDJSONResponse(PlainTextResponse):
+    media_type = "application/x-ndjson"
+
+
+def download(response_class: type[PlainTextResponse], body: str, filename: str) -> PlainTextResponse:
+    """An export, named for saving: its media type is the one /openapi.json documents for the route."""
+    return response_class(body, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 MAX_IMPORT = 20 * 1024 * 1024
 
 
@@ -71,7 +84,7 @@ async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, que
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 
 
-@router.get("/saes/{sae}/features.csv", response_class=PlainTextResponse,
+@router.get("/saes/{sae}/features.csv", response_class=CSVResponse,
             summary="Every feature the filters select, in their order, as CSV: statistics, current label, concept match")
 async def api_features_csv(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureFilter, Query()]):
     _refuse_frequency_mistake(query)
@@ -80,7 +93,7 @@ async def api_features_csv(request: Request, sae: str, orders: FeatureOrdersDep,
         require_ready(sae)
         scores = _concept_scores(request, sae, query)
         body = csv_text(feature_table(session, sae, query, orders, scores), table_fields(scores is not None))
-        return PlainTextResponse(body, media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{sae.key}-features.csv"'})
+        return download(CSVResponse, body, f"{sae.key}-features.csv")
 
     return await read_sae(request, sae, work, threaded=True)  # up to every feature of the SAE: off the event loop
 
@@ -119,16 +132,16 @@ def api_save_label(request: Request, sae: SaeDep, idx: int, body: LabelIn, sessi
     return label_service.revision_dict(rev)
 
 
-@router.get("/saes/{sae}/labels.jsonl", response_class=PlainTextResponse, summary="Export every label revision as JSON lines")
+@router.get("/saes/{sae}/labels.jsonl", response_class=NDJSONResponse, summary="Export every label revision as JSON lines")
 def api_export_jsonl(sae: SaeDep, session: SessionDep):
     body = label_service.to_jsonl(label_service.export_rows(session, sae))
-    return PlainTextResponse(body, media_type="application/x-ndjson", headers={"Content-Disposition": f'attachment; filename="{sae.key}-labels.jsonl"'})
+    return download(NDJSONResponse, body, f"{sae.key}-labels.jsonl")
 
 
-@router.get("/saes/{sae}/labels.csv", response_class=PlainTextResponse, summary="Export every label revision as CSV")
+@router.get("/saes/{sae}/labels.csv", response_class=CSVResponse, summary="Export every label revision as CSV")
 def api_export_csv(sae: SaeDep, session: SessionDep):
     body = label_service.to_csv(label_service.export_rows(session, sae))
-    return PlainTextResponse(body, media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{sae.key}-labels.csv"'})
+    return download(CSVResponse, body, f"{sae.key}-labels.csv")
 
 
 @router.post("/saes/{sae}/labels/import", summary="Import an export (JSONL or CSV); appends revisions, never overwrites")
