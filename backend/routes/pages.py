@@ -18,7 +18,7 @@ from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
-from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
+from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage
 from clipscope.token_maps import veil_image
@@ -82,11 +82,11 @@ def _safe_next(target: str) -> str:
 
 @router.get("/", response_class=HTMLResponse)
 def overview(request: Request, session: SessionDep):
-    saes = [
-        {**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluation_table(session, s.id)}
-        for s in list_saes(session)
-    ]
-    return render(request, "overview.html", saes=saes)
+    saes = []
+    for s in list_saes(session):
+        evaluations = evaluation_table(session, s.id)
+        saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations)})
+    return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes))
 
 
 @router.get("/saes/{sae}/features", response_class=HTMLResponse)

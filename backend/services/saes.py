@@ -65,3 +65,14 @@ def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
             entry["drop_relative"] = (clean - spliced) / clean if clean else None
         out.append(entry)
     return out
+
+
+def comparison_columns(saes: list[dict[str, Any]]) -> list[str]:
+    """The evaluated image sets across ``saes`` (summaries with their ``evaluations``), first seen first:
+    the overview's comparison gives each its own column of spliced drops."""
+    return list(dict.fromkeys(f"{e['dataset']}/{e['split']}" for s in saes for e in s["evaluations"]))
+
+
+def drops_by_set(evaluations: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Each evaluated image set's top-1 drop with the SAE spliced in, in percentage points."""
+    return {f"{e['dataset']}/{e['split']}": e.get("drop_pp") for e in evaluations}

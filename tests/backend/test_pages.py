@@ -24,6 +24,36 @@ def test_overview_shows_each_sae_with_metrics_curve_and_evaluations(web):
     assert "synthetic/test" in page and "mean-ablation" in page
 
 
+def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_on(web):
+    from clipscope.db.models import Evaluation
+
+    client, key = web
+    assert "Side by side" not in client.get("/").text, "one SAE has nothing to be compared with"
+    with session_scope(client.app.state.database_url) as s:
+        first = s.scalar(select(Sae).where(Sae.key == key))
+        second = Sae(key="seed-b", name="seed-b", status=SaeStatus.TRAINED, model="ViT-B-32", pretrained="laion2b_s34b_b79k",
+                     random_weights=False, layer=10, tokens="cls", d_in=768, d_sae=49152, k=500, recipe="seed", config={}, provenance={},
+                     metrics={"evr": 0.8057, "l0": 500.0, "dead_fraction": 0.0125})
+        s.add(second)
+        s.flush()
+        for condition, top1 in (("clean", 0.9366), ("spliced", 0.9213)):
+            s.add(Evaluation(sae_id=second.id, dataset="cifar10", split="test", dataset_key="k", n=10000, templates="clip_cifar",
+                             n_templates=18, condition=condition, top1=top1, top5=0.99))
+        first_evr = first.metrics["evr"]
+    page = client.get("/").text
+    table = page.split("Side by side", 1)[1].split("</table>", 1)[0]
+    header = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    assert sorted(header[-2:]) == ["cifar10/test drop", "synthetic/test drop"], "one column per set either SAE was evaluated on"
+    rows = {re.search(r'href="#sae-([^"]+)"', r).group(1): dict(zip(header, re.findall(r"<td>(.*?)</td>", r))) for r in table.split("<tr>")[2:]}
+    assert list(rows) == ["seed-b", key], "newest first, as the cards"
+    assert [rows["seed-b"][h] for h in ("recipe", "block · tokens", "latents · k", "EVR", "L0", "dead", "coherence")] == [
+        "seed", "10 · cls", "49152 · 500", "80.57 %", "500.0", "1.25 %", "–"]
+    assert rows["seed-b"]["cifar10/test drop"] == "1.53 pp" and rows["seed-b"]["synthetic/test drop"] == "–", "CIFAR-10 93.66 -> 92.13 %"
+    assert rows[key]["EVR"] == f"{100 * first_evr:.2f} %" and rows[key]["cifar10/test drop"] == "–"
+    assert rows[key]["synthetic/test drop"].endswith(" pp") and rows[key]["coherence"] != "–"
+    assert "trained" in table and "random CLIP" in table
+
+
 def test_every_page_of_a_random_weights_sae_carries_the_banner(web):
     client, key = web
     for url in (f"/saes/{key}/features", f"/saes/{key}/features/0", f"/saes/{key}/analyze"):
