@@ -43,6 +43,7 @@ class TrainResult:
     sae_dir: Path
     metrics: dict[str, float]
     trained_steps: int  # steps run by this call (0 when the finished SAE was reused)
+    imported: bool = False  # this call imported it (``sae.import_from``)
 
 
 def run_identity(cfg: RunConfig, train_cache: ActivationCache, eval_cache: ActivationCache | None) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def heldout_metrics(sae: TopKSAE, heldout: torch.Tensor, batch_size: int = 1024)
     return stats.result()
 
 
-def _sae_meta(cfg: RunConfig, ctx_meta: dict[str, Any]) -> dict[str, Any]:
+def sae_meta(cfg: RunConfig, ctx_meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": cfg.model.name,
         "pretrained": cfg.model.pretrained,
@@ -136,21 +137,13 @@ def train(
         "eval_cache": eval_cache.path.name if eval_cache else None,
         "dataset": train_cache.meta["key"]["dataset"],
     }
-    meta = _sae_meta(cfg, {"key": key, "provenance": provenance})
+    meta = sae_meta(cfg, {"key": key, "provenance": provenance})
     with session_scope(url) as s:
         row = s.scalar(select(Sae).where(Sae.key == key))
         if row is not None and row.status in (SaeStatus.TRAINED, SaeStatus.READY) and (sae_dir / WEIGHTS_FILE).exists():
             log.info("SAE %s is already trained: reused", key)
             return TrainResult(key, sae_dir, row.metrics or {}, 0)
-        if row is None:
-            row = Sae(key=key, name=cfg.name)
-            s.add(row)
-        row.status = SaeStatus.TRAINING
-        row.model, row.pretrained, row.random_weights = cfg.model.name, _weights_label(cfg), cfg.model.is_random
-        row.layer, row.tokens, row.recipe = cfg.model.layer, cfg.model.tokens, cfg.train.recipe
-        row.d_in, row.d_sae, row.k = train_cache.d, cfg.sae.d_sae, cfg.sae.k
-        row.config, row.provenance = cfg.model_dump(mode="json"), provenance
-        s.flush()
+        row = describe_row(s, row, key, cfg, SaeStatus.TRAINING, cfg.train.recipe, (train_cache.d, cfg.sae.d_sae, cfg.sae.k), provenance)
         sae_id = row.id
 
     device, tc = ctx.device, cfg.train
@@ -160,7 +153,7 @@ def train(
         train_rows, held_rows = split_images(train_cache.n_images, tc.holdout_fraction, tc.seed)
     source = VectorSource(train_cache, train_rows, device, resident=tc.resident)
     order = EpochOrder(len(source), tc.batch_size, tc.epochs, tc.seed, device)
-    heldout = _heldout(eval_cache, held_rows, train_cache, tc, device)
+    heldout = heldout_vectors(eval_cache, held_rows, train_cache, tc, device)
     recipe = make_recipe(tc, order.total_steps, train_cache.d, cfg.sae.d_sae)
     dead_after = tc.dead_after or max(tc.batch_size, min(10_000_000, order.total_steps * tc.batch_size // 10))
 
@@ -233,7 +226,24 @@ def train(
     return TrainResult(key, sae_dir, metrics, step - start_step)
 
 
-def _weights_label(cfg: RunConfig) -> str:
+def describe_row(
+    session, row: Sae | None, key: str, cfg: RunConfig, status: str, recipe: str, shape: tuple[int, int, int], provenance: dict[str, Any]
+) -> Sae:
+    """The SAE's database row (created when ``row`` is None) with what the run knows of it: model, site,
+    ``shape`` (d_in, d_sae, k), recipe, config and provenance."""
+    if row is None:
+        row = Sae(key=key, name=cfg.name)
+        session.add(row)
+    row.status = status
+    row.model, row.pretrained, row.random_weights = cfg.model.name, weights_label(cfg), cfg.model.is_random
+    row.layer, row.tokens, row.recipe = cfg.model.layer, cfg.model.tokens, recipe
+    row.d_in, row.d_sae, row.k = shape
+    row.config, row.provenance = cfg.model_dump(mode="json"), provenance
+    session.flush()
+    return row
+
+
+def weights_label(cfg: RunConfig) -> str:
     if cfg.model.weights_file is not None:
         return "file"
     return "none" if cfg.model.is_random else cfg.model.pretrained
@@ -244,7 +254,7 @@ def _use_graphs(setting: str, device: str) -> bool:
     return setting == "yes" and torch.device(device).type == "cuda"
 
 
-def _heldout(eval_cache, held_rows, train_cache, tc, device) -> torch.Tensor:
+def heldout_vectors(eval_cache, held_rows, train_cache, tc, device) -> torch.Tensor:
     if eval_cache is not None:
         src = VectorSource(eval_cache, np.arange(eval_cache.n_images), device, resident=False)
     elif held_rows is not None and len(held_rows):
