@@ -130,7 +130,7 @@ class ExtractConfig(_Strict):
 
 
 class SAEConfig(_Strict):
-    """The sparse autoencoder's shape."""
+    """The sparse autoencoder's shape, or the folder of one trained elsewhere."""
 
     d_sae: int = Field(49152, ge=1, description="Number of latents (dictionary size; 64 x 768 in the study).")
     k: int = Field(500, ge=1, description="Latents kept per input by TopK.")
@@ -138,6 +138,13 @@ class SAEConfig(_Strict):
         None,
         description="Learn a pre-encoder bias b_dec (subtracted before encoding, added after "
         "decoding); default: off for the seed recipe, on for topk.",
+    )
+    import_from: Path | None = Field(
+        None,
+        description="The folder of a TopK SAE trained elsewhere on this model's residual stream after model.layer: SAELens "
+        "(cfg.json + sae_weights.safetensors) or EleutherAI sparsify (cfg.json + sae.safetensors). It is imported instead "
+        "of trained (its own d_sae and k replace the two above; train only says where its held-out metrics are measured), "
+        "then evaluated and precomputed like a trained SAE.",
     )
 
     @model_validator(mode="after")
@@ -295,7 +302,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="CLIP and the hook site.")
     data: DatasetSpec = Field(default_factory=DatasetSpec, description="Training images.")
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="Extraction settings.")
-    sae: SAEConfig = Field(default_factory=SAEConfig, description="SAE shape.")
+    sae: SAEConfig = Field(default_factory=SAEConfig, description="SAE shape, or one to import.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Zero-shot evaluation.")
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig, description="Feature precompute for the explorer.")
@@ -312,6 +319,30 @@ class RunConfig(_Strict):
         if self.sae.use_b_dec is not None:
             return self.sae.use_b_dec
         return self.train.recipe == "topk"
+
+    @model_validator(mode="after")
+    def _import_fits_the_hook_site(self) -> RunConfig:
+        """An SAE to import is inspected (its cfg.json and its weights' header) when the config is read: one of
+        another kind, width or block fails here, before extraction spends minutes."""
+        if self.sae.import_from is None:
+            return self
+        import open_clip
+
+        from clipscope.sae.external import inspect_external_sae
+
+        try:
+            found = inspect_external_sae(self.sae.import_from)
+        except ClipScopeError as exc:
+            raise ValueError(f"sae.import_from: {exc}") from None
+        width = open_clip.get_model_config(self.model.name)["vision_cfg"]["width"]
+        if found.d_in != width:
+            raise ValueError(f"sae.import_from: {found.folder} reads {found.d_in}-dimensional inputs; the residual stream of {self.model.name} has {width}")
+        if found.layer is not None and found.layer != self.model.layer:
+            raise ValueError(
+                f"sae.import_from: {found.folder} was trained on the residual stream after block {found.layer}; model.layer = "
+                f"{self.model.layer} hooks block {self.model.layer}"
+            )
+        return self
 
 
 def load_config(path: str | Path) -> RunConfig:

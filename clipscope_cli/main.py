@@ -73,7 +73,7 @@ def extract(config: Path = ConfigArg) -> None:
 
 @app.command()
 def train(config: Path = ConfigArg) -> None:
-    """Train the SAE (extracting first if needed); resumes from the last checkpoint."""
+    """Train the SAE (extracting first if needed), resuming from the last checkpoint; or import sae.import_from."""
     from worker.pipeline import run_train
 
     run_train(_setup(), load_config(config))

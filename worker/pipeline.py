@@ -18,6 +18,7 @@ from worker.datasets import build_dataset
 from worker.extract import cache_path, extract, is_complete
 from worker.precompute.naming import Namer
 from worker.precompute.stage import PrecomputeResult, precompute
+from worker.train.imported import import_sae
 from worker.train.loop import TrainResult, train
 
 log = logging.getLogger("clipscope")
@@ -80,12 +81,15 @@ def run_extract(ctx: Context, cfg: RunConfig, clip: _LazyClip | None = None) -> 
 def run_train(ctx: Context, cfg: RunConfig, caches: Caches | None = None) -> TrainResult:
     caches = caches or run_extract(ctx, cfg)
     with stage("train") as report:
-        result = train(ctx, cfg, caches.train, caches.eval)
+        result = (import_sae if cfg.sae.import_from else train)(ctx, cfg, caches.train, caches.eval)
         m = result.metrics
-        verb = f"trained {result.trained_steps} steps" if result.trained_steps else "reused"
+        if result.imported:
+            verb = f"imported from {cfg.sae.import_from}"
+        else:
+            verb = f"trained {result.trained_steps} steps" if result.trained_steps else "reused"
+        dead = f", dead {100 * m['dead_fraction']:.2f}%" if "dead_fraction" in m else ""  # an import's training history is not known
         report["did"] = (
-            f"{verb}: {result.sae_key}, held-out EVR {m.get('evr', float('nan')):.4f}, L0 {m.get('l0', float('nan')):.1f}, "
-            f"dead {100 * m.get('dead_fraction', float('nan')):.2f}% -> {result.sae_dir}"
+            f"{verb}: {result.sae_key}, held-out EVR {m.get('evr', float('nan')):.4f}, L0 {m.get('l0', float('nan')):.1f}{dead} -> {result.sae_dir}"
         )
     return result
 
