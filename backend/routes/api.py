@@ -25,6 +25,7 @@ from backend.services.features import FeatureFilter, FeatureQuery, feature_detai
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
 
 router = APIRouter(prefix="/api", tags=["api"])
+MAX_IMPORT = 20 * 1024 * 1024
 
 
 class CSVResponse(PlainTextResponse):
@@ -38,7 +39,6 @@ class NDJSONResponse(PlainTextResponse):
 def download(response_class: type[PlainTextResponse], body: str, filename: str) -> PlainTextResponse:
     """An export, named for saving: its media type is the one /openapi.json documents for the route."""
     return response_class(body, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
-MAX_IMPORT = 20 * 1024 * 1024
 
 
 class LabelIn(BaseModel):

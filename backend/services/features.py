@@ -96,8 +96,8 @@ _LABELS = select(*LABEL_COLUMNS).where(Label.sae_id == _SAE, Label.feature.in_(_
 _ALL_FEATURE_ROWS = select(*LIST_COLUMNS).where(Feature.sae_id == _SAE)
 _ALL_LABELS = select(*LABEL_COLUMNS).where(Label.sae_id == _SAE)
 _IN_LIST_LIMIT = 2000
-"""Up to this many features are read by ``IN (...)``, more by reading the SAE's whole table (SQLite
-bounds the number of bound parameters, and reading them all is then no slower)."""
+"""Up to this many features are read by ``IN (...)``, more by reading the SAE's whole table (SQLite bounds
+the number of bound parameters, to 32,766 by default)."""
 _EXAMPLES = select(*EXAMPLE_COLUMNS).join(Image, Image.id == FeatureExample.image_id)
 _ORDER = (FeatureExample.feature, FeatureExample.bucket, FeatureExample.rank)
 _FEATURE_EXAMPLES = _EXAMPLES.where(FeatureExample.sae_id == _SAE, FeatureExample.feature == bindparam("idx")).order_by(*_ORDER)
