@@ -223,7 +223,9 @@ def _sae_session(key: str):
         with session_scope(ctx.database_url) as session:
             row = session.scalar(select(Sae).where(Sae.key == key))
             if row is None:
-                raise ClipScopeError(f"No SAE {key!r} in {ctx.database_url}.")
+                known = session.scalars(select(Sae.key).order_by(Sae.created_at.desc())).all()
+                there = f"its SAEs: {', '.join(known)}" if known else "it has none yet (`clipscope run CONFIG` makes one)"
+                raise ClipScopeError(f"No SAE {key!r} in {ctx.database_url}; {there}.")
             yield session, row
 
     return scope()

@@ -159,6 +159,8 @@ def test_labels_export_and_import_through_the_cli(env, tmp_path):
         sae = s.scalar(select(Sae))
         save_label(s, sae, 1, "first", "semantic", "ann", 0)
         key = sae.key
+    out = runner.invoke(app, ["export", key[:-1]])
+    assert isinstance(out.exception, ClipScopeError) and str(out.exception).endswith(f"; its SAEs: {key}."), "a mistyped key names the right one"
     out = runner.invoke(app, ["export", key, "--format", "csv", "-o", str(tmp_path / "l.csv")])
     assert out.exit_code == 0, out.output
     assert "first" in (tmp_path / "l.csv").read_text()
@@ -170,3 +172,9 @@ def test_labels_export_and_import_through_the_cli(env, tmp_path):
     (tmp_path / "latin1.csv").write_bytes("feature,text,category,author\n3,crème,noise,bob\n".encode("latin-1"))
     out = runner.invoke(app, ["import", key, str(tmp_path / "latin1.csv")])
     assert isinstance(out.exception, ClipScopeError) and "latin1.csv: The file is not UTF-8 text" in str(out.exception)
+
+
+def test_an_sae_key_that_names_nothing_says_what_there_is(env):
+    out = CliRunner().invoke(app, ["export", "some-sae"])
+    assert isinstance(out.exception, ClipScopeError)
+    assert str(out.exception).endswith("; it has none yet (`clipscope run CONFIG` makes one).")
