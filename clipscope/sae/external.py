@@ -8,8 +8,8 @@ Two layouts are read:
   encodes the raw input; ClipScope's encoder always subtracts ``b_dec`` first, so the encoder bias
   becomes ``b_enc + b_dec W_enc``, which gives the same pre-activations (to float rounding).
 * **EleutherAI sparsify**: ``cfg.json`` (``k``, ``d_in``) + ``sae.safetensors``
-  (``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec``, ``b_dec``); it subtracts ``b_dec``
-  before encoding, as ClipScope does.
+  (``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec``, ``b_dec``); an autoencoder (not a
+  transcoder) subtracts ``b_dec`` before encoding, as ClipScope does.
 
 Both take the top k of the ReLU'd pre-activations and decode ``z W_dec + b_dec``. Anything else (a
 ReLU, gated or JumpReLU SAE, a skip connection, inputs rescaled by a constant only the trainer knew)
@@ -73,7 +73,7 @@ def inspect_external_sae(folder: Path) -> ExternalSAE:
     with safe_open(str(weights), framework="pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     if fmt == "sparsify" and "W_skip" in shapes:
-        raise ClipScopeError(f"{folder} is a sparsify SAE with a skip connection (a transcoder): ClipScope reads plain TopK SAEs.")
+        raise ClipScopeError(f"{folder} is a sparsify coder with a skip connection (W_skip): ClipScope reads plain TopK SAEs.")
     names = TENSORS[fmt]
     missing = [n for n in names if n not in shapes]
     if missing:
@@ -117,6 +117,11 @@ def _saelens_k_and_layer(folder: Path, cfg: dict[str, Any]) -> tuple[int, int | 
             f"{folder / 'cfg.json'}: normalize_activations = {scaling!r}; ClipScope feeds SAEs the residual stream unscaled, "
             "so an SAE trained on rescaled inputs would read the wrong magnitudes."
         )
+    for option in ("rescale_acts_by_decoder_norm", "finetuning_scaling_factor"):
+        if cfg.get(option):
+            raise ClipScopeError(f"{folder / 'cfg.json'}: {option} is on; ClipScope computes plain TopK SAEs and would read it wrongly.")
+    if (cfg.get("reshape_activations") or "none") != "none":
+        raise ClipScopeError(f"{folder / 'cfg.json'}: reshape_activations = {cfg['reshape_activations']!r}; ClipScope feeds SAEs one residual vector per token.")
     hook = cfg.get("hook_name") or cfg.get("hook_point") or (cfg.get("metadata") or {}).get("hook_name")
     layer = _layer_of(hook)
     if hook and layer is None:
@@ -125,8 +130,12 @@ def _saelens_k_and_layer(folder: Path, cfg: dict[str, Any]) -> tuple[int, int | 
 
 
 def _sparsify_k_and_layer(folder: Path, cfg: dict[str, Any]) -> tuple[int, int | None]:
-    if cfg.get("skip_connection"):
-        raise ClipScopeError(f"{folder} is a sparsify SAE with a skip connection (a transcoder): ClipScope reads plain TopK SAEs.")
+    for option, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection"), ("embed_skip", "an embedding skip"),
+                         ("gram_lookup", "an n-gram lookup")):
+        if cfg.get(option):
+            raise ClipScopeError(f"{folder} is a sparsify coder with {what} ({option}): ClipScope reads plain TopK SAEs.")
+    if cfg.get("activation", "topk") != "topk":
+        raise ClipScopeError(f"{folder / 'cfg.json'}: activation = {cfg['activation']!r}; ClipScope reads TopK SAEs only.")
     if cfg.get("k") is None:
         raise ClipScopeError(f"{folder / 'cfg.json'} has no k: not a sparsify TopK SAE.")
     return int(cfg["k"]), None  # sparsify names the hook by its folder, in the trained model's own module names

@@ -80,15 +80,19 @@ def test_a_sparsify_sae_computes_what_sparsify_computes(tmp_path):
         (lambda d, w: saelens_folder(d, w, architecture="topk"), "SAE without a TopK k"),
         (lambda d, w: saelens_folder(d, w, architecture="topk", k=K, normalize_activations="expected_average_only_in"), "normalize_activations"),
         (lambda d, w: saelens_folder(d, w, architecture="topk", k=K, hook_name="blocks.10.hook_mlp_out"), "reads 'blocks.10.hook_mlp_out'"),
+        (lambda d, w: saelens_folder(d, w, architecture="topk", k=K, rescale_acts_by_decoder_norm=True), "rescale_acts_by_decoder_norm is on"),
+        (lambda d, w: saelens_folder(d, w, architecture="topk", k=K, reshape_activations="hook_z"), "reshape_activations = 'hook_z'"),
         (lambda d, w: saelens_folder(d, {**w, "W_dec": w["W_dec"][:, :5]}, architecture="topk", k=K), "shapes do not make one SAE"),
         (lambda d, w: saelens_folder(d, {k: v for k, v in w.items() if k != "b_enc"}, architecture="topk", k=K), "lacks b_enc"),
         (lambda d, w: saelens_folder(d, w, architecture="topk", k=D_SAE + 1), f"k = {D_SAE + 1} is outside 1..{D_SAE}"),
-        (lambda d, w: sparsify_folder(d, w, skip_connection=True), "skip connection"),
+        (lambda d, w: sparsify_folder(d, w, skip_connection=True), "with a skip connection (skip_connection)"),
+        (lambda d, w: sparsify_folder(d, w, transcode=True), "with a transcoder (transcode)"),
+        (lambda d, w: sparsify_folder(d, w, activation="groupmax"), "activation = 'groupmax'"),
         (lambda d, w: sparsify_folder(d / "layers.3", w) and sparsify_folder(d / "layers.7", w) and d, "It holds SAEs in layers.3, layers.7"),
         (lambda d, w: (saelens_folder(d, w, architecture="topk", k=K) / "cfg.json").unlink() or d, "no cfg.json"),
     ],
-    ids=["relu", "jumprelu", "no k", "rescaled inputs", "not the residual stream", "shapes", "missing tensor", "k too large",
-         "transcoder", "several hookpoints", "no config"],
+    ids=["relu", "jumprelu", "no k", "rescaled inputs", "not the residual stream", "rescaled codes", "per-head inputs", "shapes", "missing tensor", "k too large",
+         "skip connection", "transcoder", "groupmax", "several hookpoints", "no config"],
 )
 def test_what_is_not_a_plain_topk_sae_is_refused_with_the_reason(tmp_path, write, says):
     folder = write(tmp_path / "sae", _weights())
