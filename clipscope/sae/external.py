@@ -91,6 +91,12 @@ def read_external_sae(folder: Path) -> tuple[TopKSAE, dict[str, Any]]:
     """The SAE in ``folder`` (eval mode, fp32, CPU) and what is known of it: ``format``, ``source``,
     ``sha256`` (of its weights file), ``layer`` (see :class:`ExternalSAE`)."""
     found = inspect_external_sae(folder)
+    info = {"format": found.format, "source": str(found.folder.resolve()), "sha256": file_sha256(found.weights), "layer": found.layer}
+    return load_external_sae(found), info
+
+
+def load_external_sae(found: ExternalSAE) -> TopKSAE:
+    """The inspected SAE's tensors as a :class:`TopKSAE` (eval mode, fp32, CPU) that computes what it computes."""
     tensors = load_file(str(found.weights))
     enc, b_enc, W_dec, b_dec = (tensors[n].float() for n in TENSORS[found.format])
     if found.format == "saelens":
@@ -101,8 +107,7 @@ def read_external_sae(folder: Path) -> tuple[TopKSAE, dict[str, Any]]:
     with torch.no_grad():
         for param, value in ((sae.encoder_weight, enc), (sae.b_enc, b_enc), (sae.W_dec, W_dec), (sae.b_dec, b_dec)):
             param.copy_(value)
-    info = {"format": found.format, "source": str(found.folder.resolve()), "sha256": _sha256(found.weights), "layer": found.layer}
-    return sae.eval(), info
+    return sae.eval()
 
 
 def _saelens_k_and_layer(folder: Path, cfg: dict[str, Any]) -> tuple[int, int | None]:
@@ -151,7 +156,7 @@ def _layer_of(hook: str | None) -> int | None:
     return block if match.group(2) == "post" else block - 1
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -13,7 +13,7 @@ from clipscope.config import RunConfig, stable_hash
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
-from clipscope.sae.external import read_external_sae
+from clipscope.sae.external import file_sha256, inspect_external_sae, load_external_sae
 from clipscope.sae.io import WEIGHTS_FILE, save_sae
 from worker.context import Context
 from worker.train.data import split_images
@@ -25,10 +25,11 @@ log = logging.getLogger("clipscope")
 def import_sae(ctx: Context, cfg: RunConfig, train_cache: ActivationCache, eval_cache: ActivationCache | None = None) -> TrainResult:
     """Import (or reuse an import of) the SAE in ``cfg.sae.import_from`` (whose kind, width and block the
     config's validation checked)."""
-    sae, info = read_external_sae(cfg.sae.import_from)
+    found = inspect_external_sae(cfg.sae.import_from)
+    digest, source = file_sha256(found.weights), str(found.folder.resolve())
     tc = cfg.train
     identity = {
-        "import": info["sha256"], "format": info["format"], "train_cache": train_cache.path.name,
+        "import": digest, "format": found.format, "train_cache": train_cache.path.name,
         "eval_cache": eval_cache.path.name if eval_cache else None,
         "heldout": {"fraction": tc.holdout_fraction, "seed": tc.seed, "max_samples": tc.eval_max_samples},
     }
@@ -39,14 +40,14 @@ def import_sae(ctx: Context, cfg: RunConfig, train_cache: ActivationCache, eval_
         if row is not None and row.status in (SaeStatus.TRAINED, SaeStatus.READY) and (sae_dir / WEIGHTS_FILE).exists():
             log.info("SAE %s is already imported: reused", key)
             return TrainResult(key, sae_dir, row.metrics or {}, 0)
-    if sae.d_in != train_cache.d:
-        raise ClipScopeError(f"{info['source']} reads {sae.d_in}-dimensional inputs; the residual stream of {cfg.model.name} has {train_cache.d}.")
+    if found.d_in != train_cache.d:
+        raise ClipScopeError(f"{source} reads {found.d_in}-dimensional inputs; the residual stream of {cfg.model.name} has {train_cache.d}.")
     held_rows = None if eval_cache is not None else split_images(train_cache.n_images, tc.holdout_fraction, tc.seed)[1]
     device = ctx.device
-    sae = sae.to(device)
+    sae = load_external_sae(found).to(device)
     metrics = heldout_metrics(sae, heldout_vectors(eval_cache, held_rows, train_cache, tc, device))
     provenance = {
-        "imported_from": info["source"], "format": info["format"], "sha256": info["sha256"], "weights": train_cache.meta["key"]["weights"],
+        "imported_from": source, "format": found.format, "sha256": digest, "weights": train_cache.meta["key"]["weights"],
         "train_cache": train_cache.path.name, "eval_cache": eval_cache.path.name if eval_cache else None,
         "dataset": train_cache.meta["key"]["dataset"],
     }
@@ -56,5 +57,5 @@ def import_sae(ctx: Context, cfg: RunConfig, train_cache: ActivationCache, eval_
         row = describe_row(s, row, key, cfg, SaeStatus.TRAINED, "imported", (sae.d_in, sae.d_sae, sae.k), provenance)
         row.metrics = metrics
     log.info("imported %s from %s (%s, %d latents, k = %d): held-out EVR %.4f, L0 %.1f, MSE %.5g",
-             key, info["source"], info["format"], sae.d_sae, sae.k, metrics["evr"], metrics["l0"], metrics["mse"])
+             key, source, found.format, sae.d_sae, sae.k, metrics["evr"], metrics["l0"], metrics["mse"])
     return TrainResult(key, sae_dir, metrics, 0, imported=True)
