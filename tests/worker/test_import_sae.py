@@ -74,3 +74,21 @@ def test_an_sae_of_another_site_or_width_is_refused_when_the_config_is_read(ctx,
     (tmp_path / "empty").mkdir()
     with pytest.raises(ClipScopeError, match="holds neither"):
         _config(tmp_path / "empty")
+
+
+def test_a_clipscope_sae_imported_back_measures_and_precomputes_exactly_as_trained(ctx):
+    """A ClipScope SAE folder is a SAELens folder: importing one reproduces its held-out metrics and features."""
+    trained = run_all(ctx, parse_config(copy.deepcopy(TINY)))
+    again = copy.deepcopy(TINY)
+    again["name"], again["sae"] = "back", {"import_from": str(trained.sae_dir)}
+    imported = run_all(ctx, parse_config(again))
+    assert imported.sae_key != trained.sae_key
+    assert {k: imported.metrics[k] for k in ("evr", "mse", "l0")} == pytest.approx({k: trained.metrics[k] for k in ("evr", "mse", "l0")}, rel=1e-6)
+    with session_scope(ctx.database_url) as s:
+        def features(key):
+            sae_id = s.scalar(select(Sae.id).where(Sae.key == key))
+            return s.execute(select(Feature.idx, Feature.n_active, Feature.max_activation).where(Feature.sae_id == sae_id).order_by(Feature.idx)).all()
+
+        mine, theirs = features(trained.sae_key), features(imported.sae_key)
+    assert [(i, n) for i, n, _ in mine] == [(i, n) for i, n, _ in theirs]
+    assert [m for *_, m in mine] == pytest.approx([m for *_, m in theirs], rel=1e-5)
