@@ -14,10 +14,10 @@ from clipscope.db.models import Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.sae.external import file_sha256, inspect_external_sae, load_external_sae
-from clipscope.sae.io import WEIGHTS_FILE, save_sae
+from clipscope.sae.io import save_sae
 from worker.context import Context
 from worker.train.data import split_images
-from worker.train.loop import TrainResult, describe_row, heldout_metrics, heldout_vectors, sae_meta
+from worker.train.loop import TrainResult, cache_provenance, describe_row, heldout_metrics, heldout_vectors, is_finished, sae_meta
 
 log = logging.getLogger("clipscope")
 
@@ -37,7 +37,7 @@ def import_sae(ctx: Context, cfg: RunConfig, train_cache: ActivationCache, eval_
     sae_dir = ctx.layout.saes / key / "sae"
     with session_scope(ctx.database_url) as s:
         row = s.scalar(select(Sae).where(Sae.key == key))
-        if row is not None and row.status in (SaeStatus.TRAINED, SaeStatus.READY) and (sae_dir / WEIGHTS_FILE).exists():
+        if is_finished(row, sae_dir):
             log.info("SAE %s is already imported: reused", key)
             return TrainResult(key, sae_dir, row.metrics or {}, 0)
     if found.d_in != train_cache.d:
@@ -46,11 +46,7 @@ def import_sae(ctx: Context, cfg: RunConfig, train_cache: ActivationCache, eval_
     device = ctx.device
     sae = load_external_sae(found).to(device)
     metrics = heldout_metrics(sae, heldout_vectors(eval_cache, held_rows, train_cache, tc, device))
-    provenance = {
-        "imported_from": source, "format": found.format, "sha256": digest, "weights": train_cache.meta["key"]["weights"],
-        "train_cache": train_cache.path.name, "eval_cache": eval_cache.path.name if eval_cache else None,
-        "dataset": train_cache.meta["key"]["dataset"],
-    }
+    provenance = {"imported_from": source, "format": found.format, "sha256": digest, **cache_provenance(train_cache, eval_cache)}
     save_sae(sae, sae_dir, {**sae_meta(cfg, {"key": key, "provenance": provenance}), "recipe": "imported", "metrics": metrics})
     with session_scope(ctx.database_url) as s:
         row = s.scalar(select(Sae).where(Sae.key == key))

@@ -131,16 +131,11 @@ def train(
     run_dir = ctx.layout.saes / key
     sae_dir = run_dir / "sae"
     url = ctx.database_url
-    provenance = {
-        "weights": train_cache.meta["key"]["weights"],
-        "train_cache": train_cache.path.name,
-        "eval_cache": eval_cache.path.name if eval_cache else None,
-        "dataset": train_cache.meta["key"]["dataset"],
-    }
+    provenance = cache_provenance(train_cache, eval_cache)
     meta = sae_meta(cfg, {"key": key, "provenance": provenance})
     with session_scope(url) as s:
         row = s.scalar(select(Sae).where(Sae.key == key))
-        if row is not None and row.status in (SaeStatus.TRAINED, SaeStatus.READY) and (sae_dir / WEIGHTS_FILE).exists():
+        if is_finished(row, sae_dir):
             log.info("SAE %s is already trained: reused", key)
             return TrainResult(key, sae_dir, row.metrics or {}, 0)
         row = describe_row(s, row, key, cfg, SaeStatus.TRAINING, cfg.train.recipe, (train_cache.d, cfg.sae.d_sae, cfg.sae.k), provenance)
@@ -224,6 +219,21 @@ def train(
         key, metrics["evr"], metrics["l0"], metrics["mse"], 100 * metrics["dead_fraction"], step - start_step, elapsed,
     )
     return TrainResult(key, sae_dir, metrics, step - start_step)
+
+
+def cache_provenance(train_cache: ActivationCache, eval_cache: ActivationCache | None) -> dict[str, Any]:
+    """Where an SAE's training (or held-out) vectors came from: CLIP's weights, the caches, the dataset."""
+    return {
+        "weights": train_cache.meta["key"]["weights"],
+        "train_cache": train_cache.path.name,
+        "eval_cache": eval_cache.path.name if eval_cache else None,
+        "dataset": train_cache.meta["key"]["dataset"],
+    }
+
+
+def is_finished(row: Sae | None, sae_dir: Path) -> bool:
+    """The SAE of ``row`` is trained (or imported), and its weights are on disk: a run reuses it."""
+    return row is not None and row.status in (SaeStatus.TRAINED, SaeStatus.READY) and (sae_dir / WEIGHTS_FILE).exists()
 
 
 def describe_row(
