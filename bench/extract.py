@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from worker.context import Context  # noqa: E402
 from worker.datasets import build_dataset  # noqa: E402
 from worker.extract import extract  # noqa: E402
 from device_waits import host_waits  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, size=(512, 384), copies: int = 1) -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = parser.parse_args()
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="clipscope-bench-extract-"))
+    work = scratch_dir("clipscope-bench-extract-")
     make_jpegs(work / "images", a.images, copies=a.copies)
     model = ModelConfig(pretrained="none", layer=10, tokens="cls", precision=a.precision, resize=a.resize)
     clip = load_clip(model, a.device)

@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from worker.context import Context  # noqa: E402
 from worker.train.loop import train  # noqa: E402
 from worker.train.step import adam  # noqa: E402
 from device_waits import host_waits  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 
 def synthetic_cache(root: Path, name: str, n: int, d: int, seed: int) -> ActivationCache:
@@ -103,7 +103,7 @@ def main() -> None:
     cfg = load_config(a.config)
     if a.epochs is not None:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": a.epochs})})
-    work = Path(tempfile.mkdtemp(prefix="clipscope-bench-seed-run-"))
+    work = scratch_dir("clipscope-bench-seed-run-")
     caches = Context(Settings(data_dir=work / "data", device=a.device, progress=False)).layout.activations
     d = 768
     train_cache = synthetic_cache(caches, "bench-train", a.images, d, 0)

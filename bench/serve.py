@@ -17,7 +17,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from scratch import scratch_dir  # noqa: E402
 
 
 def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--analyze-requests", type=int, default=20)
     a = parser.parse_args()
-    data_dir = Path(tempfile.mkdtemp(prefix="clipscope-bench-serve-")) / "data"
+    data_dir = scratch_dir("clipscope-bench-serve-") / "data"
     t = time.perf_counter()
     key = build_database(data_dir, a.d_sae, 500, 5000)
     build_s = time.perf_counter() - t
