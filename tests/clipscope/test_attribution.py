@@ -1,0 +1,128 @@
+"""Feature attribution of a zero-shot prediction, checked against CLIP's own forward pass with the
+residual stream edited by a forward hook (an independent path from ``continue_from``)."""
+
+import pytest
+import torch
+
+from clipscope.attribution import explain
+from clipscope.clip.hooks import residual_at, token_slice
+from clipscope.sae.model import TopKSAE
+
+LAYER = 10
+CLASSES = ["a", "b", "c", "d", "e"]
+
+
+def sae_for(seed: int = 0) -> TopKSAE:
+    sae = TopKSAE(768, 512, 16)
+    sae.init_weights("tied", generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.fill_(0.05)  # enough latents fire on random CLIP's stream
+        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 1))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return torch.nn.functional.normalize(torch.randn(512, len(CLASSES), generator=torch.Generator().manual_seed(4)), dim=0)
+
+
+def hooked_logits(model, image, classifier, tokens: str, remove: torch.Tensor | None = None) -> torch.Tensor:
+    """``[classes]`` zero-shot logits of the whole model, ``remove`` ``[tokens, width]`` subtracted
+    from the residual stream after block LAYER at the SAE's tokens."""
+    def edit(_module, _args, out):
+        if remove is None:
+            return out
+        out = out.clone()
+        out[:, token_slice(tokens)] -= remove[None].to(out)  # open_clip's blocks are batch-first
+        return out
+
+    handle = model.visual.transformer.resblocks[LAYER].register_forward_hook(edit)
+    try:
+        with torch.no_grad():
+            emb = model.encode_image(image, normalize=True)
+    finally:
+        handle.remove()
+    return (model.logit_scale.exp() * emb @ classifier)[0]
+
+
+def run(random_clip, image, classifier, tokens="cls", **kw):
+    with torch.no_grad():
+        resid = residual_at(random_clip.visual, image, LAYER)
+    return explain(random_clip.model, sae_for(), resid, LAYER, tokens, classifier, CLASSES, **kw)
+
+
+@pytest.mark.parametrize("tokens", ["cls", "all"])
+def test_each_measured_effect_is_the_whole_model_with_the_feature_removed_from_the_stream(random_clip, image, classifier, tokens):
+    sae = sae_for()
+    with torch.no_grad():
+        x = residual_at(random_clip.visual, image, LAYER)[0, token_slice(tokens)]
+        code = sae.encode(x)
+    out = run(random_clip, image, classifier, tokens, exact=6)
+    clean = hooked_logits(random_clip.model, image, classifier, tokens)
+    torch.testing.assert_close(out.clean, clean.softmax(-1), rtol=1e-4, atol=1e-5)
+    assert out.target == int(clean.argmax())
+    assert len(out.effects) == 6
+    for e in out.effects:
+        per_token = (code.values * (code.indices == e.index)).sum(-1)  # [tokens]
+        removed = per_token[:, None] * sae.W_dec[e.index][None].detach()
+        logits = hooked_logits(random_clip.model, image, classifier, tokens, removed)
+        assert e.logit_change == pytest.approx(float(logits[out.target] - clean[out.target]), abs=2e-4)
+        assert e.probability == pytest.approx(float(logits.softmax(-1)[out.target]), abs=1e-5)
+        assert e.top_class == int(logits.argmax())
+        assert e.activation == pytest.approx(float(per_token.max()), rel=1e-6)
+    changes = [e.logit_change for e in out.effects]
+    assert changes == sorted(changes)
+
+
+def test_estimates_are_the_first_order_change(random_clip, image, classifier):
+    """The estimate is the derivative of the logit along the removed vector: a small fraction of it
+    removed changes the logit by that fraction of the estimate."""
+    sae = sae_for()
+    with torch.no_grad():
+        x = residual_at(random_clip.visual, image, LAYER)[0, :1]
+        code = sae.encode(x)
+    out = run(random_clip, image, classifier)
+    assert set(out.estimates) == set(code.indices[code.values > 0].tolist())
+    clean = hooked_logits(random_clip.model, image, classifier, "cls")
+    eps = 1e-2
+    for f in sorted(out.estimates, key=lambda f: -abs(out.estimates[f]))[:4]:
+        removed = eps * (code.values * (code.indices == f)).sum(-1)[:, None] * sae.W_dec[f][None].detach()
+        slope = float(hooked_logits(random_clip.model, image, classifier, "cls", removed)[out.target] - clean[out.target]) / eps
+        assert slope == pytest.approx(out.estimates[f], rel=0.05, abs=1e-3)
+
+
+def test_measured_features_are_those_with_the_largest_estimates(random_clip, image, classifier):
+    out = run(random_clip, image, classifier, exact=5)
+    ranked = sorted(out.estimates, key=lambda f: (-abs(out.estimates[f]), f))
+    assert {e.index for e in out.effects} == set(ranked[:5])
+
+
+def test_the_spliced_prediction_uses_the_reconstruction(random_clip, image, classifier):
+    sae = sae_for()
+    with torch.no_grad():
+        x = residual_at(random_clip.visual, image, LAYER)[0, :1]
+        x_hat, _ = sae(x)
+    spliced = hooked_logits(random_clip.model, image, classifier, "cls", x - x_hat)
+    torch.testing.assert_close(run(random_clip, image, classifier).spliced, spliced.softmax(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_an_asked_for_target_class_is_the_one_explained(random_clip, image, classifier):
+    default = run(random_clip, image, classifier)
+    other = (default.target + 1) % len(CLASSES)
+    out = run(random_clip, image, classifier, target=other)
+    assert out.target == other
+    assert out.estimates != default.estimates
+
+
+def test_bad_arguments_are_refused(random_clip, image, classifier):
+    with pytest.raises(ValueError, match="outside"):
+        run(random_clip, image, classifier, target=len(CLASSES))
+    with pytest.raises(ValueError, match="one image"):
+        explain(random_clip.model, sae_for(), torch.zeros(2, 50, 768), LAYER, "cls", classifier, CLASSES)
+    with pytest.raises(ValueError, match="one column per class"):
+        explain(random_clip.model, sae_for(), torch.zeros(1, 50, 768), LAYER, "cls", classifier, CLASSES[:2])
