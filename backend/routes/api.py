@@ -18,6 +18,7 @@ from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
+from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, Explain, explain_request, prediction_dict
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
 from backend.services.csv_export import csv_text
@@ -164,7 +165,17 @@ OCCLUDE_HELP = (
 )
 
 
-async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool = False) -> Analysis:
+EXPLAIN_HELP = (
+    "Also explain CLIP's zero-shot prediction for the image (prediction): its top classes, clean and with the SAE's "
+    "reconstruction spliced in, and the features it rests on: each measured by removing it from the residual stream "
+    "(the SAE's error kept) and reading the target class's logit (logit_change; negative where the feature supports the "
+    "class), after a first-order estimate for every firing feature (estimate)."
+)
+CLASSES_HELP = f"With explain: the classes, separated by commas or new lines (at most {MAX_CLASSES}; default: the precompute dataset's)."
+TARGET_HELP = "With explain: the class to explain, one of the classes (default: clean CLIP's top class)."
+
+
+async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool = False, question: Explain | None = None) -> Analysis:
     """Check and decode the upload, queue it for analysis, and wait for its result.
 
     Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400
@@ -180,7 +191,7 @@ async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool 
     except BadUpload as exc:
         raise HTTPException(exc.status, str(exc)) from None
     try:
-        future = request.app.state.analysis.submit(sae, image, occlude)
+        future = request.app.state.analysis.submit(sae, image, occlude, question)
     except PoolFull:
         raise HTTPException(503, "The analyzer is busy; try again in a moment.", headers={"Retry-After": "1"}) from None
     try:
@@ -194,8 +205,28 @@ async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool 
                         400: {"description": "Empty, truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
 async def api_analyze(
     request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500),
-    occlude: bool = Query(False, description=OCCLUDE_HELP),
+    occlude: bool = Query(False, description=OCCLUDE_HELP), explain: bool = Query(False, description=EXPLAIN_HELP),
+    classes: str | None = Query(None, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2), description=CLASSES_HELP),
+    target: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=TARGET_HELP),
 ) -> dict[str, Any]:
     require_ready(sae)
-    analysis = await analyze_upload(request, sae, file, occlude)
-    return rank_features(session, sae, analysis, limit=limit)
+    question = ask(sae, explain, classes, target)
+    analysis = await analyze_upload(request, sae, file, occlude, question)
+    return {**rank_features(session, sae, analysis, limit=limit), **explained(session, sae, question, analysis)}
+
+
+def ask(sae, explain: bool, classes: str | None, target: str | None) -> Explain | None:
+    """The explanation asked for, checked before the upload is read (422 with the reason)."""
+    if not explain:
+        return None
+    try:
+        return explain_request(sae, classes, target)
+    except BadQuestion as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def explained(session, sae, question: Explain | None, analysis: Analysis) -> dict[str, Any]:
+    """``{"prediction": ...}`` when an explanation was asked for, else nothing."""
+    if question is None or analysis.explanation is None:
+        return {}
+    return {"prediction": prediction_dict(session, sae, question, analysis.explanation)}

@@ -10,13 +10,14 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_upload
+from backend.routes.api import analyze_upload, ask, explained
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
+from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, dataset_classes
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
@@ -183,18 +184,27 @@ def collage(
 @router.get("/saes/{sae}/analyze", response_class=HTMLResponse)
 def analyze_form(request: Request, sae: SaeDep):
     require_ready(sae)
-    return render(request, "analyze.html", sae=sae_summary(sae), result=None)
+    return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae))
+
+
+def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "") -> dict:
+    """What the form was filled with (kept on the page it answers), and the dataset's classes it offers."""
+    return {"occlude": occlude, "explain": explain, "classes": classes, "target": target, "dataset_classes": len(dataset_classes(sae))}
 
 
 @router.post("/saes/{sae}/analyze", response_class=HTMLResponse, dependencies=[CsrfForm])
-async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), occlude: bool = Form(False)):
+async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), occlude: bool = Form(False),
+                       explain: bool = Form(False), classes: str = Form("", max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2)),
+                       target: str = Form("", max_length=MAX_CLASS_CHARS)):
     require_ready(sae)
+    asked = _asked(sae, occlude, explain, classes, target)
     try:
-        analysis = await analyze_upload(request, sae, file, occlude)
+        question = ask(sae, explain, classes, target)
+        analysis = await analyze_upload(request, sae, file, occlude, question)
     except HTTPException as exc:
         return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
-                      error=exc.detail, occlude=occlude)
-    result = rank_features(session, sae, analysis)
+                      error=exc.detail, asked=asked)
+    result = {**rank_features(session, sae, analysis), **explained(session, sae, question, analysis)}
     view = analysis.model_view
-    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename, occlude=occlude,
+    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename, asked=asked,
                   model_view={"src": png_data_uri(view), "width": view.width, "height": view.height})

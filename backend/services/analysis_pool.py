@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from backend.services.analyze import Analyzer
+from backend.services.prediction import Explain
 from clipscope.db.models import Sae
 
 
@@ -27,6 +28,7 @@ class _Job:
     sae: Sae
     image: Image.Image
     occlude: bool = False
+    question: Explain | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -37,9 +39,9 @@ class AnalysisPool:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, sae: Sae, image: Image.Image, occlude: bool = False) -> Future:
+    def submit(self, sae: Sae, image: Image.Image, occlude: bool = False, question: Explain | None = None) -> Future:
         """A future of the image's :class:`~backend.services.analyze.Analysis`; raises :class:`PoolFull` at once when full."""
-        job = _Job(sae, image, occlude)
+        job = _Job(sae, image, occlude, question)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -61,12 +63,12 @@ class AnalysisPool:
                     jobs.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            by_sae: dict[tuple[str, bool], list[_Job]] = {}
-            for job in jobs:
-                by_sae.setdefault((job.sae.key, job.occlude), []).append(job)
+            by_sae: dict[tuple, list[_Job]] = {}
+            for job in jobs:  # one forward pass per SAE and question
+                by_sae.setdefault((job.sae.key, job.occlude, job.question), []).append(job)
             for group in by_sae.values():
                 try:
-                    results = self.analyzer.analyse(group[0].sae, [j.image for j in group], occlude=group[0].occlude)
+                    results = self.analyzer.analyse(group[0].sae, [j.image for j in group], occlude=group[0].occlude, question=group[0].question)
                 except Exception as exc:  # delivered to each waiting request, which reports it
                     for j in group:
                         j.future.set_exception(exc)

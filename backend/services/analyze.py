@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from sqlalchemy.orm import Session
 
+from clipscope.attribution import Explanation, explain
 from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
-from clipscope.clip.zeroshot import build_classifier
+from clipscope.clip.zeroshot import build_classifier, template_set
 from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
@@ -23,6 +24,7 @@ from clipscope.sae.model import TopKSAE
 from clipscope.token_maps import occlusions, per_image_entries
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
+from backend.services.prediction import Explain
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Analysis:
     occluded: torch.Tensor | None = None
     """With occlusion asked for, ``[len(activations), patches]``: each firing feature's activation on
     the image with one patch greyed out (``clipscope.token_maps.occlusions``, row-major); else None."""
+    explanation: Explanation | None = None
+    """With an explanation asked for, the zero-shot prediction and the features it rests on."""
     _rows: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def _row(self, feature: int) -> int:
@@ -67,11 +71,13 @@ class _Loaded:
 
 
 class Analyzer:
-    """Keeps the most recently used SAEs' CLIP and SAE in memory (loading is seconds; analysis is not)."""
+    """Keeps the most recently used SAEs' CLIP and SAE in memory (loading is seconds; analysis is not),
+    and the most recently used zero-shot classifiers (encoding the class names is seconds too)."""
 
-    def __init__(self, data_dir: Path, device: str, capacity: int = 2):
-        self.data_dir, self.device, self.capacity = Path(data_dir), device, capacity
+    def __init__(self, data_dir: Path, device: str, capacity: int = 2, classifiers: int = 8):
+        self.data_dir, self.device, self.capacity, self.classifiers = Path(data_dir), device, capacity, classifiers
         self._cache: OrderedDict[str, _Loaded] = OrderedDict()
+        self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     def _get(self, sae: Sae) -> _Loaded:
@@ -80,21 +86,40 @@ class Analyzer:
                 self._cache.move_to_end(sae.key)
                 return self._cache[sae.key]
         model_cfg = ModelConfig.model_validate(sae.config["model"])
-        loaded = _Loaded(
-            load_clip(model_cfg, self.device, cache_dir=self.data_dir / "models"),
-            load_sae(self.data_dir / "saes" / sae.key / "sae", self.device)[0],
-            model_cfg,
-        )
+        with torch.inference_mode(False):  # weights that autograd may use (explanations take one backward pass)
+            loaded = _Loaded(
+                load_clip(model_cfg, self.device, cache_dir=self.data_dir / "models"),
+                load_sae(self.data_dir / "saes" / sae.key / "sae", self.device)[0],
+                model_cfg,
+            )
         with self._lock:
             self._cache[sae.key] = loaded
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
         return loaded
 
-    def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``per_image_entries`` of a preprocessed batch, on the CPU; with ``maps``, also their token maps
-        when the SAE reads several tokens (else None)."""
-        resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)[:, token_slice(loaded.model_cfg.tokens)]
+    def _classifier(self, sae: Sae, loaded: _Loaded, classes: tuple[str, ...]) -> torch.Tensor:
+        """``[embed_dim, classes]`` built with the SAE's evaluation templates (as its zero-shot table was)."""
+        _, templates = template_set(sae.config["evaluate"]["templates"])
+        key = (sae.key, classes)
+        with self._lock:
+            if key in self._classifiers:
+                self._classifiers.move_to_end(key)
+                return self._classifiers[key]
+        classifier = build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)
+        with self._lock:
+            self._classifiers[key] = classifier
+            while len(self._classifiers) > self.classifiers:
+                self._classifiers.popitem(last=False)
+        return classifier
+
+    def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``per_image_entries`` of a preprocessed batch (or of its residual stream ``resid``), on the CPU;
+        with ``maps``, also their token maps when the SAE reads several tokens (else None)."""
+        if resid is None:
+            resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
+        resid = resid[:, token_slice(loaded.model_cfg.tokens)]
         b, t, d = resid.shape
         code = loaded.sae.encode(resid.reshape(b * t, d).float())
         rows = torch.arange(b, device=code.indices.device)
@@ -123,18 +148,28 @@ class Analyzer:
         loaded = self._get(sae)
         return build_classifier(loaded.clip.model, loaded.model_cfg.name, [text], templates, self.device)[:, 0].float().cpu()
 
+    def _explain(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, question: Explain) -> Explanation:
+        classifier = self._classifier(sae, loaded, question.classes)
+        with torch.inference_mode(False):  # one backward pass, from a stream that is not an inference tensor
+            return explain(loaded.clip.model, loaded.sae, resid.clone(), loaded.model_cfg.layer, loaded.model_cfg.tokens,
+                           classifier.clone(), list(question.classes), question.target)
+
     @torch.inference_mode()
-    def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False) -> list[Analysis]:
+    def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False, question: Explain | None = None) -> list[Analysis]:
         """Each image's firing features and model input, in one batch through CLIP and the SAE; with
-        ``occlude``, also each feature's activation with each patch greyed out (one more pass per patch)."""
+        ``occlude``, also each feature's activation with each patch greyed out (one more pass per patch);
+        with a ``question``, the explanation of its zero-shot prediction."""
         loaded = self._get(sae)
         batch = loaded.preprocess(images, self.device)
-        img, feat, val, maps = self._entries(loaded, batch, maps=True)
+        resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
+        img, feat, val, maps = self._entries(loaded, batch, maps=True, resid=resid)
         out = []
         for row, view in enumerate(loaded.preprocess.pixels(batch)):
             mine = img == row
             occluded = self._occluded(loaded, batch[row], feat[mine]) if occlude else None
-            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if maps is not None else None, occluded))
+            explanation = self._explain(sae, loaded, resid[row : row + 1], question) if question else None
+            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if maps is not None else None,
+                                occluded, explanation))
         return out
 
 

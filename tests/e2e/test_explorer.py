@@ -102,6 +102,21 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     page.wait_for_function("v => getComputedStyle(v).opacity === '0'", arg=tile.locator(".veil").element_handle(), timeout=5_000)
     shot(page, "5b-analyze-occlusion")
 
+    page.set_input_files("input[type=file]", str(image))
+    page.uncheck("input[name=occlude]")
+    page.check("input[name=explain]")
+    page.fill("input[name=classes]", "red things, blue things, stripes")
+    page.click("#analyze-form button")
+    page.wait_for_selector(".prediction table.effects tr.supports, .prediction table.effects tr.opposes", timeout=120_000)
+    assert page.locator(".prediction table.classes").first.locator("tr").count() == 3
+    assert page.input_value("input[name=classes]") == "red things, blue things, stripes", "the form keeps the classes asked about"
+    card = page.locator(".prediction")
+    assert card.evaluate("c => c.scrollWidth <= c.clientWidth + 1"), "the explanation fits its card"
+    shot(page, "5c-analyze-explained")
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
+    page.set_viewport_size({"width": 1280, "height": 900})
+
     phone = browser.new_page(viewport={"width": 390, "height": 844})
     phone.goto(f"{base}/saes/{key}/features/{idx}")
     assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"

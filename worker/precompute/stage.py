@@ -164,6 +164,8 @@ def precompute(
             raise ValueError(f"SAE {sae_key} is not trained yet")
         if not force and row.status == SaeStatus.READY and (row.precompute or {}).get("key") == key:
             p = row.precompute
+            if "classes" not in p:  # kept since attribution; a precompute from before gets them on its next run
+                row.precompute = {**p, "classes": list(dataset.classes)}
             return PrecomputeResult(p["n_images"], p["n_features"], p["n_examples"], p["n_thumbnails"], True, 0.0)
         sae_id = row.id
     tables = compute(sae.to(ctx.device).eval(), cache, pc, ctx.layout.root / "tmp" / f"precompute-{key}", ctx.device, ctx.settings.progress)
@@ -243,7 +245,7 @@ def write(
         sae.precompute = {
             "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "n_images": tb.n_images,
             "n_features": d_sae, "n_examples": n_examples, "n_thumbnails": len(thumbs), "seconds": seconds,
-            "names": _names_summary(tb, directions.name),
+            "names": _names_summary(tb, directions.name), "classes": list(dataset.classes),
         }
         sae.status = SaeStatus.READY
     for old in directions.parent.glob("feature_directions-*.npy"):  # the committed precompute's file is the one kept

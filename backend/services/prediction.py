@@ -1,0 +1,87 @@
+"""Explain an uploaded image's zero-shot prediction by SAE features: what the analyzer is asked
+(:class:`Explain`, checked before the upload is queued) and the answer as the API returns it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from backend.services.features import label_dict, labels_of, maxima_of, top_examples
+from clipscope.attribution import Explanation
+from clipscope.db.models import Sae
+
+MAX_CLASSES = 100
+"""Most classes a request may name: each is encoded by CLIP's text tower with every prompt template
+(18 for the default 'clip_cifar'), about 0.1 s a class on 2 CPU cores the first time."""
+MAX_CLASS_CHARS = 100
+TOP_CLASSES = 5
+
+
+class BadQuestion(ValueError):
+    """The classes or target class of an explanation request are unusable; the message says why."""
+
+
+@dataclass(frozen=True)
+class Explain:
+    """Explain the prediction over ``classes``: of clean CLIP's top class, or of ``target``."""
+
+    classes: tuple[str, ...]
+    target: int | None = None
+    source: str = "dataset"
+    """'dataset' (the precompute dataset's classes) or 'request' (named in the request)."""
+
+
+def dataset_classes(sae: Sae) -> list[str]:
+    return list((sae.precompute or {}).get("classes") or [])
+
+
+def explain_request(sae: Sae, classes: str | None, target: str | None) -> Explain:
+    """The question from the request's fields: ``classes`` separated by commas or new lines (default:
+    the precompute dataset's classes), ``target`` one of them (default: CLIP's top class)."""
+    named = [c.strip() for c in re.split(r"[,\n]", classes or "") if c.strip()]
+    if named:
+        if len(named) > MAX_CLASSES:
+            raise BadQuestion(f"Name at most {MAX_CLASSES} classes ({len(named)} given).")
+        if too_long := [c for c in named if len(c) > MAX_CLASS_CHARS]:
+            raise BadQuestion(f"A class name may have at most {MAX_CLASS_CHARS} characters: {too_long[0][:40]!r}...")
+        found, source = list(dict.fromkeys(named)), "request"
+    else:
+        found, source = dataset_classes(sae), "dataset"
+        if not found:
+            raise BadQuestion(
+                f"SAE {sae.key}'s precompute knows no class names (its dataset has none, or it was precomputed before they "
+                "were kept: `clipscope run` with its config keeps them); name the classes to explain over."
+            )
+    if len(found) < 2:
+        raise BadQuestion("Name at least two classes: a prediction over one class is certain.")
+    if target is not None and target.strip():
+        if target.strip() not in found:
+            raise BadQuestion(f"The target class {target.strip()!r} is not one of the classes explained over.")
+        return Explain(tuple(found), found.index(target.strip()), source)
+    return Explain(tuple(found), None, source)
+
+
+def prediction_dict(session: Session, sae: Sae, question: Explain, ex: Explanation, strip: int = 4) -> dict[str, Any]:
+    """The prediction, clean and spliced, and the measured features with their labels and top images."""
+    name = ex.classes.__getitem__
+    ranked = lambda probs: [{"class": name(i), "probability": float(probs[i])} for i in probs.argsort(descending=True)[:TOP_CLASSES].tolist()]  # noqa: E731
+    ids = [e.index for e in ex.effects]
+    stats, labels, strips = maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids), top_examples(session, sae.id, ids, limit=strip)
+    return {
+        "classes_from": question.source,
+        "n_classes": len(ex.classes),
+        "target": name(ex.target),
+        "target_probability": {"clean": float(ex.clean[ex.target]), "spliced": float(ex.spliced[ex.target])},
+        "clean": ranked(ex.clean),
+        "spliced": ranked(ex.spliced),
+        "n_estimated": len(ex.estimates),
+        "features": [{
+            "index": e.index, "activation": e.activation, "logit_change": e.logit_change, "estimate": e.estimate,
+            "probability": e.probability, "top_class": name(e.top_class), "label": label_dict(labels.get(e.index)),
+            "auto_name": stats[e.index].auto_name if e.index in stats else None,
+            "examples": strips.get(e.index, []),
+        } for e in ex.effects],
+    }

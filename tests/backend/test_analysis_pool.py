@@ -1,0 +1,54 @@
+"""The analysis queue batches what can share a forward pass and never mixes what cannot."""
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from backend.services.analysis_pool import AnalysisPool, PoolFull
+from backend.services.prediction import Explain
+
+
+class RecordingAnalyzer:
+    """Answers each image with what it was asked; the first call waits until released, so later
+    submissions queue up and are taken together."""
+
+    def __init__(self):
+        self.calls, self.release, self.started = [], threading.Event(), threading.Event()
+
+    def analyse(self, sae, images, occlude=False, question=None):
+        self.calls.append((sae.key, occlude, question, list(images)))
+        self.started.set()
+        self.release.wait(10)
+        return [(sae.key, image, occlude, question) for image in images]
+
+
+def test_one_batch_per_sae_occlusion_and_question_each_upload_gets_its_own_answer():
+    analyzer = RecordingAnalyzer()
+    pool = AnalysisPool(analyzer, queue_size=16, max_batch=16)
+    a, b = SimpleNamespace(key="a"), SimpleNamespace(key="b")
+    cats, dogs = Explain(("cat", "dog")), Explain(("cat", "dog"), target=1)
+    first = pool.submit(a, "warm-up")
+    assert analyzer.started.wait(10)
+    asks = [(a, "1", False, None), (a, "2", False, cats), (b, "3", False, cats), (a, "4", True, None),
+            (a, "5", False, cats), (a, "6", False, dogs), (a, "7", False, None)]
+    futures = [pool.submit(sae, image, occlude, question) for sae, image, occlude, question in asks]
+    analyzer.release.set()
+    assert first.result(10) == ("a", "warm-up", False, None)
+    for (sae, image, occlude, question), future in zip(asks, futures):
+        assert future.result(10) == (sae.key, image, occlude, question)
+    batches = {(key, occlude, question): images for key, occlude, question, images in analyzer.calls[1:]}
+    assert batches == {("a", False, None): ["1", "7"], ("a", False, cats): ["2", "5"], ("b", False, cats): ["3"],
+                       ("a", True, None): ["4"], ("a", False, dogs): ["6"]}
+
+
+def test_a_full_queue_refuses_at_once():
+    analyzer = RecordingAnalyzer()
+    pool = AnalysisPool(analyzer, queue_size=1, max_batch=1)
+    sae = SimpleNamespace(key="a")
+    pool.submit(sae, "running")
+    assert analyzer.started.wait(10)
+    pool.submit(sae, "queued")
+    with pytest.raises(PoolFull):
+        pool.submit(sae, "one too many")
+    analyzer.release.set()
