@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from clipscope.activation_cache import ActivationCache
 from clipscope.clip.loading import LoadedClip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
-from clipscope.clip.zeroshot import build_classifier, correct_at_k, template_set, zero_shot_logits
+from clipscope.clip.zeroshot import build_classifier, class_drops, correct_at_k, template_set, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
 from clipscope.db.models import Evaluation, Sae
 from clipscope.db.session import session_scope
@@ -37,6 +38,9 @@ class EvalResult:
     accuracy: dict[str, tuple[float, float]]  # condition -> (top1, top5), fractions
     max_error_splice_diff: float
     reused: bool = False
+    by_class: dict[str, dict[str, Any]] | None = None
+    """Per condition, per class: ``classes``, ``n`` (images), ``hits`` (top-1 correct) and ``mistaken_for``
+    (the wrong class predicted most often and how often; [-1, 0] with no mistake)."""
 
 
 def training_mean(cache: ActivationCache, chunk: int = 4096) -> torch.Tensor:
@@ -61,6 +65,8 @@ def evaluate_dataset(
     preprocess = ImagePreprocess(preprocess_descriptor(cfg.model))
     loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.resolved_num_workers, ctx.device)
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
+    n_classes = len(dataset.classes)
+    confusion = {c: torch.zeros(n_classes * n_classes, dtype=torch.long, device=ctx.device) for c in CONDITIONS}  # [true, predicted]
     n, worst = 0, 0.0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)
     with torch.inference_mode(), bar:
@@ -76,12 +82,26 @@ def evaluate_dataset(
             for c, lg in logits.items():
                 for k, hits in correct_at_k(lg, labels).items():
                     correct[c][k] += hits
+                confusion[c] += torch.bincount(labels * n_classes + lg.argmax(dim=1), minlength=n_classes * n_classes)
             n += len(labels)
             bar.update(len(keep))
     if n == 0:
         raise ClipScopeError(f"{spec.name}/{spec.split} has no labelled images: zero-shot evaluation needs each image's class.")
     accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
-    return EvalResult(spec.name, spec.split, n, name, accuracy, worst)
+    return EvalResult(spec.name, spec.split, n, name, accuracy, worst, by_class=per_class(dataset.classes, confusion))
+
+
+def per_class(classes: list[str], confusion: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Per condition, each class's image count, top-1 hits and the class it is most often mistaken for."""
+    k = len(classes)
+    out = {}
+    for c, flat in confusion.items():
+        m = flat.view(k, k).cpu()
+        wrong = m - torch.diag(m.diagonal())
+        count, other = wrong.max(dim=1)
+        out[c] = {"classes": list(classes), "n": m.sum(dim=1).tolist(), "hits": m.diagonal().tolist(),
+                  "mistaken_for": [[int(o) if n else -1, int(n)] for o, n in zip(other.tolist(), count.tolist())]}
+    return out
 
 
 def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cache: ActivationCache, clip_getter) -> list[EvalResult]:
@@ -101,9 +121,11 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
                     Evaluation.sae_id == sae_id, Evaluation.dataset_key == dataset_key, Evaluation.templates == template_name
                 )
             ).all()
-            if {r.condition for r in rows} == set(CONDITIONS):
+            # complete: every condition, each with its per-class tallies (older rows lack them and are redone)
+            if {r.condition for r in rows} == set(CONDITIONS) and all("by_class" in (r.details or {}) for r in rows):
                 acc = {r.condition: (r.top1, r.top5) for r in rows}
-                results.append(EvalResult(spec.name, spec.split, rows[0].n, template_name, acc, rows[0].details["splice_check"], reused=True))
+                results.append(EvalResult(spec.name, spec.split, rows[0].n, template_name, acc, rows[0].details["splice_check"], reused=True,
+                                          by_class={r.condition: r.details["by_class"] for r in rows}))
                 continue
         if mean is None:
             mean = training_mean(train_cache).to(ctx.device)
@@ -121,15 +143,17 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
                     Evaluation(
                         sae_id=sae_id, dataset=spec.name, split=spec.split, dataset_key=dataset_key, n=result.n,
                         templates=template_name, n_templates=len(templates), condition=condition, top1=top1, top5=top5,
-                        details={"splice_check": result.max_error_splice_diff, "precision": cfg.evaluate.precision, "seconds": seconds},
+                        details={"splice_check": result.max_error_splice_diff, "precision": cfg.evaluate.precision, "seconds": seconds,
+                                 **({"by_class": result.by_class[condition]} if result.by_class else {})},
                     )
                 )
         results.append(result)
     return results
 
 
-def format_table(results: list[EvalResult]) -> str:
-    """The study's table: clean vs spliced top-1, the drop in pp and relative %, plus the other conditions."""
+def format_table(results: list[EvalResult], hurt_most: int = 3) -> str:
+    """The study's table: clean vs spliced top-1, the drop in pp and relative %, plus the other conditions;
+    then, per set, the ``hurt_most`` classes whose accuracy the splice lowers most."""
     head = f"{'dataset':<18} {'n':>6} {'clean':>7} {'spliced':>8} {'drop pp':>8} {'drop %':>7} {'+error':>7} {'mean-abl':>8} {'top-5 clean/spliced':>20}"
     lines = [head, "-" * len(head)]
     for r in results:
@@ -141,4 +165,9 @@ def format_table(results: list[EvalResult]) -> str:
             f"{100 * r.accuracy['spliced_error'][0]:>6.2f}% {100 * r.accuracy['mean_ablation'][0]:>7.2f}% "
             f"{100 * r.accuracy['clean'][1]:>9.2f}% / {100 * r.accuracy['spliced'][1]:.2f}%"
         )
+    for r in results:
+        hurt = [d for d in (class_drops(r.by_class or {}) or [])[:hurt_most] if d["drop_pp"] > 0]
+        if hurt:
+            lines.append(f"{r.dataset}/{r.split}, classes the splice hurts most: " + "; ".join(
+                f"{d['class']} {100 * d['clean']:.0f}% -> {100 * d['spliced']:.0f}%" for d in hurt))
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from clipscope.clip.zeroshot import class_drops
 from clipscope.db.models import Evaluation, Sae, SaeStatus, TrainingPoint
 
 
@@ -56,6 +57,8 @@ def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
             {"dataset": r.dataset, "split": r.split, "n": r.n, "templates": r.templates, "conditions": {}},
         )
         entry["conditions"][r.condition] = {"top1": r.top1, "top5": r.top5}
+        if (r.details or {}).get("by_class"):
+            entry.setdefault("_by_class", {})[r.condition] = r.details["by_class"]
     out = []
     for entry in table.values():
         c = entry["conditions"]
@@ -63,6 +66,7 @@ def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
             clean, spliced = c["clean"]["top1"], c["spliced"]["top1"]
             entry["drop_pp"] = 100 * (clean - spliced)
             entry["drop_relative"] = (clean - spliced) / clean if clean else None
+        entry["by_class"] = class_drops(entry.pop("_by_class", {}))
         out.append(entry)
     return out
 

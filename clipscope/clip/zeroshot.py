@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -98,3 +98,24 @@ def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return {k: int(hits[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks}
+
+
+def class_drops(by_condition: dict[str, dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per class, top-1 accuracy clean and spliced, the drop in percentage points and what the spliced
+    model most often mistakes the class for; the most hurt first. None for an evaluation without
+    per-class tallies (made before they were kept)."""
+    clean, spliced = by_condition.get("clean"), by_condition.get("spliced")
+    if not clean or not spliced:
+        return None
+    names = clean["classes"]
+    rows = []
+    for i, (name, n) in enumerate(zip(names, clean["n"])):
+        if not n:
+            continue
+        other, times = spliced["mistaken_for"][i]
+        rows.append({
+            "class": name, "n": n, "clean": clean["hits"][i] / n, "spliced": spliced["hits"][i] / n,
+            "drop_pp": 100 * (clean["hits"][i] - spliced["hits"][i]) / n,
+            "spliced_mistaken_for": {"class": names[other], "share": times / n} if other >= 0 else None,
+        })
+    return sorted(rows, key=lambda r: (-r["drop_pp"], r["class"]))

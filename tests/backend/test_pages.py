@@ -9,7 +9,7 @@ from PIL import Image
 
 from sqlalchemy import select
 
-from clipscope.db.models import Sae, SaeStatus
+from clipscope.db.models import Evaluation, Sae, SaeStatus
 from clipscope.db.session import session_scope
 from tests.backend.conftest import with_token
 
@@ -24,9 +24,29 @@ def test_overview_shows_each_sae_with_metrics_curve_and_evaluations(web):
     assert "synthetic/test" in page and "mean-ablation" in page
 
 
-def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_on(web):
-    from clipscope.db.models import Evaluation
+def test_the_classes_the_splice_hurts_most_are_ranked_from_the_evaluation_s_tallies(web):
+    client, key = web
+    (ev,) = client.get(f"/api/saes/{key}").json()["evaluations"]
+    rows = ev["by_class"]
+    assert rows and sum(r["n"] for r in rows) == ev["n"]
+    drops = [r["drop_pp"] for r in rows]
+    assert drops == sorted(drops, reverse=True)
+    for r in rows:
+        assert r["drop_pp"] == pytest.approx(100 * (r["clean"] - r["spliced"]))
+    clean = sum(r["clean"] * r["n"] for r in rows) / ev["n"]
+    assert clean == pytest.approx(ev["conditions"]["clean"]["top1"])
+    assert sum(r["spliced"] * r["n"] for r in rows) / ev["n"] == pytest.approx(ev["conditions"]["spliced"]["top1"])
+    page = client.get("/").text
+    table = page.split("Classes the splice hurts most", 1)[1].split("</table>", 1)[0]
+    assert re.findall(r"<tr><td>([^<]+)</td>", table) == [r["class"] for r in rows[:8]]
+    with session_scope(client.app.state.database_url) as s:  # evaluations made before the tallies were kept
+        for row in s.scalars(select(Evaluation)):
+            row.details = {k: v for k, v in row.details.items() if k != "by_class"}
+    assert client.get(f"/api/saes/{key}").json()["evaluations"][0]["by_class"] is None
+    assert "Classes the splice hurts most" not in client.get("/").text
 
+
+def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_on(web):
     client, key = web
     assert "Side by side" not in client.get("/").text, "one SAE has nothing to be compared with"
     with session_scope(client.app.state.database_url) as s:

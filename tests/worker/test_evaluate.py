@@ -77,6 +77,12 @@ def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, rand
         assert all(r.n == 8 and r.dataset == "synthetic" and r.n_templates == 1 for r in rows)
     again = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
     assert again[0].reused and calls == [1] and again[0].accuracy == first[0].accuracy
+    assert again[0].by_class == first[0].by_class and set(first[0].by_class) == set(first[0].accuracy)
+    with session_scope(ctx.database_url) as s:  # rows from before the per-class tallies were kept
+        for r in s.scalars(select(Evaluation)):
+            r.details = {k: v for k, v in r.details.items() if k != "by_class"}
+    redone = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
+    assert not redone[0].reused and calls == [1, 1] and redone[0].by_class == first[0].by_class
     table = format_table(first)
     assert "clean" in table and "drop pp" in table and "synthetic/test" in table
     mean = training_mean(cache)
@@ -94,3 +100,37 @@ def test_an_unlabelled_image_folder_cannot_be_evaluated_and_says_why(ctx, random
     cfg = _cfg([{"name": "imagefolder", "root": str(tmp_path), "split": "test"}])
     with pytest.raises(ClipScopeError, match=r"imagefolder at .+ has no class names: .+ one sub-folder per class"):
         evaluate_dataset(ctx, cfg, random_clip, perfect_sae(768), torch.zeros(1, 768), cfg.evaluate.datasets[0])
+
+
+def test_per_class_tallies_match_clip_s_own_predictions(ctx, random_clip):
+    """Each class's image count, top-1 hits and most frequent mistake, clean from CLIP's own forward
+    pass; every condition's tallies add up to its accuracy."""
+    from collections import Counter
+
+    from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+    from clipscope.clip.zeroshot import build_classifier
+    from tests.clipscope.test_splice import lossy_sae
+
+    truth, names = write_cifar10(ctx.layout.datasets / "cifar10", n_test=24, seed=3)
+    cfg = _cfg([{"name": "cifar10", "split": "test"}])
+    spec = cfg.evaluate.datasets[0]
+    result = evaluate_dataset(ctx, cfg, random_clip, lossy_sae(768), torch.zeros(1, 768), spec)
+    dataset = build_dataset(spec, ctx.layout.datasets, allow_download=False)
+    transform = build_transform(preprocess_descriptor(cfg.model))
+    with torch.no_grad():
+        images = torch.stack([transform(dataset[i][0]) for i in range(len(dataset))])
+        emb = random_clip.model.encode_image(images, normalize=True)
+        predicted = (emb @ build_classifier(random_clip.model, "ViT-B-32", names, ["a photo of a {}."], "cpu")).argmax(1).tolist()
+    labels = truth["test_batch"][1]
+    by = result.by_class
+    assert all(t["classes"] == names and t["n"] == [labels.count(c) for c in range(10)] for t in by.values())
+    assert by["clean"]["hits"] == [sum(1 for y, p in zip(labels, predicted) if y == p == c) for c in range(10)]
+    for c in range(10):
+        wrong = Counter(p for y, p in zip(labels, predicted) if y == c and p != c)
+        other, times = by["clean"]["mistaken_for"][c]
+        assert times == max(wrong.values(), default=0) and (other == -1 if not wrong else wrong[other] == times)
+    for condition, (top1, _) in result.accuracy.items():
+        assert sum(by[condition]["hits"]) == round(top1 * result.n)
+    assert by["spliced"]["hits"] != by["clean"]["hits"], "a lossy SAE changes some class's hits"
+    hurt = max(range(10), key=lambda c: (by["clean"]["hits"][c] - by["spliced"]["hits"][c]) / max(by["clean"]["n"][c], 1))
+    assert f"classes the splice hurts most: {names[hurt]} " in format_table([result])
