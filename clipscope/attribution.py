@@ -8,7 +8,8 @@ CLIP exactly, and the change of the target class's logit is the feature's causal
 
 Every firing feature gets a first-order estimate from one backward pass (attribution patching:
 ``-a_f W_dec[f] . dlogit/dx``); the ``exact`` features with the largest estimates are then measured
-by running the rest of the tower on each edited stream, in one batch.
+by running the rest of the tower on each edited stream, in one batch. With a contrast class the
+quantity explained is the target's logit minus the contrast's: why CLIP says one rather than the other.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class FeatureEffect:
     estimate: float
     """First-order estimate of ``logit_change`` (gradient times the removed vector)."""
     logit_change: float
-    """The target class's logit with the feature removed minus without: negative where the feature supports it."""
+    """The explained quantity with the feature removed minus without: negative where the feature supports
+    the target (its logit, or with a contrast class its margin over that class's logit)."""
     probability: float
     """The target class's probability with the feature removed."""
     top_class: int
@@ -50,6 +52,9 @@ class Explanation:
     """``[classes]`` probabilities with the SAE's reconstruction in place of the stream (error dropped)."""
     target: int
     """The class explained: clean CLIP's top class unless one was asked for."""
+    contrast: int | None
+    """With a contrast class, what is explained is the target's logit minus the contrast's ("why
+    the target rather than the contrast"); else the target's logit."""
     estimates: dict[int, float]
     """Every firing feature's first-order ``logit_change`` estimate."""
     effects: list[FeatureEffect]
@@ -66,6 +71,7 @@ def explain(
     classes: list[str],
     target: int | None = None,
     exact: int = 24,
+    contrast: int | None = None,
 ) -> Explanation:
     """Explain one image from its residual stream ``resid`` ``[1, positions, width]`` after block ``layer``.
 
@@ -85,13 +91,20 @@ def explain(
         spliced[0, select] = x_hat.to(resid.dtype)
         clean_logits, spliced_logits = zero_shot_logits(model, continue_from(visual, torch.cat([resid, spliced]), layer), classifier)
     target = int(clean_logits.argmax()) if target is None else target
-    if not 0 <= target < len(classes):
-        raise ValueError(f"target class {target} is outside 0..{len(classes) - 1}")
+    for name, c in (("target", target), ("contrast", contrast)):
+        if c is not None and not 0 <= c < len(classes):
+            raise ValueError(f"{name} class {c} is outside 0..{len(classes) - 1}")
+    if contrast == target:
+        raise ValueError("the contrast class must differ from the target class")
+    weight = torch.zeros(len(classes), device=clean_logits.device)  # the explained quantity: logits @ weight
+    weight[target] = 1.0
+    if contrast is not None:
+        weight[contrast] = -1.0
 
     with torch.enable_grad():
         stream = resid.detach().clone().requires_grad_(True)
-        logit = zero_shot_logits(model, continue_from(visual, stream, layer), classifier[:, target : target + 1])[0, 0]
-        (grad,) = torch.autograd.grad(logit, stream)
+        explained = zero_shot_logits(model, continue_from(visual, stream, layer), classifier)[0] @ weight
+        (grad,) = torch.autograd.grad(explained, stream)
     g = grad[0, select].float()  # [t, width]
     with torch.no_grad():
         along = (sae.W_dec.float()[code.indices] * g[:, None, :]).sum(-1)  # [t, k]: each firing atom's slope
@@ -100,15 +113,15 @@ def explain(
         firing = torch.unique(code.indices[code.values > 0])
         estimates = dict(zip(firing.tolist(), estimate[firing].tolist()))
         chosen = firing[estimate[firing].abs().argsort(descending=True, stable=True)[:exact]]
-        effects = _measure(model, sae, resid, layer, select, code, chosen, classifier, target, clean_logits[target])
+        effects = _measure(model, sae, resid, layer, select, code, chosen, classifier, target, weight, clean_logits @ weight)
     for e in effects:
         e.estimate = estimates[e.index]
     effects.sort(key=lambda e: (e.logit_change, e.index))
-    return Explanation(list(classes), clean_logits.softmax(-1).cpu(), spliced_logits.softmax(-1).cpu(), target, estimates, effects)
+    return Explanation(list(classes), clean_logits.softmax(-1).cpu(), spliced_logits.softmax(-1).cpu(), target, contrast, estimates, effects)
 
 
 def _measure(model, sae: TopKSAE, resid, layer: int, select: slice, code, chosen: torch.Tensor, classifier, target: int,
-             clean_logit: torch.Tensor, chunk: int = 32) -> list[FeatureEffect]:
+             weight: torch.Tensor, clean: torch.Tensor, chunk: int = 32) -> list[FeatureEffect]:
     """Each ``chosen`` feature removed from its own copy of the stream, the rest of the tower run on
     ``chunk`` copies at a time (``estimate`` left for the caller)."""
     out = []
@@ -120,8 +133,7 @@ def _measure(model, sae: TopKSAE, resid, layer: int, select: slice, code, chosen
         removed = amount[:, :, None] * sae.W_dec.float()[feats][:, None, :]  # [m, t, width]
         edited[:, select] = (edited[:, select].float() - removed).to(resid.dtype)
         logits = zero_shot_logits(model, continue_from(model.visual, edited, layer), classifier)
-        probs = logits.softmax(-1)
+        probs, change = logits.softmax(-1), logits @ weight - clean
         for i, f in enumerate(feats.tolist()):
-            out.append(FeatureEffect(f, float(amount[i].max()), 0.0, float(logits[i, target] - clean_logit), float(probs[i, target]),
-                                     int(logits[i].argmax())))
+            out.append(FeatureEffect(f, float(amount[i].max()), 0.0, float(change[i]), float(probs[i, target]), int(logits[i].argmax())))
     return out

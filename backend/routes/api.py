@@ -173,6 +173,8 @@ EXPLAIN_HELP = (
 )
 CLASSES_HELP = f"With explain: the classes, separated by commas or new lines (at most {MAX_CLASSES}; default: the precompute dataset's)."
 TARGET_HELP = "With explain: the class to explain, one of the classes (default: clean CLIP's top class)."
+CONTRAST_HELP = ("With explain: another of the classes; then what is explained is the target's logit minus this class's "
+                 "(why CLIP says the target rather than it), and logit_change and estimate are changes of that margin.")
 
 
 async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool = False, question: Explain | None = None) -> Analysis:
@@ -208,19 +210,20 @@ async def api_analyze(
     occlude: bool = Query(False, description=OCCLUDE_HELP), explain: bool = Query(False, description=EXPLAIN_HELP),
     classes: str | None = Query(None, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2), description=CLASSES_HELP),
     target: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=TARGET_HELP),
+    contrast: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=CONTRAST_HELP),
 ) -> dict[str, Any]:
     require_ready(sae)
-    question = ask(sae, explain, classes, target)
+    question = ask(sae, explain, classes, target, contrast)
     analysis = await analyze_upload(request, sae, file, occlude, question)
     return {**rank_features(session, sae, analysis, limit=limit), **explained(session, sae, question, analysis)}
 
 
-def ask(sae, explain: bool, classes: str | None, target: str | None) -> Explain | None:
+def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None) -> Explain | None:
     """The explanation asked for, checked before the upload is read (422 with the reason)."""
     if not explain:
         return None
     try:
-        return explain_request(sae, classes, target)
+        return explain_request(sae, classes, target, contrast)
     except BadQuestion as exc:
         raise HTTPException(422, str(exc)) from None
 

@@ -187,19 +187,20 @@ def analyze_form(request: Request, sae: SaeDep):
     return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae))
 
 
-def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "") -> dict:
+def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "", contrast: str = "") -> dict:
     """What the form was filled with (kept on the page it answers), and the dataset's classes it offers."""
-    return {"occlude": occlude, "explain": explain, "classes": classes, "target": target, "dataset_classes": len(dataset_classes(sae))}
+    return {"occlude": occlude, "explain": explain, "classes": classes, "target": target, "contrast": contrast,
+            "dataset_classes": len(dataset_classes(sae))}
 
 
 @router.post("/saes/{sae}/analyze", response_class=HTMLResponse, dependencies=[CsrfForm])
 async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), occlude: bool = Form(False),
                        explain: bool = Form(False), classes: str = Form("", max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2)),
-                       target: str = Form("", max_length=MAX_CLASS_CHARS)):
+                       target: str = Form("", max_length=MAX_CLASS_CHARS), contrast: str = Form("", max_length=MAX_CLASS_CHARS)):
     require_ready(sae)
-    asked = _asked(sae, occlude, explain, classes, target)
+    asked = _asked(sae, occlude, explain, classes, target, contrast)
     try:
-        question = ask(sae, explain, classes, target)
+        question = ask(sae, explain, classes, target, contrast)
         analysis = await analyze_upload(request, sae, file, occlude, question)
     except HTTPException as exc:
         return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,

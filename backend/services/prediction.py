@@ -26,21 +26,24 @@ class BadQuestion(ValueError):
 
 @dataclass(frozen=True)
 class Explain:
-    """Explain the prediction over ``classes``: of clean CLIP's top class, or of ``target``."""
+    """Explain the prediction over ``classes``: of clean CLIP's top class, or of ``target``; with a
+    ``contrast`` class, the target's margin over it."""
 
     classes: tuple[str, ...]
     target: int | None = None
     source: str = "dataset"
     """'dataset' (the precompute dataset's classes) or 'request' (named in the request)."""
+    contrast: int | None = None
 
 
 def dataset_classes(sae: Sae) -> list[str]:
     return list((sae.precompute or {}).get("classes") or [])
 
 
-def explain_request(sae: Sae, classes: str | None, target: str | None) -> Explain:
+def explain_request(sae: Sae, classes: str | None, target: str | None, contrast: str | None = None) -> Explain:
     """The question from the request's fields: ``classes`` separated by commas or new lines (default:
-    the precompute dataset's classes), ``target`` one of them (default: CLIP's top class)."""
+    the precompute dataset's classes), ``target`` one of them (default: CLIP's top class), ``contrast``
+    another one (default: none)."""
     named = [c.strip() for c in re.split(r"[,\n]", classes or "") if c.strip()]
     if named:
         if len(named) > MAX_CLASSES:
@@ -57,11 +60,18 @@ def explain_request(sae: Sae, classes: str | None, target: str | None) -> Explai
             )
     if len(found) < 2:
         raise BadQuestion("Name at least two classes: a prediction over one class is certain.")
-    if target is not None and target.strip():
-        if target.strip() not in found:
-            raise BadQuestion(f"The target class {target.strip()!r} is not one of the classes explained over.")
-        return Explain(tuple(found), found.index(target.strip()), source)
-    return Explain(tuple(found), None, source)
+    target_at, contrast_at = (_class_at(found, name, role) for name, role in ((target, "target"), (contrast, "contrast")))
+    if contrast_at is not None and contrast_at == target_at:
+        raise BadQuestion("The contrast class must differ from the target class.")
+    return Explain(tuple(found), target_at, source, contrast_at)
+
+
+def _class_at(classes: list[str], name: str | None, role: str) -> int | None:
+    if name is None or not name.strip():
+        return None
+    if name.strip() not in classes:
+        raise BadQuestion(f"The {role} class {name.strip()!r} is not one of the classes explained over.")
+    return classes.index(name.strip())
 
 
 def prediction_dict(session: Session, sae: Sae, question: Explain, ex: Explanation, strip: int = 4) -> dict[str, Any]:
@@ -74,6 +84,7 @@ def prediction_dict(session: Session, sae: Sae, question: Explain, ex: Explanati
         "classes_from": question.source,
         "n_classes": len(ex.classes),
         "target": name(ex.target),
+        "contrast": name(ex.contrast) if ex.contrast is not None else None,
         "target_probability": {"clean": float(ex.clean[ex.target]), "spliced": float(ex.spliced[ex.target])},
         "clean": ranked(ex.clean),
         "spliced": ranked(ex.spliced),

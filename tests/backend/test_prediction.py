@@ -82,12 +82,29 @@ def test_explain_over_named_classes_and_a_chosen_target(web):
         [f["logit_change"] for f in asked["features"]] != [f["logit_change"] for f in p["features"]]
 
 
+def test_a_contrast_class_explains_the_target_s_margin_over_it(web):
+    client, key = web
+    ask = lambda **kw: _analyze(client, key, explain=True, classes="cat, dog, sushi", **kw).json()["prediction"]  # noqa: E731
+    margin, cat, dog = ask(target="cat", contrast="dog"), ask(target="cat"), ask(target="dog")
+    assert margin["target"] == "cat" and margin["contrast"] == "dog" and cat["contrast"] is None
+    change = lambda p: {f["index"]: f["logit_change"] for f in p["features"]}  # noqa: E731
+    assert set(change(margin)) == set(change(cat)) == set(change(dog)), "the TINY SAE's 8 firing features are all measured"
+    for f, c in change(margin).items():
+        assert c == pytest.approx(change(cat)[f] - change(dog)[f], abs=1e-4)
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")},
+                       data=with_token(client, explain="true", classes="cat, dog, sushi", target="cat", contrast="dog"))
+    assert '<strong class="contrast-class">dog</strong>' in page.text and "margin change" in page.text
+    assert 'name="contrast" value="dog"' in page.text
+
+
 @pytest.mark.parametrize("params,says", [
     ({"classes": "cat"}, "at least two classes"),
     ({"classes": ",".join(f"c{i}" for i in range(101))}, "at most 100 classes"),
     ({"classes": "cat, " + "x" * 101}, "at most 100 characters"),
     ({"classes": "cat, dog", "target": "zebra"}, "'zebra' is not one of the classes"),
     ({"target": "zebra"}, "'zebra' is not one of the classes"),
+    ({"classes": "cat, dog", "contrast": "zebra"}, "contrast class 'zebra' is not one of the classes"),
+    ({"classes": "cat, dog", "target": "dog", "contrast": "dog"}, "must differ from the target"),
 ])
 def test_unusable_questions_are_refused_with_the_reason(web, params, says):
     client, key = web

@@ -119,6 +119,24 @@ def test_an_asked_for_target_class_is_the_one_explained(random_clip, image, clas
     assert out.estimates != default.estimates
 
 
+def test_a_contrast_explains_the_margin_over_another_class(random_clip, image, classifier):
+    """With a contrast class, each measured change is the change of the target's logit minus the
+    contrast's: the difference of the two single-class explanations' changes, feature by feature."""
+    target, contrast = 0, 3
+    margin = run(random_clip, image, classifier, target=target, contrast=contrast, exact=40)
+    alone = {e.index: e for e in run(random_clip, image, classifier, target=target, exact=40).effects}
+    other = {e.index: e for e in run(random_clip, image, classifier, target=contrast, exact=40).effects}
+    assert margin.contrast == contrast and len(margin.effects) == len(alone) == len(other) == len(margin.estimates)
+    for e in margin.effects:
+        assert e.logit_change == pytest.approx(alone[e.index].logit_change - other[e.index].logit_change, abs=2e-5)
+        assert e.estimate == pytest.approx(alone[e.index].estimate - other[e.index].estimate, abs=1e-6)
+        assert e.probability == pytest.approx(alone[e.index].probability, abs=1e-6)  # still the target's probability
+    with pytest.raises(ValueError, match="must differ"):
+        run(random_clip, image, classifier, target=1, contrast=1)
+    with pytest.raises(ValueError, match="contrast class 9 is outside"):
+        run(random_clip, image, classifier, contrast=9)
+
+
 def test_bad_arguments_are_refused(random_clip, image, classifier):
     with pytest.raises(ValueError, match="outside"):
         run(random_clip, image, classifier, target=len(CLASSES))
