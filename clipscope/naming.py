@@ -13,6 +13,16 @@ mean over every image of the precompute set:
   top images CLIP sees as one thing. It is the measurable semantic-consistency score the study asks
   for in place of eyeballing collages, computed exactly from sums: the mean over the pairs of a set
   of unit vectors with sum ``s`` is ``(|s|^2 - n) / (n (n - 1))``.
+
+Those read a feature from its *input* side (the images it fires on). Its *output* side: what the
+feature writes into the image embedding. An atom added to the CLS token's stream reaches the
+embedding directly through the later blocks' skip connections, then ``ln_post`` (which centres it,
+scales it by its weight and by the image's own ``1/sigma``, the same for every atom) and the
+projection, so its direct-path direction is ``(gamma * centre(W_dec[f])) @ proj``. A concept's
+**output score** is that unit direction against ``t_c - mean_c t_c``: moving the embedding along
+it raises the concept's zero-shot logit by that much relative to the average concept's (the
+common part moves every logit alike and changes no probability). It ignores what the later blocks
+make of the atom: a first-order, direct-path reading, exact only where the SAE sits after the last block.
 """
 
 from __future__ import annotations
@@ -74,6 +84,8 @@ class FeatureNames:
     coherence: torch.Tensor  # [d_sae]; NaN below two top images
     baseline: float  # mean cosine between two images of the set (what coherence is measured above)
     directions: torch.Tensor  # [d_sae, D] m_f - m: a concept t scores (m_f - m) . t; zero without top images
+    output_concepts: torch.Tensor | None = None  # [d_sae, candidates]: the concepts each atom writes toward, best first
+    output_scores: torch.Tensor | None = None  # [d_sae, candidates]; None (both) where the model has no direct path to read
 
 
 @torch.no_grad()
@@ -108,3 +120,32 @@ def name_features(top_rows: torch.Tensor, images: torch.Tensor, concepts: torch.
         where = torch.arange(lo, lo + len(rows))[has.cpu()]
         out_idx[where], out_score[where], directions[where] = idx.cpu(), score.cpu(), direction.cpu()
     return FeatureNames(out_idx, out_score, coherence, baseline, directions)
+
+
+def output_directions(atoms: torch.Tensor, visual: torch.nn.Module) -> torch.Tensor | None:
+    """``[d_sae, D]``: each atom's direct path to the image embedding (module docstring), or None for a
+    tower that pools otherwise than by ``ln_post`` on the CLS token (attention pooling, averages) or
+    atoms of another width than its stream (SAEs over synthetic vectors in tests)."""
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" or visual.proj is None:
+        return None
+    ln = visual.ln_post
+    if atoms.shape[1] != ln.weight.shape[0]:
+        return None
+    centred = atoms.float() - atoms.float().mean(dim=1, keepdim=True)
+    return (centred * ln.weight.float().to(atoms.device)) @ visual.proj.float().to(atoms.device)
+
+
+@torch.no_grad()
+def output_names(directions: torch.Tensor, concepts: torch.Tensor, candidates: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(concepts, scores)`` ``[d_sae, candidates]``: the best concepts of each unit direction against
+    ``concepts`` ``[D, V]`` beyond their mean (module docstring); features by ``chunk``."""
+    concepts = concepts.float().to(directions.device)
+    beyond = concepts - concepts.mean(dim=1, keepdim=True)
+    candidates = min(candidates, concepts.shape[1])
+    idx, score = [], []
+    for lo in range(0, directions.shape[0], chunk):
+        unit = torch.nn.functional.normalize(directions[lo : lo + chunk].float(), dim=1)
+        s, i = (unit @ beyond).topk(candidates, dim=1)
+        idx.append(i.cpu())
+        score.append(s.cpu())
+    return torch.cat(idx), torch.cat(score)

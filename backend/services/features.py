@@ -76,7 +76,8 @@ STAT_FIELDS = tuple("index" if column.key == "idx" else column.key for column in
 """:data:`LIST_COLUMNS` as the API names them."""
 
 
-DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours, Feature.classes, Feature.auto_names)
+DETAIL_COLUMNS = (*LIST_COLUMNS, Feature.histogram, Feature.intervals, Feature.neighbours, Feature.classes, Feature.auto_names,
+                  Feature.output_names)
 LABEL_COLUMNS = (Label.feature, Label.text, Label.category, Label.author, Label.revision, Label.updated_at)
 
 
@@ -222,6 +223,7 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
         "histogram": f.histogram,
         "classes": f.classes or [],
         "auto_names": f.auto_names or [],
+        "output_names": f.output_names or [],
         "top": top,
         "intervals": list(reversed(intervals)),  # highest interval first
         "neighbours": [

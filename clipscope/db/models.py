@@ -175,6 +175,10 @@ class Feature(Base):
     )
     auto_score: Mapped[float | None] = mapped_column(Float, nullable=True, doc="That concept's score: mean cosine of the top images to it, minus the average image's.")
     auto_names: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True, doc="[{name, score}, ...]: the best concepts, best first.")
+    output_names: Mapped[list[Any] | None] = mapped_column(
+        JSON, nullable=True, doc="[{name, score}, ...]: the concepts its atom writes toward through the direct path to CLIP's "
+        "image embedding (clipscope/naming.py), best first; null for patch-token SAEs and precomputes made before."
+    )
     coherence: Mapped[float | None] = mapped_column(
         Float, nullable=True, doc="Mean CLIP cosine between two of its top images minus that between two images of the set; null below two top images."
     )

@@ -681,3 +681,21 @@ def test_thumbnails_and_static_files_are_named_by_content_and_cached_for_good(we
         (tmp_path / name).write_text(text)
     versions = {name: static_url(tmp_path, name).split("?v=")[1] for name in ("a.css", "b.css", "c.css")}
     assert versions["a.css"] == versions["c.css"] != versions["b.css"]  # the version is the hash of the bytes
+
+
+def test_the_feature_page_says_what_the_atom_writes_toward_where_a_direct_path_exists(web, patch_web_data, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.backend.conftest import private_app
+
+    client, key = web
+    f = client.get(f"/api/saes/{key}/features/0").json()
+    assert len(f["output_names"]) == 3 and all(set(c) == {"name", "score"} for c in f["output_names"])
+    scores = [c["score"] for c in f["output_names"]]
+    assert scores == sorted(scores, reverse=True)
+    page = client.get(f"/saes/{key}/features/0").text
+    assert "writes toward:" in page and page.count('class="output-name"') == len(f["output_names"])
+    with TestClient(private_app(patch_web_data, tmp_path)) as patches:  # patch tokens are never pooled: no direct path
+        key = patch_web_data[1]
+        assert patches.get(f"/api/saes/{key}/features/0").json()["output_names"] == []
+        assert "writes toward:" not in patches.get(f"/saes/{key}/features/0").text

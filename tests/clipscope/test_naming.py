@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from clipscope.errors import ClipScopeError
-from clipscope.naming import BUILTIN_VOCABULARY, mean_pair_cosine, name_features, read_vocabulary
+from clipscope.naming import BUILTIN_VOCABULARY, mean_pair_cosine, name_features, output_directions, output_names, read_vocabulary
 
 
 def _unit(x):
@@ -77,3 +77,45 @@ def test_vocabularies_builtin_file_and_list(tmp_path):
     assert read_vocabulary(["a", " A ", "b"]) == ["a", "b"]
     with pytest.raises(ClipScopeError, match="does not exist"):
         read_vocabulary(str(tmp_path / "missing.txt"))
+
+
+def test_an_atom_s_output_direction_is_the_embedding_s_derivative_along_it_through_ln_post_and_the_projection(random_clip):
+    """At a stream whose centred part is orthogonal to the atom's, ``ln_post``'s Jacobian reduces to
+    ``(gamma / sigma) * centre``: there the derivative of ``ln_post(x) @ proj`` along the atom, times
+    sigma, is the atom's output direction (the derivative taken in float64 through the model's own modules)."""
+    import copy
+
+    visual = copy.deepcopy(random_clip.visual).double()
+    with torch.no_grad():
+        visual.ln_post.weight.normal_(1.0, 0.3)  # a non-trivial gamma
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.randn(4, 768, generator=gen, dtype=torch.float64) + 0.5  # a non-zero mean for the centring to remove
+    directions = output_directions(atoms, visual)
+    for atom, direction in zip(atoms, directions):
+        x = torch.randn(768, generator=gen, dtype=torch.float64) * 2 + 1
+        cx, cv = x - x.mean(), atom - atom.mean()
+        x = x - (cx @ cv) / (cv @ cv) * cv
+        sigma = torch.sqrt(x.var(unbiased=False) + visual.ln_post.eps)
+        _, slope = torch.func.jvp(lambda y: visual.ln_post(y) @ visual.proj, (x,), (atom,))
+        assert float((slope * sigma - direction.double()).norm() / direction.norm()) < 1e-6  # the direction is computed in fp32
+
+
+def test_output_names_rank_concepts_beyond_their_mean_and_need_a_cls_pooled_tower(random_clip):
+    gen = torch.Generator().manual_seed(1)
+    directions = torch.randn(10, 512, generator=gen)
+    concepts = _unit(torch.randn(7, 512, generator=gen)).T  # [D, V]
+    idx, scores = output_names(directions, concepts, 3, chunk=4)
+    expected = _unit(directions) @ (concepts - concepts.mean(dim=1, keepdim=True))
+    top = expected.topk(3, dim=1)
+    assert torch.equal(idx, top.indices) and torch.allclose(scores, top.values, atol=1e-6)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, **kw):
+            super().__init__()
+            self.ln_post, self.proj = random_clip.visual.ln_post, random_clip.visual.proj
+            self.__dict__.update(kw)
+
+    atoms = torch.randn(2, 768, generator=gen)
+    assert output_directions(atoms, Pooled(attn_pool=None, pool_type="tok")) is not None
+    assert output_directions(atoms, Pooled(attn_pool=torch.nn.Identity(), pool_type="tok")) is None
+    assert output_directions(atoms, Pooled(attn_pool=None, pool_type="avg")) is None

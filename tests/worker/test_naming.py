@@ -7,7 +7,8 @@ from clipscope.config import DatasetSpec, ModelConfig, PrecomputeConfig
 from clipscope.db.models import Feature, FeatureExample, Image, Sae
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
-from clipscope.naming import directions_file, name_features
+from clipscope.naming import directions_file, name_features, output_directions, output_names
+from clipscope.sae.io import load_sae
 from tests.backend.conftest import TINY, web_data  # noqa: F401  (a ready SAE built by run_all, names included)
 from tests.conftest import array_cache, make_context
 from tests.worker.test_precompute import PC, trained  # noqa: F401  (a trained SAE over a cache, on both databases)
@@ -86,6 +87,11 @@ def test_the_precompute_names_features_from_their_own_top_images(web_data, rando
     assert summary["baseline"] == pytest.approx(expected.baseline, abs=1e-5)
     alive = expected.coherence[~expected.coherence.isnan()]
     assert summary["mean_coherence"] == pytest.approx(float(alive.mean()), abs=1e-5)
+    atoms = load_sae(settings.data_dir / "saes" / key / "sae")[0].W_dec.detach()
+    out_idx, out_scores = output_names(output_directions(atoms, random_clip.visual), text, pc.names.candidates)
+    for f in features:  # what each atom writes toward, from the SAE's weights and CLIP's
+        want = [(concepts[c], pytest.approx(v, abs=1e-5)) for c, v in zip(out_idx[f.idx].tolist(), out_scores[f.idx].tolist())]
+        assert [(c["name"], c["score"]) for c in f.output_names] == want
 
 
 def test_names_need_clip_and_a_changed_vocabulary_file_redoes_the_precompute(ctx, tmp_path):

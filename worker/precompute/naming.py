@@ -18,7 +18,7 @@ from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.clip.zeroshot import build_classifier
 from clipscope.config import ModelConfig, NamingConfig
 from clipscope.errors import ClipScopeError
-from clipscope.naming import FeatureNames, name_features, read_vocabulary, unique_concepts
+from clipscope.naming import FeatureNames, name_features, output_directions, output_names, read_vocabulary, unique_concepts
 from worker.batches import autocast, image_loader
 from worker.context import Context
 
@@ -64,8 +64,10 @@ def concept_embeddings(namer: Namer, concepts: list[str], templates: list[str], 
     return build_classifier(namer.clip().model, namer.model.name, concepts, templates, device).float()
 
 
-def name_all(ctx: Context, namer: Namer, cache: ActivationCache, dataset, top_rows: torch.Tensor, nc: NamingConfig) -> tuple[FeatureNames, list[str]]:
-    """Every feature's best concepts and coherence, and the concepts they index."""
+def name_all(ctx: Context, namer: Namer, cache: ActivationCache, dataset, top_rows: torch.Tensor, nc: NamingConfig,
+             atoms: torch.Tensor | None = None) -> tuple[FeatureNames, list[str]]:
+    """Every feature's best concepts and coherence, and the concepts they index; with the SAE's ``atoms``
+    (``W_dec``), also the concepts each writes toward when its tokens include CLS, the one pooled token."""
     concepts = concepts_of(nc, list(dataset.classes))
     if not concepts:
         raise ClipScopeError("precompute.names has no concepts: the vocabulary is empty and the dataset has no classes.")
@@ -74,6 +76,9 @@ def name_all(ctx: Context, namer: Namer, cache: ActivationCache, dataset, top_ro
     embedded = time.perf_counter()
     text = concept_embeddings(namer, concepts, nc.templates, ctx.device)
     names = name_features(top_rows, images, text, nc.candidates)
+    directions = output_directions(atoms.to(ctx.device), namer.clip().visual) if atoms is not None and namer.model.tokens != "patches" else None
+    if directions is not None:
+        names.output_concepts, names.output_scores = output_names(directions, text, nc.candidates)
     log.info(
         "named %d features from %d concepts (images embedded in %.1f s, concepts and scores in %.1f s)",
         int((names.scores[:, 0] > 0).sum()), len(concepts), embedded - started, time.perf_counter() - embedded,

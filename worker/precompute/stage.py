@@ -131,7 +131,7 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     )
 
 
-PRECOMPUTE_FORMAT = 3
+PRECOMPUTE_FORMAT = 4
 """What the precompute writes; raised whenever it writes something new (2: token maps, classes, leading
 class; 3: automatic names and coherence), so a finished precompute of an older format is redone instead of reused."""
 
@@ -170,7 +170,7 @@ def precompute(
         sae_id = row.id
     tables = compute(sae.to(ctx.device).eval(), cache, pc, ctx.layout.root / "tmp" / f"precompute-{key}", ctx.device, ctx.settings.progress)
     if pc.names.enabled:
-        tables.names, tables.concepts = name_all(ctx, namer, cache, dataset, tables.top.payload, pc.names)
+        tables.names, tables.concepts = name_all(ctx, namer, cache, dataset, tables.top.payload, pc.names, atoms=sae.W_dec.detach())
         tables.templates = list(pc.names.templates)
     return write(ctx, sae_id, key, tables, cache, dataset, pc, started, directions_file(ctx.layout.saes / sae_key, key))
 
@@ -256,10 +256,12 @@ def write(
 
 def _names_of(tb: FeatureTables, d_sae: int) -> list[dict]:
     """Each feature's naming columns: its best concept (when its score is positive), that score, the candidates, its coherence."""
-    empty = {"auto_name": None, "auto_score": None, "auto_names": None, "coherence": None}
+    empty = {"auto_name": None, "auto_score": None, "auto_names": None, "coherence": None, "output_names": None}
     if tb.names is None:
         return [empty] * d_sae
     idx, scores, coherence = tb.names.concepts.tolist(), tb.names.scores.tolist(), tb.names.coherence.tolist()
+    has_out = tb.names.output_concepts is not None
+    out_idx, out_scores = (tb.names.output_concepts.tolist(), tb.names.output_scores.tolist()) if has_out else ([], [])
     out = []
     for f in range(d_sae):
         found = [{"name": tb.concepts[c], "score": round(s, 6)} for c, s in zip(idx[f], scores[f]) if c >= 0]
@@ -267,6 +269,7 @@ def _names_of(tb: FeatureTables, d_sae: int) -> list[dict]:
         out.append({
             "auto_name": found[0]["name"] if named else None, "auto_score": found[0]["score"] if found else None,
             "auto_names": found or None, "coherence": None if math.isnan(coherence[f]) else coherence[f],
+            "output_names": [{"name": tb.concepts[c], "score": round(s, 6)} for c, s in zip(out_idx[f], out_scores[f])] if has_out else None,
         })
     return out
 
