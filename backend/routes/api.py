@@ -18,7 +18,7 @@ from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
-from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, Explain, explain_request, prediction_dict
+from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, BadQuestion, Explain, explain_request, prediction_dict
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
 from backend.services.csv_export import csv_text
@@ -173,6 +173,8 @@ EXPLAIN_HELP = (
 )
 CLASSES_HELP = f"With explain: the classes, separated by commas or new lines (at most {MAX_CLASSES}; default: the precompute dataset's)."
 TARGET_HELP = "With explain: the class to explain, one of the classes (default: clean CLIP's top class)."
+MEASURE_HELP = ("With explain: how many features are measured by removing them, those with the largest first-order "
+                "estimates (each costs a pass through the blocks after the hook site).")
 CONTRAST_HELP = ("With explain: another of the classes; then what is explained is the target's logit minus this class's "
                  "(why CLIP says the target rather than it), and logit_change and estimate are changes of that margin.")
 
@@ -211,19 +213,20 @@ async def api_analyze(
     classes: str | None = Query(None, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2), description=CLASSES_HELP),
     target: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=TARGET_HELP),
     contrast: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=CONTRAST_HELP),
+    measure: int = Query(24, ge=1, le=MAX_MEASURED, description=MEASURE_HELP),
 ) -> dict[str, Any]:
     require_ready(sae)
-    question = ask(sae, explain, classes, target, contrast)
+    question = ask(sae, explain, classes, target, contrast, measure)
     analysis = await analyze_upload(request, sae, file, occlude, question)
     return {**rank_features(session, sae, analysis, limit=limit), **explained(session, sae, question, analysis)}
 
 
-def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None) -> Explain | None:
+def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None, measure: int = 24) -> Explain | None:
     """The explanation asked for, checked before the upload is read (422 with the reason)."""
     if not explain:
         return None
     try:
-        return explain_request(sae, classes, target, contrast)
+        return explain_request(sae, classes, target, contrast, measure)
     except BadQuestion as exc:
         raise HTTPException(422, str(exc)) from None
 

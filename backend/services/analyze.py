@@ -152,7 +152,7 @@ class Analyzer:
         classifier = self._classifier(sae, loaded, question.classes)
         with torch.inference_mode(False):  # one backward pass, from a stream that is not an inference tensor
             return explain(loaded.clip.model, loaded.sae, resid.clone(), loaded.model_cfg.layer, loaded.model_cfg.tokens,
-                           classifier.clone(), list(question.classes), question.target, contrast=question.contrast)
+                           classifier.clone(), list(question.classes), question.target, exact=question.measure, contrast=question.contrast)
 
     @torch.inference_mode()
     def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False, question: Explain | None = None) -> list[Analysis]:

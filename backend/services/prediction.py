@@ -17,6 +17,8 @@ MAX_CLASSES = 100
 """Most classes a request may name: each is encoded by CLIP's text tower with every prompt template
 (18 for the default 'clip_cifar'), about 0.1 s a class on 2 CPU cores the first time."""
 MAX_CLASS_CHARS = 100
+MAX_MEASURED = 200
+"""Most features one explanation measures by removing them: 24 by default, about 0.15 s on 2 CPU cores."""
 TOP_CLASSES = 5
 
 
@@ -34,13 +36,15 @@ class Explain:
     source: str = "dataset"
     """'dataset' (the precompute dataset's classes) or 'request' (named in the request)."""
     contrast: int | None = None
+    measure: int = 24
+    """How many features are measured by removing them (the largest first-order estimates)."""
 
 
 def dataset_classes(sae: Sae) -> list[str]:
     return list((sae.precompute or {}).get("classes") or [])
 
 
-def explain_request(sae: Sae, classes: str | None, target: str | None, contrast: str | None = None) -> Explain:
+def explain_request(sae: Sae, classes: str | None, target: str | None, contrast: str | None = None, measure: int = 24) -> Explain:
     """The question from the request's fields: ``classes`` separated by commas or new lines (default:
     the precompute dataset's classes), ``target`` one of them (default: CLIP's top class), ``contrast``
     another one (default: none)."""
@@ -63,7 +67,7 @@ def explain_request(sae: Sae, classes: str | None, target: str | None, contrast:
     target_at, contrast_at = (_class_at(found, name, role) for name, role in ((target, "target"), (contrast, "contrast")))
     if contrast_at is not None and contrast_at == target_at:
         raise BadQuestion("The contrast class must differ from the target class.")
-    return Explain(tuple(found), target_at, source, contrast_at)
+    return Explain(tuple(found), target_at, source, contrast_at, measure)
 
 
 def _class_at(classes: list[str], name: str | None, role: str) -> int | None:

@@ -65,6 +65,9 @@ def test_explain_answers_clip_s_prediction_over_the_dataset_classes_and_the_feat
         assert f["activation"] == pytest.approx(fired[f["index"]], rel=1e-6)
         assert f["top_class"] in classes and 0 <= f["probability"] <= 1 and len(f["examples"]) <= 4
     assert "prediction" not in _analyze(client, key).json(), "only when asked for"
+    few = _analyze(client, key, explain=True, measure=2).json()["prediction"]
+    assert len(few["features"]) == 2 and few["n_estimated"] == p["n_estimated"]
+    assert _analyze(client, key, explain=True, measure=0).status_code == 422
 
 
 def test_explain_over_named_classes_and_a_chosen_target(web):
@@ -153,3 +156,18 @@ def test_the_page_shows_the_prediction_and_the_features_it_rests_on(web):
         assert f'href="/saes/{key}/features/{f["index"]}"' in page.text
     form = client.get(f"/saes/{key}/analyze").text
     assert 'name="explain"' in form and "the dataset&#39;s 30 classes" in form
+
+
+def test_a_patch_token_sae_explains_through_the_patches(patch_web_data, tmp_path):
+    """Its features live on the 49 patch tokens, which reach the pooled CLS token only through the
+    last block's attention: removing one still moves the prediction, measured as for CLS features."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(private_app(patch_web_data, tmp_path)) as client:
+        key = patch_web_data[1]
+        body = _analyze(client, key, explain=True).json()
+    p = body["prediction"]
+    assert p["n_estimated"] == body["n_active"] and p["features"]
+    assert any(abs(f["logit_change"]) > 0 for f in p["features"])
+    fired = {e["index"]: e["activation"] for e in body["by_activation"]}
+    assert all(f["activation"] == pytest.approx(fired[f["index"]], rel=1e-6) for f in p["features"])
