@@ -18,7 +18,7 @@ from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
-from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, BadQuestion, Explain, explain_request, prediction_dict
+from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, MEASURED, BadQuestion, Explain, explain_request, prediction_dict
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
 from backend.services.csv_export import csv_text
@@ -213,7 +213,7 @@ async def api_analyze(
     classes: str | None = Query(None, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2), description=CLASSES_HELP),
     target: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=TARGET_HELP),
     contrast: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=CONTRAST_HELP),
-    measure: int = Query(24, ge=1, le=MAX_MEASURED, description=MEASURE_HELP),
+    measure: int = Query(MEASURED, ge=1, le=MAX_MEASURED, description=MEASURE_HELP),
 ) -> dict[str, Any]:
     require_ready(sae)
     question = ask(sae, explain, classes, target, contrast, measure)
@@ -221,7 +221,7 @@ async def api_analyze(
     return {**rank_features(session, sae, analysis, limit=limit), **explained(session, sae, question, analysis)}
 
 
-def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None, measure: int = 24) -> Explain | None:
+def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None, measure: int = MEASURED) -> Explain | None:
     """The explanation asked for, checked before the upload is read (422 with the reason)."""
     if not explain:
         return None

@@ -17,8 +17,9 @@ MAX_CLASSES = 100
 """Most classes a request may name: each is encoded by CLIP's text tower with every prompt template
 (18 for the default 'clip_cifar'), about 0.1 s a class on 2 CPU cores the first time."""
 MAX_CLASS_CHARS = 100
+MEASURED = 24
+"""Features one explanation measures by removing them, unless asked otherwise: about 0.15 s on 2 CPU cores."""
 MAX_MEASURED = 200
-"""Most features one explanation measures by removing them: 24 by default, about 0.15 s on 2 CPU cores."""
 TOP_CLASSES = 5
 
 
@@ -36,7 +37,7 @@ class Explain:
     source: str = "dataset"
     """'dataset' (the precompute dataset's classes) or 'request' (named in the request)."""
     contrast: int | None = None
-    measure: int = 24
+    measure: int = MEASURED
     """How many features are measured by removing them (the largest first-order estimates)."""
 
 
@@ -44,7 +45,7 @@ def dataset_classes(sae: Sae) -> list[str]:
     return list((sae.precompute or {}).get("classes") or [])
 
 
-def explain_request(sae: Sae, classes: str | None, target: str | None, contrast: str | None = None, measure: int = 24) -> Explain:
+def explain_request(sae: Sae, classes: str | None, target: str | None, contrast: str | None = None, measure: int = MEASURED) -> Explain:
     """The question from the request's fields: ``classes`` separated by commas or new lines (default:
     the precompute dataset's classes), ``target`` one of them (default: CLIP's top class), ``contrast``
     another one (default: none)."""
