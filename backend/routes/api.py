@@ -59,10 +59,15 @@ def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id)}
 
 
+def invalid_query(field: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 of the documented shape, as FastAPI's own, naming the query field at fault."""
+    return RequestValidationError([{"type": "value_error", "loc": ("query", field), "msg": message, "input": value}])
+
+
 def _refuse_frequency_mistake(query: FeatureFilter) -> None:
-    """A frequency range no feature can fall in is a 422 of the documented shape, as FastAPI's own."""
+    """A frequency range no feature can fall in is a 422."""
     if mistake := query.frequency_mistake():
-        raise RequestValidationError([{"type": "value_error", "loc": ("query", "min_freq"), "msg": mistake, "input": query.min_freq}])
+        raise invalid_query("min_freq", mistake, query.min_freq)
 
 
 def _concept_scores(request: Request, sae, query: FeatureFilter):
@@ -216,19 +221,18 @@ async def api_analyze(
     measure: int = Query(MEASURED, ge=1, le=MAX_MEASURED, description=MEASURE_HELP),
 ) -> dict[str, Any]:
     require_ready(sae)
-    question = ask(sae, explain, classes, target, contrast, measure)
+    try:
+        question = ask(sae, explain, classes, target, contrast, measure)
+    except BadQuestion as exc:
+        raise invalid_query(exc.field, str(exc), exc.value) from None
     analysis = await analyze_upload(request, sae, file, occlude, question)
     return {**rank_features(session, sae, analysis, limit=limit), **explained(session, sae, question, analysis)}
 
 
 def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None, measure: int = MEASURED) -> Explain | None:
-    """The explanation asked for, checked before the upload is read (422 with the reason)."""
-    if not explain:
-        return None
-    try:
-        return explain_request(sae, classes, target, contrast, measure)
-    except BadQuestion as exc:
-        raise HTTPException(422, str(exc)) from None
+    """The explanation asked for, checked before the upload is read; raises :class:`BadQuestion`."""
+    return explain_request(sae, classes, target, contrast, measure) if explain else None
+
 
 
 def explained(session, sae, question: Explain | None, analysis: Analysis) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
-from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, dataset_classes
+from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
@@ -202,6 +202,8 @@ async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file:
     try:
         question = ask(sae, explain, classes, target, contrast)
         analysis = await analyze_upload(request, sae, file, occlude, question)
+    except BadQuestion as exc:
+        return render(request, "analyze.html", status_code=422, sae=sae_summary(sae), result=None, error=str(exc), asked=asked)
     except HTTPException as exc:
         return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
                       error=exc.detail, asked=asked)

@@ -24,7 +24,12 @@ TOP_CLASSES = 5
 
 
 class BadQuestion(ValueError):
-    """The classes or target class of an explanation request are unusable; the message says why."""
+    """The classes, target or contrast class of an explanation request are unusable; the message says
+    why and ``field`` names the request field at fault."""
+
+    def __init__(self, message: str, field: str = "classes", value: str | None = None):
+        super().__init__(message)
+        self.field, self.value = field, value
 
 
 @dataclass(frozen=True)
@@ -52,22 +57,22 @@ def explain_request(sae: Sae, classes: str | None, target: str | None, contrast:
     named = [c.strip() for c in re.split(r"[,\n]", classes or "") if c.strip()]
     if named:
         if len(named) > MAX_CLASSES:
-            raise BadQuestion(f"Name at most {MAX_CLASSES} classes ({len(named)} given).")
+            raise BadQuestion(f"Name at most {MAX_CLASSES} classes ({len(named)} given).", value=classes)
         if too_long := [c for c in named if len(c) > MAX_CLASS_CHARS]:
-            raise BadQuestion(f"A class name may have at most {MAX_CLASS_CHARS} characters: {too_long[0][:40]!r}...")
+            raise BadQuestion(f"A class name may have at most {MAX_CLASS_CHARS} characters: {too_long[0][:40]!r}...", value=classes)
         found, source = list(dict.fromkeys(named)), "request"
     else:
         found, source = dataset_classes(sae), "dataset"
         if not found:
             raise BadQuestion(
                 f"SAE {sae.key}'s precompute knows no class names (its dataset has none, or it was precomputed before they "
-                "were kept: `clipscope run` with its config keeps them); name the classes to explain over."
+                "were kept: `clipscope run` with its config keeps them); name the classes to explain over.", value=classes
             )
     if len(found) < 2:
-        raise BadQuestion("Name at least two classes: a prediction over one class is certain.")
+        raise BadQuestion("Name at least two classes: a prediction over one class is certain.", value=classes)
     target_at, contrast_at = (_class_at(found, name, role) for name, role in ((target, "target"), (contrast, "contrast")))
     if contrast_at is not None and contrast_at == target_at:
-        raise BadQuestion("The contrast class must differ from the target class.")
+        raise BadQuestion("The contrast class must differ from the target class.", "contrast", contrast)
     return Explain(tuple(found), target_at, source, contrast_at, measure)
 
 
@@ -75,7 +80,7 @@ def _class_at(classes: list[str], name: str | None, role: str) -> int | None:
     if name is None or not name.strip():
         return None
     if name.strip() not in classes:
-        raise BadQuestion(f"The {role} class {name.strip()!r} is not one of the classes explained over.")
+        raise BadQuestion(f"The {role} class {name.strip()!r} is not one of the classes explained over.", role, name)
     return classes.index(name.strip())
 
 
