@@ -234,7 +234,6 @@ def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: s
     return explain_request(sae, classes, target, contrast, measure) if explain else None
 
 
-
 def explained(session, sae, question: Explain | None, analysis: Analysis) -> dict[str, Any]:
     """``{"prediction": ...}`` when an explanation was asked for, else nothing."""
     if question is None or analysis.explanation is None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from clipscope.token_maps import occlusions, per_image_entries
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 from backend.services.prediction import Explain
+from backend.services.recently_used import RecentlyUsed
 
 
 @dataclass
@@ -75,43 +74,27 @@ class Analyzer:
     and the most recently used zero-shot classifiers (encoding the class names is seconds too)."""
 
     def __init__(self, data_dir: Path, device: str, capacity: int = 2, classifiers: int = 8):
-        self.data_dir, self.device, self.capacity, self.classifiers = Path(data_dir), device, capacity, classifiers
-        self._cache: OrderedDict[str, _Loaded] = OrderedDict()
-        self._classifiers: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
+        self.data_dir, self.device = Path(data_dir), device
+        self._loaded: RecentlyUsed[_Loaded] = RecentlyUsed(capacity)
+        self._classifiers: RecentlyUsed[torch.Tensor] = RecentlyUsed(classifiers)
 
     def _get(self, sae: Sae) -> _Loaded:
-        with self._lock:
-            if sae.key in self._cache:
-                self._cache.move_to_end(sae.key)
-                return self._cache[sae.key]
+        return self._loaded.get(sae.key, lambda: self._load(sae))
+
+    def _load(self, sae: Sae) -> _Loaded:
         model_cfg = ModelConfig.model_validate(sae.config["model"])
         with torch.inference_mode(False):  # weights that autograd may use (explanations take one backward pass)
-            loaded = _Loaded(
+            return _Loaded(
                 load_clip(model_cfg, self.device, cache_dir=self.data_dir / "models"),
                 load_sae(self.data_dir / "saes" / sae.key / "sae", self.device)[0],
                 model_cfg,
             )
-        with self._lock:
-            self._cache[sae.key] = loaded
-            while len(self._cache) > self.capacity:
-                self._cache.popitem(last=False)
-        return loaded
 
     def _classifier(self, sae: Sae, loaded: _Loaded, classes: tuple[str, ...]) -> torch.Tensor:
         """``[embed_dim, classes]`` built with the SAE's evaluation templates (as its zero-shot table was)."""
         _, templates = template_set(sae.config["evaluate"]["templates"])
-        key = (sae.key, classes)
-        with self._lock:
-            if key in self._classifiers:
-                self._classifiers.move_to_end(key)
-                return self._classifiers[key]
-        classifier = build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)
-        with self._lock:
-            self._classifiers[key] = classifier
-            while len(self._classifiers) > self.classifiers:
-                self._classifiers.popitem(last=False)
-        return classifier
+        make = lambda: build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)  # noqa: E731
+        return self._classifiers.get((sae.key, classes), make)
 
     def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

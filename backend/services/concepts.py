@@ -10,12 +10,12 @@ CLIP, with the templates the vocabulary was encoded with, and takes one product.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from backend.services.analyze import Analyzer
+from backend.services.recently_used import RecentlyUsed
 from clipscope.db.models import Sae
 from clipscope.errors import ClipScopeError
 
@@ -29,9 +29,9 @@ class ConceptSearch:
     """Scores per (SAE precompute, text), the most recent few kept; directions loaded once per precompute."""
 
     def __init__(self, analyzer: Analyzer, data_dir: Path, max_texts: int = 32):
-        self.analyzer, self.data_dir, self.max_texts = analyzer, Path(data_dir), max_texts
+        self.analyzer, self.data_dir = analyzer, Path(data_dir)
         self._directions: dict[str, tuple[str, np.ndarray]] = {}
-        self._scores: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._scores: RecentlyUsed[np.ndarray] = RecentlyUsed(max_texts)
         self._lock = threading.Lock()
 
     def scores(self, sae: Sae, text: str) -> np.ndarray:
@@ -42,12 +42,9 @@ class ConceptSearch:
                 f"SAE {sae.key} has no feature directions to search: its precompute ran without automatic names "
                 "(precompute.names.enabled) or before they existed; run `clipscope precompute` again."
             )
-        key = (sae.key, names["directions"], text)
-        with self._lock:
-            found = self._scores.get(key)
-            if found is not None:
-                self._scores.move_to_end(key)
-                return found
+        return self._scores.get((sae.key, names["directions"], text), lambda: self._score(sae, names, text))
+
+    def _score(self, sae: Sae, names: dict, text: str) -> np.ndarray:
         directions = self._load(sae, names["directions"])
         try:
             vector = self.analyzer.text_embedding(sae, text, names["templates"]).numpy()
@@ -55,10 +52,6 @@ class ConceptSearch:
             raise ConceptsUnavailable(f"Cannot encode the text with SAE {sae.key}'s CLIP: {exc}") from None
         scores = directions @ vector
         scores[~directions.any(axis=1)] = np.nan
-        with self._lock:
-            self._scores[key] = scores
-            while len(self._scores) > self.max_texts:
-                self._scores.popitem(last=False)
         return scores
 
     def _load(self, sae: Sae, name: str) -> np.ndarray:

@@ -12,14 +12,13 @@ process (web, API, ``clipscope import``) is seen on the next request.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from backend.services.recently_used import RecentlyUsed
 from clipscope.db.models import Feature, Label, LabelRevision, Sae
 
 if TYPE_CHECKING:
@@ -33,9 +32,7 @@ class FeatureOrders:
     """A bounded least-recently-used store of orderings (each an int32 array: 192 KiB at 49,152 features)."""
 
     def __init__(self, max_entries: int = 64):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: RecentlyUsed[np.ndarray] = RecentlyUsed(max_entries)
 
     def get(self, session: Session, sae: Sae, query: FeatureQuery, scores: np.ndarray | None = None) -> np.ndarray:
         """The ordering of ``query``; with ``scores`` (``query.concept``'s, which the key holds), the filtered
@@ -43,22 +40,15 @@ class FeatureOrders:
         labels_version = session.scalar(select(func.max(LabelRevision.id))) if reads_labels(query) else None
         filters = query.model_dump(exclude={"page", "per_page"})  # every other field shapes the ordering
         key = (sae.id, sae.updated_at, labels_version, *filters.values())
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                return found
-        if scores is None:
-            ids = np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
-        else:
-            ids = np.fromiter(session.scalars(ordering(sae, query.model_copy(update={"sort": "index", "order": "asc"}))), dtype=np.int32)
-            ids = ids[~np.isnan(scores[ids])]
-            ids = ids[np.argsort(-scores[ids], kind="stable")]
-        with self._lock:
-            self._entries[key] = ids
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        return ids
+        return self._entries.get(key, lambda: _fetch(session, sae, query, scores))
+
+
+def _fetch(session: Session, sae: Sae, query: FeatureQuery, scores: np.ndarray | None) -> np.ndarray:
+    if scores is None:
+        return np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
+    ids = np.fromiter(session.scalars(ordering(sae, query.model_copy(update={"sort": "index", "order": "asc"}))), dtype=np.int32)
+    ids = ids[~np.isnan(scores[ids])]
+    return ids[np.argsort(-scores[ids], kind="stable")]
 
 
 def _like_escaped(text: str) -> str:

@@ -112,8 +112,10 @@ class Evaluation(Base):
     condition: Mapped[str] = mapped_column(String(16), doc="clean | spliced | spliced_error | mean_ablation.")
     top1: Mapped[float] = mapped_column(Float)
     top5: Mapped[float] = mapped_column(Float)
-    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="Splice check, precision, seconds; by_class: {classes, n, hits, mistaken_for} of this condition (top-1 hits per class; "
-        "the wrong class predicted most often for it, and how often).")
+    details: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, nullable=True, doc="Splice check, precision, seconds; by_class: {classes, n, hits, mistaken_for} of this condition "
+        "(per class: images, top-1 hits, and the wrong class predicted most often for it with how often)."
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     sae: Mapped[Sae] = relationship(back_populates="evaluations")
