@@ -20,7 +20,7 @@ import torch
 
 from clipscope.clip.hooks import continue_from, token_slice
 from clipscope.clip.zeroshot import zero_shot_logits
-from clipscope.sae.model import TopKSAE
+from clipscope.sae.model import SparseCode, TopKSAE
 
 
 @dataclass
@@ -101,15 +101,10 @@ def explain(
     if contrast is not None:
         weight[contrast] = -1.0
 
-    with torch.enable_grad():
-        stream = resid.detach().clone().requires_grad_(True)
-        explained = zero_shot_logits(model, continue_from(visual, stream, layer), classifier)[0] @ weight
-        (grad,) = torch.autograd.grad(explained, stream)
-    g = grad[0, select].float()  # [t, width]
+    support = first_order_support(model, sae, resid, layer, tokens, classifier, weight[None], code)
     with torch.no_grad():
-        along = (sae.W_dec.float()[code.indices] * g[:, None, :]).sum(-1)  # [t, k]: each firing atom's slope
-        estimate = torch.zeros(sae.d_sae, dtype=torch.float64, device=g.device)
-        estimate.index_add_(0, code.indices.flatten(), (-code.values.float() * along).flatten().double())
+        estimate = torch.zeros(sae.d_sae, dtype=torch.float64, device=support.device)
+        estimate.index_add_(0, code.indices.flatten(), -support.flatten().double())  # removing a feature takes its support away
         firing = torch.unique(code.indices[code.values > 0])
         estimates = dict(zip(firing.tolist(), estimate[firing].tolist()))
         chosen = firing[estimate[firing].abs().argsort(descending=True, stable=True)[:exact]]
@@ -118,6 +113,24 @@ def explain(
         e.estimate = estimates[e.index]
     effects.sort(key=lambda e: (e.logit_change, e.index))
     return Explanation(list(classes), clean_logits.softmax(-1).cpu(), spliced_logits.softmax(-1).cpu(), target, contrast, estimates, effects)
+
+
+def first_order_support(model: torch.nn.Module, sae: TopKSAE, resid: torch.Tensor, layer: int, tokens: str, classifier: torch.Tensor,
+                        weight: torch.Tensor, code: SparseCode, chunk: int = 1024) -> torch.Tensor:
+    """``[batch * tokens, k]``: each entry of ``code`` (the SAE's code of ``resid`` ``[batch, positions,
+    width]`` at its tokens, row-major) times the slope of its image's ``logits @ weight[image]`` along
+    its atom: ``a_f W_dec[f] . d(logits @ w)/dx``, the first-order share of that quantity the entry
+    carries. One backward pass for the batch (images do not interact); ``weight`` is ``[batch, classes]``."""
+    select = token_slice(tokens)
+    with torch.enable_grad():
+        stream = resid.detach().clone().requires_grad_(True)
+        quantity = (zero_shot_logits(model, continue_from(model.visual, stream, layer), classifier) * weight).sum()
+        (grad,) = torch.autograd.grad(quantity, stream)
+    g = grad[:, select].float().reshape(-1, grad.shape[-1])  # [batch * tokens, width]
+    atoms = sae.W_dec.detach().float()
+    with torch.no_grad():  # each row's slopes along every atom, [chunk, d_sae] at a time, then the k it fires
+        slopes = [(g[lo : lo + chunk] @ atoms.T).gather(1, code.indices[lo : lo + chunk]) for lo in range(0, len(g), chunk)]
+        return code.values.float() * torch.cat(slopes)
 
 
 def _measure(model, sae: TopKSAE, resid, layer: int, select: slice, code, chosen: torch.Tensor, classifier, target: int,
@@ -137,3 +150,44 @@ def _measure(model, sae: TopKSAE, resid, layer: int, select: slice, code, chosen
         for i, f in enumerate(feats.tolist()):
             out.append(FeatureEffect(f, float(amount[i].max()), 0.0, float(change[i]), float(probs[i, target]), int(logits[i].argmax())))
     return out
+
+
+class ClassSupport:
+    """Over a labelled set: per class, each feature's mean first-order support for the class's
+    centred logit (its logit minus the mean over classes, which moves no probability when shared)
+    on the class's own images: which features CLIP's recognition of each class rests on."""
+
+    MAX_CELLS = 100_000_000
+    """Classes x features kept as float64 sums (800 MB); beyond it (e.g. 2,000+ classes at 49,152
+    features) the tallies are skipped."""
+
+    def __init__(self, n_classes: int, d_sae: int, device: str | torch.device):
+        self.n_classes, self.d_sae = n_classes, d_sae
+        self.total = torch.zeros(n_classes * d_sae, dtype=torch.float64, device=device)
+        self.images = torch.zeros(n_classes, dtype=torch.long, device=device)
+
+    @classmethod
+    def for_classes(cls, n_classes: int, d_sae: int, device) -> ClassSupport | None:
+        return cls(n_classes, d_sae, device) if 0 < n_classes * d_sae <= cls.MAX_CELLS else None
+
+    def add(self, model: torch.nn.Module, sae: TopKSAE, resid: torch.Tensor, layer: int, tokens: str, classifier: torch.Tensor,
+            labels: torch.Tensor) -> None:
+        """One batch: ``resid`` ``[batch, positions, width]`` after block ``layer``, ``labels`` ``[batch]``."""
+        select = token_slice(tokens)
+        with torch.no_grad():
+            x = resid[:, select].float()
+            code = sae.encode(x.reshape(-1, x.shape[-1]))
+            weight = torch.nn.functional.one_hot(labels, self.n_classes).float() - 1.0 / self.n_classes
+        support = first_order_support(model, sae, resid, layer, tokens, classifier, weight, code)
+        with torch.no_grad():
+            per_token = x.shape[1]
+            owner = labels.repeat_interleave(per_token)[:, None].expand_as(code.indices)  # each entry's image's class
+            self.total.index_add_(0, (owner * self.d_sae + code.indices).flatten(), support.flatten().double())
+            self.images += torch.bincount(labels, minlength=self.n_classes)
+
+    def top(self, k: int) -> list[list[list[float]]]:
+        """Per class, its ``k`` most supporting features as ``[feature, mean support]``, best first (none without images)."""
+        mean = self.total.view(self.n_classes, self.d_sae) / self.images.clamp(min=1)[:, None]
+        value, index = mean.topk(min(k, self.d_sae), dim=1)
+        return [[[int(f), round(float(v), 6)] for f, v in zip(fs, vs) if v > 0] if n else []
+                for fs, vs, n in zip(index.tolist(), value.tolist(), self.images.tolist())]

@@ -33,12 +33,14 @@ def spliced_features(
     tokens: str,
     conditions: Sequence[Condition] = CONDITIONS,
     mean: torch.Tensor | None = None,
+    resid: torch.Tensor | None = None,
 ) -> dict[Condition, torch.Tensor]:
     """Projected image embeddings ``[batch, embed_dim]`` under each condition.
 
-    ``mean`` is ``[positions, d]`` (per selected position) and is needed for ``mean_ablation``.
+    ``mean`` is ``[positions, d]`` (per selected position) and is needed for ``mean_ablation``;
+    ``resid``, the images' residual stream after block ``layer`` when the caller has it already.
     """
-    resid = residual_at(visual, images, layer)
+    resid = residual_at(visual, images, layer) if resid is None else resid
     select = token_slice(tokens)
     x = resid[:, select]
     b, t, d = x.shape

@@ -13,6 +13,8 @@ from sqlalchemy import delete, select
 from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache
+from clipscope.attribution import ClassSupport
+from clipscope.clip.hooks import residual_at
 from clipscope.clip.loading import LoadedClip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.clip.zeroshot import build_classifier, class_drops, correct_at_k, template_set, zero_shot_logits
@@ -40,7 +42,9 @@ class EvalResult:
     reused: bool = False
     by_class: dict[str, dict[str, Any]] | None = None
     """Per condition, per class: ``classes``, ``n`` (images), ``hits`` (top-1 correct) and ``mistaken_for``
-    (the wrong class predicted most often and how often; [-1, 0] with no mistake)."""
+    (the wrong class predicted most often and how often; [-1, 0] with no mistake); the clean condition's
+    also ``features``: per class the 10 features of most first-order support for its centred logit on its
+    images, ``[feature, mean support]`` (``clipscope.attribution.ClassSupport``)."""
 
 
 def training_mean(cache: ActivationCache, chunk: int = 4096) -> torch.Tensor:
@@ -67,6 +71,7 @@ def evaluate_dataset(
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
     n_classes = len(dataset.classes)
     confusion = {c: torch.zeros(n_classes * n_classes, dtype=torch.long, device=ctx.device) for c in CONDITIONS}  # [true, predicted]
+    support = ClassSupport.for_classes(n_classes, sae.d_sae, ctx.device)
     n, worst = 0, 0.0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)
     with torch.inference_mode(), bar:
@@ -76,7 +81,11 @@ def evaluate_dataset(
             if len(labels) == 0:
                 continue
             with autocast(ctx.device, cfg.evaluate.precision):
-                feats = spliced_features(clip.visual, sae, images, cfg.model.layer, cfg.model.tokens, CONDITIONS, mean)
+                resid = residual_at(clip.visual, images, cfg.model.layer)
+                feats = spliced_features(clip.visual, sae, images, cfg.model.layer, cfg.model.tokens, CONDITIONS, mean, resid=resid)
+            if support is not None:
+                with torch.inference_mode(False):  # one backward pass through the blocks after the hook site, in fp32
+                    support.add(clip.model, sae, resid.float().clone(), cfg.model.layer, cfg.model.tokens, classifier, labels.clone())
             logits = {c: zero_shot_logits(clip.model, f.float(), classifier) for c, f in feats.items()}
             worst = max(worst, check_error_splice(logits["clean"], logits["spliced_error"]))
             for c, lg in logits.items():
@@ -88,7 +97,10 @@ def evaluate_dataset(
     if n == 0:
         raise ClipScopeError(f"{spec.name}/{spec.split} has no labelled images: zero-shot evaluation needs each image's class.")
     accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
-    return EvalResult(spec.name, spec.split, n, name, accuracy, worst, by_class=per_class(dataset.classes, confusion))
+    by_class = per_class(dataset.classes, confusion)
+    if support is not None:
+        by_class["clean"]["features"] = support.top(10)
+    return EvalResult(spec.name, spec.split, n, name, accuracy, worst, by_class=by_class)
 
 
 def per_class(classes: list[str], confusion: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

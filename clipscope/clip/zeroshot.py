@@ -101,13 +101,14 @@ def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
 
 
 def class_drops(by_condition: dict[str, dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """Per class, top-1 accuracy clean and spliced, the drop in percentage points and what the spliced
-    model most often mistakes the class for; the most hurt first. None for an evaluation without
+    """Per class, top-1 accuracy clean and spliced, the drop in percentage points, what the spliced
+    model most often mistakes the class for, and the features clean CLIP's recognition of it rests on
+    most (first-order support, when tallied); the most hurt first. None for an evaluation without
     per-class tallies (made before they were kept)."""
     clean, spliced = by_condition.get("clean"), by_condition.get("spliced")
     if not clean or not spliced:
         return None
-    names = clean["classes"]
+    names, supports = clean["classes"], clean.get("features")
     rows = []
     for i, (name, n) in enumerate(zip(names, clean["n"])):
         if not n:
@@ -117,5 +118,6 @@ def class_drops(by_condition: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
             "class": name, "n": n, "clean": clean["hits"][i] / n, "spliced": spliced["hits"][i] / n,
             "drop_pp": 100 * (clean["hits"][i] - spliced["hits"][i]) / n,
             "spliced_mistaken_for": {"class": names[other], "share": times / n} if other >= 0 else None,
+            "features": [{"index": f, "support": v} for f, v in supports[i]] if supports else None,
         })
     return sorted(rows, key=lambda r: (-r["drop_pp"], r["class"]))

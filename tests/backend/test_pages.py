@@ -39,6 +39,12 @@ def test_the_classes_the_splice_hurts_most_are_ranked_from_the_evaluation_s_tall
     page = client.get("/").text
     table = page.split("Classes the splice hurts most", 1)[1].split("</table>", 1)[0]
     assert re.findall(r"<tr><td>([^<]+)</td>", table) == [r["class"] for r in rows[:8]]
+    assert any(r["features"] for r in rows) and all(len(r["features"]) <= 10 for r in rows)
+    for r in rows:
+        supports = [f["support"] for f in r["features"]]
+        assert supports == sorted(supports, reverse=True) and all(v > 0 for v in supports)
+    cells = re.findall(r'<td class="rests-on">(.*?)</td>', table)
+    assert [re.findall(r"#(\d+)</a>", c) for c in cells] == [[str(f["index"]) for f in r["features"][:3]] for r in rows[:8]]
     with session_scope(client.app.state.database_url) as s:  # evaluations made before the tallies were kept
         for row in s.scalars(select(Evaluation)):
             row.details = {k: v for k, v in row.details.items() if k != "by_class"}

@@ -144,3 +144,30 @@ def test_bad_arguments_are_refused(random_clip, image, classifier):
         explain(random_clip.model, sae_for(), torch.zeros(2, 50, 768), LAYER, "cls", classifier, CLASSES)
     with pytest.raises(ValueError, match="one column per class"):
         explain(random_clip.model, sae_for(), torch.zeros(1, 50, 768), LAYER, "cls", classifier, CLASSES[:2])
+
+
+def test_class_support_is_the_mean_over_each_class_s_images_of_the_centred_logit_s_first_order_share(random_clip, classifier):
+    """A batch of images at once equals each image alone: per class, the features' supports for the
+    class's logit minus the mean logit, summed over the class's images and divided by their count."""
+    from clipscope.attribution import ClassSupport
+
+    sae = sae_for()
+    images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    labels = torch.tensor([2, 0, 2, 4])
+    with torch.no_grad():
+        resid = residual_at(random_clip.visual, images, LAYER)
+    tally = ClassSupport(len(CLASSES), sae.d_sae, "cpu")
+    tally.add(random_clip.model, sae, resid, LAYER, "cls", classifier, labels)
+    expected = torch.zeros(len(CLASSES), sae.d_sae, dtype=torch.float64)
+    for image, label in zip(resid, labels.tolist()):
+        for c in range(len(CLASSES)):  # centred logit = own logit - mean of all: explain's estimates, class by class
+            estimates = explain(random_clip.model, sae, image[None], LAYER, "cls", classifier, CLASSES, target=c, exact=1).estimates
+            for f, e in estimates.items():
+                expected[label, f] += -e * ((c == label) - 1 / len(CLASSES))
+    counts = torch.bincount(labels, minlength=len(CLASSES)).clamp(min=1)[:, None]
+    torch.testing.assert_close(tally.total.view(len(CLASSES), -1) / counts, expected / counts, rtol=1e-4, atol=1e-6)
+    top = tally.top(3)
+    assert top[1] == [] and top[3] == [], "classes without images support nothing"
+    mean = expected[2] / 2
+    best = [f for f in mean.argsort(descending=True)[:3].tolist() if mean[f] > 0]
+    assert [f for f, _ in top[2]] == best and all(v == pytest.approx(float(mean[f]), abs=1e-5) for f, v in top[2])
