@@ -21,6 +21,7 @@ from backend.deps import SaeRows
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.feature_order import FeatureOrders
+from backend.services.class_support import ClassesSupported
 from backend.services.analyze import Analyzer
 from backend.services.concepts import ConceptSearch
 from backend.services.labels import CATEGORY_NAMES
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.settings = settings
     app.state.database_url = url
     app.state.feature_orders = FeatureOrders()
+    app.state.classes_supported = ClassesSupported()
     app.state.sae_rows = SaeRows()
     app.state.reads_in_event_loop = settings.resolved_reads_in_event_loop  # decided once, not per request
     analyzer = Analyzer(settings.data_dir, settings.resolved_device())

@@ -19,7 +19,7 @@ from clipscope.clip.loading import LoadedClip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.clip.zeroshot import build_classifier, class_drops, correct_at_k, template_set, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
-from clipscope.db.models import Evaluation, Sae
+from clipscope.db.models import Evaluation, Sae, utcnow
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.sae.model import TopKSAE
@@ -145,6 +145,7 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
         result = evaluate_dataset(ctx, cfg, clip_getter(), sae.to(ctx.device), mean, spec)
         seconds = time.perf_counter() - started
         with session_scope(url) as s:
+            s.get(Sae, sae_id).updated_at = utcnow()  # the explorer's per-SAE copies of evaluation results follow this
             s.execute(
                 delete(Evaluation).where(
                     Evaluation.sae_id == sae_id, Evaluation.dataset_key == dataset_key, Evaluation.templates == template_name

@@ -112,7 +112,8 @@ async def api_feature(request: Request, sae: str, idx: int) -> dict[str, Any]:
         detail = feature_detail(session, sae, idx)
         if detail is None:
             raise HTTPException(404, f"Feature {idx} has no precomputed data.")
-        return {**detail, "history": label_service.history(session, sae, idx)}
+        supports = request.app.state.classes_supported.of(session, sae, idx)
+        return {**detail, "supports": supports, "history": label_service.history(session, sae, idx)}
 
     return await read_sae(request, sae, work)
 

@@ -124,6 +124,7 @@ def _feature_page(request: Request, sae, session, idx: int, status_code: int = 2
     detail = feature_detail(session, sae, idx)
     if detail is None:
         raise HTTPException(404, f"Feature {idx} has no precomputed data.")
+    detail["supports"] = request.app.state.classes_supported.of(session, sae, idx)
     history = label_service.history(session, sae, idx) if detail["label"] else []  # revisions exist only with a label
     return render(request, "feature.html", status_code=status_code, sae=sae_summary(sae), f=detail,
                   history=history, categories=CATEGORIES, **extra)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sqlalchemy import select
 
-from clipscope.db.models import Evaluation, Sae, SaeStatus
+from clipscope.db.models import Evaluation, Sae, SaeStatus, utcnow
 from clipscope.db.session import session_scope
 from tests.backend.conftest import with_token
 
@@ -705,3 +705,32 @@ def test_the_feature_page_says_what_the_atom_writes_toward_where_a_direct_path_e
         key = patch_web_data[1]
         assert patches.get(f"/api/saes/{key}/features/0").json()["output_names"] == []
         assert "writes toward:" not in patches.get(f"/saes/{key}/features/0").text
+
+
+def test_a_feature_page_names_the_classes_whose_recognition_rests_on_it(web):
+    """The evaluation's per-class lists of most supporting features, turned around per feature; a new
+    evaluation (which moves the SAE row's updated_at) is seen on the next request."""
+    client, key = web
+    (ev,) = client.get(f"/api/saes/{key}").json()["evaluations"]
+    expected: dict[int, list] = {}
+    for r in ev["by_class"]:
+        for rank, f in enumerate(r["features"], 1):
+            expected.setdefault(f["index"], []).append((r["class"], rank, f["support"]))
+    assert expected, "the TINY evaluation lists supporting features"
+    for idx, listed in expected.items():
+        got = client.get(f"/api/saes/{key}/features/{idx}").json()["supports"]
+        assert sorted((c["class"], c["rank"], c["support"]) for c in got) == sorted(listed)
+        assert [c["support"] for c in got] == sorted((c["support"] for c in got), reverse=True)
+        assert all(c["set"] == f"{ev['dataset']}/{ev['split']}" for c in got)
+    idx = max(expected, key=lambda f: len(expected[f]))
+    page = client.get(f"/saes/{key}/features/{idx}").text
+    section = page.split("Classes whose recognition rests on it", 1)[1].split("</table>", 1)[0]
+    assert re.findall(r"<tr><td>([^<]+)</td>", section) == [c["class"] for c in client.get(f"/api/saes/{key}/features/{idx}").json()["supports"]][:10]
+    unlisted = next(f for f in range(64) if f not in expected)
+    assert client.get(f"/api/saes/{key}/features/{unlisted}").json()["supports"] == []
+    assert "Classes whose recognition rests on it" not in client.get(f"/saes/{key}/features/{unlisted}").text
+    with session_scope(client.app.state.database_url) as s:  # a later evaluation without the lists
+        for row in s.scalars(select(Evaluation)):
+            row.details = {**row.details, "by_class": {k: v for k, v in row.details["by_class"].items() if k != "features"}}
+        s.scalar(select(Sae).where(Sae.key == key)).updated_at = utcnow()
+    assert client.get(f"/api/saes/{key}/features/{idx}").json()["supports"] == []

@@ -81,8 +81,11 @@ def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, rand
     with session_scope(ctx.database_url) as s:  # rows from before the per-class tallies were kept
         for r in s.scalars(select(Evaluation)):
             r.details = {k: v for k, v in r.details.items() if k != "by_class"}
+        before = s.scalar(select(Sae.updated_at).where(Sae.key == trained.sae_key))
     redone = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
     assert not redone[0].reused and calls == [1, 1] and redone[0].by_class == first[0].by_class
+    with session_scope(ctx.database_url) as s:  # the explorer's per-SAE copies of evaluation results follow it
+        assert s.scalar(select(Sae.updated_at).where(Sae.key == trained.sae_key)) > before
     table = format_table(first)
     assert "clean" in table and "drop pp" in table and "synthetic/test" in table
     mean = training_mean(cache)
