@@ -98,8 +98,7 @@ def evaluate_dataset(
         raise ClipScopeError(f"{spec.name}/{spec.split} has no labelled images: zero-shot evaluation needs each image's class.")
     accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
     by_class = per_class(dataset.classes, confusion)
-    if support is not None:
-        by_class["clean"]["features"] = support.top(10)
+    by_class["clean"]["features"] = support.top(10) if support is not None else None  # None: too many classes x features to tally
     return EvalResult(spec.name, spec.split, n, name, accuracy, worst, by_class=by_class)
 
 
@@ -133,11 +132,12 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
                     Evaluation.sae_id == sae_id, Evaluation.dataset_key == dataset_key, Evaluation.templates == template_name
                 )
             ).all()
-            # complete: every condition, each with its per-class tallies (older rows lack them and are redone)
-            if {r.condition for r in rows} == set(CONDITIONS) and all("by_class" in (r.details or {}) for r in rows):
+            # complete: every condition, each with its per-class tallies, the clean one with its features (older rows are redone)
+            complete = {r.condition: (r.details or {}).get("by_class") for r in rows}
+            if set(complete) == set(CONDITIONS) and all(complete.values()) and "features" in complete["clean"]:
                 acc = {r.condition: (r.top1, r.top5) for r in rows}
                 results.append(EvalResult(spec.name, spec.split, rows[0].n, template_name, acc, rows[0].details["splice_check"], reused=True,
-                                          by_class={r.condition: r.details["by_class"] for r in rows}))
+                                          by_class=complete))
                 continue
         if mean is None:
             mean = training_mean(train_cache).to(ctx.device)
