@@ -10,6 +10,7 @@ Every firing feature gets a first-order estimate from one backward pass (attribu
 ``-a_f W_dec[f] . dlogit/dx``); the ``exact`` features with the largest estimates are then measured
 by running the rest of the tower on each edited stream, in one batch. With a contrast class the
 quantity explained is the target's logit minus the contrast's: why CLIP says one rather than the other.
+Over a labelled set, :class:`ClassSupport` sums the same first-order supports per class.
 """
 
 from __future__ import annotations
