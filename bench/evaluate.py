@@ -47,18 +47,11 @@ def main() -> None:
     mean, spec = torch.zeros(1, 768, device=a.device), cfg.evaluate.datasets[0]
     stage.evaluate_dataset(ctx, cfg, clip, sae, mean, spec)  # warm-up: generates the images once
     with_support, without = [], []
-    tally = stage.ClassSupport.for_classes
     for _ in range(a.rounds):
-        started = time.perf_counter()
-        stage.evaluate_dataset(ctx, cfg, clip, sae, mean, spec)
-        with_support.append(time.perf_counter() - started)
-        stage.ClassSupport.for_classes = classmethod(lambda cls, *args: None)  # the reference: no support tallied
-        try:
+        for tally, times in ((True, with_support), (False, without)):
             started = time.perf_counter()
-            stage.evaluate_dataset(ctx, cfg, clip, sae, mean, spec)
-            without.append(time.perf_counter() - started)
-        finally:
-            stage.ClassSupport.for_classes = tally
+            stage.evaluate_dataset(ctx, cfg, clip, sae, mean, spec, class_support=tally)
+            times.append(time.perf_counter() - started)
     print(json.dumps({
         "run": f"{a.images} images of the synthetic set's 30 classes, batch {a.batch}, SAE {a.d_sae} x k={a.k}, {a.device}",
         "with_class_support_s": with_support, "without_s": without,

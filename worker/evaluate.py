@@ -57,9 +57,10 @@ def training_mean(cache: ActivationCache, chunk: int = 4096) -> torch.Tensor:
 
 
 def evaluate_dataset(
-    ctx: Context, cfg: RunConfig, clip: LoadedClip, sae: TopKSAE, mean: torch.Tensor, spec: DatasetSpec
+    ctx: Context, cfg: RunConfig, clip: LoadedClip, sae: TopKSAE, mean: torch.Tensor, spec: DatasetSpec, class_support: bool = True,
 ) -> EvalResult:
-    """Accuracy under every condition on one labelled set, with the spliced+error check on every batch."""
+    """Accuracy under every condition on one labelled set, with the spliced+error check on every batch;
+    with ``class_support``, also the features each class rests on (``bench/evaluate.py`` times it off)."""
     dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
     name, templates = template_set(cfg.evaluate.templates)
     if not dataset.classes:
@@ -71,7 +72,7 @@ def evaluate_dataset(
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
     n_classes = len(dataset.classes)
     confusion = {c: torch.zeros(n_classes * n_classes, dtype=torch.long, device=ctx.device) for c in CONDITIONS}  # [true, predicted]
-    support = ClassSupport.for_classes(n_classes, sae.d_sae, ctx.device)
+    support = ClassSupport.for_classes(n_classes, sae.d_sae, ctx.device) if class_support else None
     n, worst = 0, 0.0
     bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)
     with torch.inference_mode(), bar:
