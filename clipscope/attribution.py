@@ -22,6 +22,7 @@ import torch
 from clipscope.clip.hooks import continue_from, token_slice
 from clipscope.clip.zeroshot import zero_shot_logits
 from clipscope.sae.model import SparseCode, TopKSAE
+from clipscope.steering import activation_per_token
 
 
 @dataclass
@@ -141,8 +142,7 @@ def _measure(model, sae: TopKSAE, resid, layer: int, select: slice, code, chosen
     out = []
     for start in range(0, len(chosen), chunk):
         feats = chosen[start : start + chunk]
-        hit = code.indices[None] == feats[:, None, None]  # [m, t, k]
-        amount = (code.values.float()[None] * hit).sum(-1)  # [m, t]: each feature's activation per token
+        amount = activation_per_token(code, feats)  # [m, t]
         edited = resid.expand(len(feats), -1, -1).clone()
         removed = amount[:, :, None] * sae.W_dec.float()[feats][:, None, :]  # [m, t, width]
         edited[:, select] = (edited[:, select].float() - removed).to(resid.dtype)
