@@ -22,7 +22,7 @@ import torch
 from clipscope.clip.hooks import continue_from, token_slice
 from clipscope.clip.zeroshot import zero_shot_logits
 from clipscope.sae.model import SparseCode, TopKSAE
-from clipscope.steering import activation_per_token
+from clipscope.steering import activation_per_token, check_question
 
 
 @dataclass
@@ -80,10 +80,7 @@ def explain(
     ``classifier`` is ``[embed_dim, classes]`` (``build_classifier``); ``exact`` bounds how many
     features are measured by running the tower (the rest keep their estimate only).
     """
-    if resid.shape[0] != 1:
-        raise ValueError("explain takes one image's residual stream")
-    if not 0 < len(classes) == classifier.shape[1]:
-        raise ValueError("the classifier needs one column per class, and at least one class")
+    check_question(resid, classifier, classes, "explain")
     visual, select = model.visual, token_slice(tokens)
     with torch.no_grad():
         x = resid[0, select].float()

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         default=16, description="Uploads waiting for analysis at most; when full the server answers 503 with Retry-After."
     )
     analyze_batch: int = Field(default=8, description="Queued uploads analysed together in one forward pass.")
+    analyze_kept: int = Field(
+        default=64,
+        description="Analysed images the analyze page keeps in memory, as CLIP saw them (224 x 224, ~150 KB each), so "
+        "the same image can be asked about again (other edits, an explanation) without uploading it again; the "
+        "least recently used goes first.",
+        ge=0,
+    )
     auth: Literal["none", "password"] = Field(
         default="none",
         description="'none': anyone may browse and label (authors type their name); 'password': labelling "

@@ -63,6 +63,14 @@ def edited_activations(code: SparseCode, edits: list[Edit]) -> tuple[torch.Tenso
     return before, torch.where(scale, before * value, value.expand_as(before))
 
 
+def check_question(resid: torch.Tensor, classifier: torch.Tensor, classes: list[str], what: str) -> None:
+    """One image's stream and a classifier with a column per class, or a ValueError naming ``what`` was asked."""
+    if resid.shape[0] != 1:
+        raise ValueError(f"{what} takes one image's residual stream")
+    if not 0 < len(classes) == classifier.shape[1]:
+        raise ValueError("the classifier needs one column per class, and at least one class")
+
+
 def steer(
     model: torch.nn.Module,
     sae: TopKSAE,
@@ -75,10 +83,7 @@ def steer(
 ) -> Steering:
     """Apply ``edits`` to one image's residual stream ``resid`` ``[1, positions, width]`` after block
     ``layer`` and read the zero-shot prediction over ``classifier`` ``[embed_dim, classes]``, clean and edited."""
-    if resid.shape[0] != 1:
-        raise ValueError("steer takes one image's residual stream")
-    if not 0 < len(classes) == classifier.shape[1]:
-        raise ValueError("the classifier needs one column per class, and at least one class")
+    check_question(resid, classifier, classes, "steer")
     if not edits:
         raise ValueError("steer needs at least one edit")
     if bad := [e.feature for e in edits if not 0 <= e.feature < sae.d_sae]:

@@ -50,6 +50,15 @@ def test_the_model_input_turns_back_into_the_resized_and_cropped_image(cfg):
         assert np.abs(np.asarray(view).astype(int) - want).max() <= (0 if cfg is PIL_CFG else 2)
 
 
+@pytest.mark.parametrize("cfg", [PIL_CFG, TORCH_CFG], ids=["pil", "torch"])
+def test_what_the_model_saw_preprocesses_into_the_same_model_input(cfg):
+    """The explorer keeps an analysed image as CLIP saw it and analyses that again: exact, because the
+    model input lies on the uint8 grid and an image of the model's size is neither resized nor cropped."""
+    pre = ImagePreprocess(preprocess_descriptor(cfg))
+    first = pre([photo(512, 384, 0), photo(300, 420, 1), photo(120, 90, 2)])
+    assert torch.equal(pre(pre.pixels(first)), first)
+
+
 def apply_steps(steps, image: Image.Image) -> Image.Image:
     for step in steps:
         image = step(image)
