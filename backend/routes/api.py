@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -18,7 +19,10 @@ from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
-from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, MEASURED, BadQuestion, Explain, explain_request, prediction_dict
+from backend.services.prediction import (
+    EDIT_SYNTAX, MAX_CLASS_CHARS, MAX_CLASSES, MAX_EDITS, MAX_MEASURED, MEASURED, BadQuestion, Question, prediction_dict, question_for,
+    steering_dict,
+)
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
 from backend.services.csv_export import csv_text
@@ -177,20 +181,25 @@ EXPLAIN_HELP = (
     "(the SAE's error kept) and reading the target class's logit (logit_change; negative where the feature supports the "
     "class), after a first-order estimate for every firing feature (estimate)."
 )
-CLASSES_HELP = f"With explain: the classes, separated by commas or new lines (at most {MAX_CLASSES}; default: the precompute dataset's)."
-TARGET_HELP = "With explain: the class to explain, one of the classes (default: clean CLIP's top class)."
+EDITS_HELP = (
+    f"Edit features in the residual stream and report CLIP's zero-shot prediction before and after (steering): up to {MAX_EDITS} "
+    f"edits separated by commas, each {EDIT_SYNTAX}. The stream changes by each feature's new activation minus its old "
+    "times its dictionary atom, the SAE's error kept; set applies at every token the SAE reads."
+)
+CLASSES_HELP = (f"With explain or edits: the classes, separated by commas or new lines (at most {MAX_CLASSES}; "
+                "default: the precompute dataset's).")
+TARGET_HELP = "With explain or edits: the class to explain or follow, one of the classes (default: clean CLIP's top class)."
 MEASURE_HELP = ("With explain: how many features are measured by removing them, those with the largest first-order "
                 "estimates (each costs a pass through the blocks after the hook site).")
 CONTRAST_HELP = ("With explain: another of the classes; then what is explained is the target's logit minus this class's "
                  "(why CLIP says the target rather than it), and logit_change and estimate are changes of that margin.")
 
 
-async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool = False, question: Explain | None = None) -> Analysis:
-    """Check and decode the upload, queue it for analysis, and wait for its result.
+async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool = False, question: Question | None = None) -> Analysis:
+    """Check and decode the upload, then :func:`analyze_image` it.
 
     Raises HTTPException: 413 (too many bytes or pixels), 415 (not an accepted format), 400
-    (empty, truncated, corrupt, polyglot), 503 with Retry-After (analysis queue full), 503 (the
-    SAE's CLIP or files cannot be loaded here).
+    (empty, truncated, corrupt, polyglot), and those of :func:`analyze_image`.
     """
     settings = request.app.state.settings
     data = await file.read(settings.max_upload_bytes + 1)
@@ -200,6 +209,15 @@ async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool 
         image = await run_in_threadpool(decode_upload, data, settings.max_image_pixels)
     except BadUpload as exc:
         raise HTTPException(exc.status, str(exc)) from None
+    return await analyze_image(request, sae, image, occlude, question)
+
+
+async def analyze_image(request: Request, sae, image: Image.Image, occlude: bool = False, question: Question | None = None) -> Analysis:
+    """Queue a decoded image for analysis and wait for its result.
+
+    Raises HTTPException: 503 with Retry-After (analysis queue full), 503 (the SAE's CLIP or files
+    cannot be loaded here).
+    """
     try:
         future = request.app.state.analysis.submit(sae, image, occlude, question)
     except PoolFull:
@@ -220,23 +238,22 @@ async def api_analyze(
     target: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=TARGET_HELP),
     contrast: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=CONTRAST_HELP),
     measure: int = Query(MEASURED, ge=1, le=MAX_MEASURED, description=MEASURE_HELP),
+    edits: str | None = Query(None, max_length=MAX_EDITS * 32, description=EDITS_HELP),
 ) -> dict[str, Any]:
     require_ready(sae)
     try:
-        question = ask(sae, explain, classes, target, contrast, measure)
+        question = question_for(sae, explain, edits, classes, target, contrast, measure)
     except BadQuestion as exc:
         raise invalid_query(exc.field, str(exc), exc.value) from None
     analysis = await analyze_upload(request, sae, file, occlude, question)
-    return {**rank_features(session, sae, analysis, limit=limit), **explained(session, sae, question, analysis)}
+    return {**rank_features(session, sae, analysis, limit=limit), **answers(session, sae, question, analysis)}
 
 
-def ask(sae, explain: bool, classes: str | None, target: str | None, contrast: str | None = None, measure: int = MEASURED) -> Explain | None:
-    """The explanation asked for, checked before the upload is read; raises :class:`BadQuestion`."""
-    return explain_request(sae, classes, target, contrast, measure) if explain else None
-
-
-def explained(session, sae, question: Explain | None, analysis: Analysis) -> dict[str, Any]:
-    """``{"prediction": ...}`` when an explanation was asked for, else nothing."""
-    if question is None or analysis.explanation is None:
-        return {}
-    return {"prediction": prediction_dict(session, sae, question, analysis.explanation)}
+def answers(session, sae, question: Question | None, analysis: Analysis) -> dict[str, Any]:
+    """``prediction`` when an explanation was asked for, ``steering`` when edits were; else nothing."""
+    out: dict[str, Any] = {}
+    if question is not None and analysis.explanation is not None:
+        out["prediction"] = prediction_dict(session, sae, question, analysis.explanation)
+    if question is not None and analysis.steering is not None:
+        out["steering"] = steering_dict(session, sae, question, analysis.steering)
+    return out

@@ -10,14 +10,14 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_upload, ask, explained
+from backend.routes.api import analyze_image, analyze_upload, answers
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
-from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes
+from backend.services.prediction import EDIT_SYNTAX, MAX_CLASS_CHARS, MAX_CLASSES, MAX_EDITS, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
@@ -188,27 +188,45 @@ def analyze_form(request: Request, sae: SaeDep):
     return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae))
 
 
-def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "", contrast: str = "") -> dict:
+def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "", contrast: str = "", edits: str = "") -> dict:
     """What the form was filled with (kept on the page it answers), and the dataset's classes it offers."""
-    return {"occlude": occlude, "explain": explain, "classes": classes, "target": target, "contrast": contrast,
-            "dataset_classes": len(dataset_classes(sae))}
+    return {"occlude": occlude, "explain": explain, "classes": classes, "target": target, "contrast": contrast, "edits": edits,
+            "dataset_classes": len(dataset_classes(sae)), "edit_syntax": EDIT_SYNTAX}
 
 
 @router.post("/saes/{sae}/analyze", response_class=HTMLResponse, dependencies=[CsrfForm])
-async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), occlude: bool = Form(False),
-                       explain: bool = Form(False), classes: str = Form("", max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2)),
-                       target: str = Form("", max_length=MAX_CLASS_CHARS), contrast: str = Form("", max_length=MAX_CLASS_CHARS)):
+async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile | None = File(None), upload: str = Form("", max_length=64),
+                       occlude: bool = Form(False), explain: bool = Form(False),
+                       classes: str = Form("", max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2)),
+                       target: str = Form("", max_length=MAX_CLASS_CHARS), contrast: str = Form("", max_length=MAX_CLASS_CHARS),
+                       edits: str = Form("", max_length=MAX_EDITS * 32)):
+    """Analyze the chosen image, or with none chosen the one this page showed last (``upload``: its token)."""
     require_ready(sae)
-    asked = _asked(sae, occlude, explain, classes, target, contrast)
+    asked = _asked(sae, occlude, explain, classes, target, contrast, edits)
+    kept = request.app.state.kept_uploads
+    chosen = file is not None and bool(file.filename)  # a form with no file chosen sends an empty, unnamed part
+    again = None if chosen else kept.find(sae.key, upload)
+
+    def fail(status: int, error: str, headers: dict | None = None) -> HTMLResponse:  # the form keeps what was asked, and the kept image
+        return render(request, "analyze.html", status_code=status, headers=headers, sae=sae_summary(sae), result=None, error=error,
+                      asked=asked, upload=upload if again else "", filename=again.filename if again else None)
+
+    if not chosen and again is None:
+        return fail(422, "Choose an image to analyze." if not upload else
+                    f"The image analysed before is no longer kept (this server keeps the last {request.app.state.settings.analyze_kept}); choose it again.")
     try:
-        question = ask(sae, explain, classes, target, contrast)
-        analysis = await analyze_upload(request, sae, file, occlude, question)
+        question = question_for(sae, explain, edits, classes, target, contrast)
+        if again is not None:
+            analysis = await analyze_image(request, sae, again.view, occlude, question)
+        else:
+            analysis = await analyze_upload(request, sae, file, occlude, question)
     except BadQuestion as exc:
-        return render(request, "analyze.html", status_code=422, sae=sae_summary(sae), result=None, error=str(exc), asked=asked)
+        return fail(422, str(exc))
     except HTTPException as exc:
-        return render(request, "analyze.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
-                      error=exc.detail, asked=asked)
-    result = {**rank_features(session, sae, analysis), **explained(session, sae, question, analysis)}
+        return fail(exc.status_code, exc.detail, exc.headers)
+    filename = again.filename if again is not None else file.filename
+    result = {**rank_features(session, sae, analysis), **answers(session, sae, question, analysis)}
     view = analysis.model_view
-    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=file.filename, asked=asked,
+    return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=filename, asked=asked,
+                  upload=upload if again is not None else kept.keep(sae.key, filename, view),
                   model_view={"src": png_data_uri(view), "width": view.width, "height": view.height})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from backend.services.analyze import Analyzer
-from backend.services.prediction import Explain
+from backend.services.prediction import Question
 from clipscope.db.models import Sae
 
 
@@ -28,7 +28,7 @@ class _Job:
     sae: Sae
     image: Image.Image
     occlude: bool = False
-    question: Explain | None = None
+    question: Question | None = None
     future: Future = field(default_factory=Future)
 
 
@@ -39,7 +39,7 @@ class AnalysisPool:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, sae: Sae, image: Image.Image, occlude: bool = False, question: Explain | None = None) -> Future:
+    def submit(self, sae: Sae, image: Image.Image, occlude: bool = False, question: Question | None = None) -> Future:
         """A future of the image's :class:`~backend.services.analyze.Analysis`; raises :class:`PoolFull` at once when full."""
         job = _Job(sae, image, occlude, question)
         try:

@@ -19,10 +19,11 @@ from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
+from clipscope.steering import Steering, steer
 from clipscope.token_maps import occlusions, per_image_entries
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
-from backend.services.prediction import Explain
+from backend.services.prediction import Question
 from backend.services.recently_used import RecentlyUsed
 
 
@@ -42,6 +43,8 @@ class Analysis:
     the image with one patch greyed out (``clipscope.token_maps.occlusions``, row-major); else None."""
     explanation: Explanation | None = None
     """With an explanation asked for, the zero-shot prediction and the features it rests on."""
+    steering: Steering | None = None
+    """With edits asked for, the zero-shot prediction before and after them."""
     _rows: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def _row(self, feature: int) -> int:
@@ -131,17 +134,21 @@ class Analyzer:
         loaded = self._get(sae)
         return build_classifier(loaded.clip.model, loaded.model_cfg.name, [text], templates, self.device)[:, 0].float().cpu()
 
-    def _explain(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, question: Explain) -> Explanation:
+    def _explain(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, question: Question) -> Explanation:
         classifier = self._classifier(sae, loaded, question.classes)
         with torch.inference_mode(False):  # one backward pass, from a stream that is not an inference tensor
             return explain(loaded.clip.model, loaded.sae, resid.clone(), loaded.model_cfg.layer, loaded.model_cfg.tokens,
                            classifier.clone(), list(question.classes), question.target, exact=question.measure, contrast=question.contrast)
 
+    def _steer(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, question: Question) -> Steering:
+        return steer(loaded.clip.model, loaded.sae, resid, loaded.model_cfg.layer, loaded.model_cfg.tokens,
+                     self._classifier(sae, loaded, question.classes), list(question.classes), list(question.edits))
+
     @torch.inference_mode()
-    def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False, question: Explain | None = None) -> list[Analysis]:
+    def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False, question: Question | None = None) -> list[Analysis]:
         """Each image's firing features and model input, in one batch through CLIP and the SAE; with
         ``occlude``, also each feature's activation with each patch greyed out (one more pass per patch);
-        with a ``question``, the explanation of its zero-shot prediction."""
+        with a ``question``, the explanation of its zero-shot prediction and what edits make of it."""
         loaded = self._get(sae)
         batch = loaded.preprocess(images, self.device)
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
@@ -150,9 +157,11 @@ class Analyzer:
         for row, view in enumerate(loaded.preprocess.pixels(batch)):
             mine = img == row
             occluded = self._occluded(loaded, batch[row], feat[mine]) if occlude else None
-            explanation = self._explain(sae, loaded, resid[row : row + 1], question) if question else None
+            one = resid[row : row + 1]
+            explanation = self._explain(sae, loaded, one, question) if question and question.explain else None
+            steering = self._steer(sae, loaded, one, question) if question and question.edits else None
             out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if maps is not None else None,
-                                occluded, explanation))
+                                occluded, explanation, steering))
         return out
 
 

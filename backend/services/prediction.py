@@ -1,8 +1,10 @@
-"""Explain an uploaded image's zero-shot prediction by SAE features: what the analyzer is asked
-(:class:`Explain`, checked before the upload is queued) and the answer as the API returns it."""
+"""An uploaded image's zero-shot prediction and SAE features: explain it by the features it rests on,
+or edit features and see what CLIP then predicts. What the analyzer is asked (:class:`Question`,
+checked before the upload is queued) and the answers as the API returns them."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,7 @@ from sqlalchemy.orm import Session
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 from clipscope.attribution import Explanation
 from clipscope.db.models import Sae
+from clipscope.steering import Edit, Steering
 
 MAX_CLASSES = 100
 """Most classes a request may name: each is encoded by CLIP's text tower with every prompt template
@@ -21,10 +24,16 @@ MEASURED = 24
 """Features one explanation measures by removing them, unless asked otherwise: about 0.15 s on 2 CPU cores."""
 MAX_MEASURED = 200
 TOP_CLASSES = 5
+MAX_EDITS = 32
+"""Most features one request may edit."""
+MAX_EDIT_VALUE = 1e4
+"""Largest activation or factor an edit may name (the study's largest activations are tens)."""
+EDIT_SYNTAX = "feature=value (set its activation) or feature*factor (scale it where it fires), e.g. 1234=0, 567*3"
+_EDIT = re.compile(r"#?(\d+)\s*([=*×x])\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 class BadQuestion(ValueError):
-    """The classes, target or contrast class of an explanation request are unusable; the message says
+    """The classes, target, contrast class or edits of a request are unusable; the message says
     why and ``field`` names the request field at fault."""
 
     def __init__(self, message: str, field: str = "classes", value: str | None = None):
@@ -33,9 +42,10 @@ class BadQuestion(ValueError):
 
 
 @dataclass(frozen=True)
-class Explain:
-    """Explain the prediction over ``classes``: of clean CLIP's top class, or of ``target``; with a
-    ``contrast`` class, the target's margin over it."""
+class Question:
+    """What to ask of the zero-shot prediction over ``classes``: explain it (of clean CLIP's top
+    class, or of ``target``; with a ``contrast`` class, the target's margin over it), and with
+    ``edits``, what it becomes when those features are edited in the stream."""
 
     classes: tuple[str, ...]
     target: int | None = None
@@ -44,16 +54,25 @@ class Explain:
     contrast: int | None = None
     measure: int = MEASURED
     """How many features are measured by removing them (the largest first-order estimates)."""
+    explain: bool = True
+    edits: tuple[Edit, ...] = ()
 
 
 def dataset_classes(sae: Sae) -> list[str]:
     return list((sae.precompute or {}).get("classes") or [])
 
 
-def explain_request(sae: Sae, classes: str | None, target: str | None, contrast: str | None = None, measure: int = MEASURED) -> Explain:
-    """The question from the request's fields: ``classes`` separated by commas or new lines (default:
-    the precompute dataset's classes), ``target`` one of them (default: CLIP's top class), ``contrast``
-    another one (default: none)."""
+def question_for(sae: Sae, explain: bool, edits: str | None, classes: str | None, target: str | None, contrast: str | None = None,
+                 measure: int = MEASURED) -> Question | None:
+    """The question from the request's fields, None when it asks neither an explanation nor edits.
+
+    ``edits`` as :func:`parse_edits` reads them; ``classes`` separated by commas or new lines
+    (default: the precompute dataset's classes), ``target`` one of them (default: CLIP's top class),
+    ``contrast`` another one (default: none). Raises :class:`BadQuestion`.
+    """
+    edited = parse_edits(edits, sae.d_sae)
+    if not explain and not edited:
+        return None
     named = [c.strip() for c in re.split(r"[,\n]", classes or "") if c.strip()]
     if named:
         if len(named) > MAX_CLASSES:
@@ -73,7 +92,30 @@ def explain_request(sae: Sae, classes: str | None, target: str | None, contrast:
     target_at, contrast_at = (_class_at(found, name, role) for name, role in ((target, "target"), (contrast, "contrast")))
     if contrast_at is not None and contrast_at == target_at:
         raise BadQuestion("The contrast class must differ from the target class.", "contrast", contrast)
-    return Explain(tuple(found), target_at, source, contrast_at, measure)
+    return Question(tuple(found), target_at, source, contrast_at, measure, explain, edited)
+
+
+def parse_edits(text: str | None, d_sae: int) -> tuple[Edit, ...]:
+    """Edits separated by commas or new lines, each ``feature=value`` (its activation becomes
+    ``value`` at every token the SAE reads) or ``feature*factor`` (also ``x`` or ``×``: its activation
+    times ``factor`` where it fires); a leading ``#`` is allowed. Raises :class:`BadQuestion`."""
+    entries = [e.strip() for e in re.split(r"[,\n]", text or "") if e.strip()]
+    if len(entries) > MAX_EDITS:
+        raise BadQuestion(f"Edit at most {MAX_EDITS} features ({len(entries)} given).", "edits", text)
+    out: dict[int, Edit] = {}
+    for entry in entries:
+        m = _EDIT.fullmatch(entry)
+        if not m:
+            raise BadQuestion(f"Cannot read the edit {entry[:40]!r}: write {EDIT_SYNTAX}.", "edits", text)
+        feature, op, value = int(m[1]), m[2], float(m[3])
+        if feature >= d_sae:
+            raise BadQuestion(f"Feature {feature} does not exist: this SAE has features 0 to {d_sae - 1}.", "edits", text)
+        if not math.isfinite(value) or abs(value) > MAX_EDIT_VALUE:
+            raise BadQuestion(f"The edit {entry!r} names a value beyond ±{MAX_EDIT_VALUE:g}.", "edits", text)
+        if feature in out:
+            raise BadQuestion(f"Feature {feature} is edited twice.", "edits", text)
+        out[feature] = Edit(feature, value, scale=op != "=")
+    return tuple(out.values())
 
 
 def _class_at(classes: list[str], name: str | None, role: str) -> int | None:
@@ -84,20 +126,27 @@ def _class_at(classes: list[str], name: str | None, role: str) -> int | None:
     return classes.index(name.strip())
 
 
-def prediction_dict(session: Session, sae: Sae, question: Explain, ex: Explanation, strip: int = 4) -> dict[str, Any]:
+def _ranked(classes: list[str], probs) -> list[dict[str, Any]]:
+    return [{"class": classes[i], "probability": float(probs[i])} for i in probs.argsort(descending=True)[:TOP_CLASSES].tolist()]
+
+
+def _shown(session: Session, sae: Sae, ids: list[int], strip: int):
+    """What each listed feature shows beside its numbers: statistics, label, top images."""
+    return maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids), top_examples(session, sae.id, ids, limit=strip)
+
+
+def prediction_dict(session: Session, sae: Sae, question: Question, ex: Explanation, strip: int = 4) -> dict[str, Any]:
     """The prediction, clean and spliced, and the measured features with their labels and top images."""
     name = ex.classes.__getitem__
-    ranked = lambda probs: [{"class": name(i), "probability": float(probs[i])} for i in probs.argsort(descending=True)[:TOP_CLASSES].tolist()]  # noqa: E731
-    ids = [e.index for e in ex.effects]
-    stats, labels, strips = maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids), top_examples(session, sae.id, ids, limit=strip)
+    stats, labels, strips = _shown(session, sae, [e.index for e in ex.effects], strip)
     return {
         "classes_from": question.source,
         "n_classes": len(ex.classes),
         "target": name(ex.target),
         "contrast": name(ex.contrast) if ex.contrast is not None else None,
         "target_probability": {"clean": float(ex.clean[ex.target]), "spliced": float(ex.spliced[ex.target])},
-        "clean": ranked(ex.clean),
-        "spliced": ranked(ex.spliced),
+        "clean": _ranked(ex.classes, ex.clean),
+        "spliced": _ranked(ex.classes, ex.spliced),
         "n_estimated": len(ex.estimates),
         "features": [{
             "index": e.index, "activation": e.activation, "logit_change": e.logit_change, "estimate": e.estimate,
@@ -105,4 +154,27 @@ def prediction_dict(session: Session, sae: Sae, question: Explain, ex: Explanati
             "auto_name": stats[e.index].auto_name if e.index in stats else None,
             "examples": strips.get(e.index, []),
         } for e in ex.effects],
+    }
+
+
+def steering_dict(session: Session, sae: Sae, question: Question, st: Steering, strip: int = 4) -> dict[str, Any]:
+    """The prediction clean and after the edits, the classes the edits moved most, and each edit with
+    the feature's activation before and after, its label and top images."""
+    target = question.target if question.target is not None else int(st.clean.argmax())
+    moved = (st.steered - st.clean).abs().argsort(descending=True)[:TOP_CLASSES].tolist()
+    stats, labels, strips = _shown(session, sae, [e.feature for e in st.edits], strip)
+    return {
+        "classes_from": question.source,
+        "n_classes": len(st.classes),
+        "target": st.classes[target],
+        "target_probability": {"clean": float(st.clean[target]), "steered": float(st.steered[target])},
+        "clean": _ranked(st.classes, st.clean),
+        "steered": _ranked(st.classes, st.steered),
+        "moved": [{"class": st.classes[i], "clean": float(st.clean[i]), "steered": float(st.steered[i]),
+                   "logit_change": float(st.logit_change[i])} for i in moved],
+        "edits": [{
+            "index": e.feature, "op": "scale" if e.scale else "set", "value": e.value, "before": before, "after": after,
+            "label": label_dict(labels.get(e.feature)), "auto_name": stats[e.feature].auto_name if e.feature in stats else None,
+            "examples": strips.get(e.feature, []),
+        } for e, before, after in zip(st.edits, st.before, st.after)],
     }

@@ -32,5 +32,13 @@ class RecentlyUsed(Generic[V]):
                 self._items.popitem(last=False)
         return value
 
+    def find(self, key: Hashable) -> V | None:
+        """The value kept for ``key`` (now the most recently used), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
     def __len__(self) -> int:
         return len(self._items)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from backend.services.analysis_pool import AnalysisPool, PoolFull
-from backend.services.prediction import Explain
+from backend.services.prediction import Question
 
 
 class RecordingAnalyzer:
@@ -27,7 +27,7 @@ def test_one_batch_per_sae_occlusion_and_question_each_upload_gets_its_own_answe
     analyzer = RecordingAnalyzer()
     pool = AnalysisPool(analyzer, queue_size=16, max_batch=16)
     a, b = SimpleNamespace(key="a"), SimpleNamespace(key="b")
-    cats, dogs = Explain(("cat", "dog")), Explain(("cat", "dog"), target=1)
+    cats, dogs = Question(("cat", "dog")), Question(("cat", "dog"), target=1)
     first = pool.submit(a, "warm-up")
     assert analyzer.started.wait(10)
     asks = [(a, "1", False, None), (a, "2", False, cats), (b, "3", False, cats), (a, "4", True, None),

@@ -172,3 +172,150 @@ def test_a_patch_token_sae_explains_through_the_patches(patch_web_data, tmp_path
     assert any(abs(f["logit_change"]) > 0 for f in p["features"])
     fired = {e["index"]: e["activation"] for e in body["by_activation"]}
     assert all(f["activation"] == pytest.approx(fired[f["index"]], rel=1e-6) for f in p["features"])
+
+
+def _steered_probabilities(data_dir, key, classes: list[str], edits: dict[int, tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Clean and edited zero-shot probabilities of the test image, from scratch: the SAE's code of the
+    CLS token, then CLIP's own forward pass with the stream moved by (new - old activation) x atom."""
+    from clipscope.clip.hooks import residual_at
+    from clipscope.clip.loading import load_clip
+    from clipscope.clip.preprocess import build_transform, preprocess_descriptor
+    from clipscope.clip.zeroshot import build_classifier
+    from clipscope.config import ModelConfig
+    from clipscope.sae.io import load_sae
+    from tests.clipscope.stream import hooked_logits
+
+    cfg = ModelConfig(pretrained="none", layer=10)
+    clip, sae = load_clip(cfg), load_sae(data_dir / "saes" / key / "sae", "cpu")[0]
+    image = build_transform(preprocess_descriptor(cfg))(Image.open(io.BytesIO(_png())).convert("RGB"))[None]
+    with torch.no_grad():
+        code = sae.encode(residual_at(clip.visual, image, 10)[0, :1].float())
+        before = {f: float((code.values * (code.indices == f)).sum()) for f in edits}
+        after = {f: before[f] * v if op == "*" else v for f, (op, v) in edits.items()}
+        added = sum((after[f] - before[f]) * sae.W_dec[f] for f in edits)[None]
+        classifier = build_classifier(clip.model, cfg.name, classes, TINY["evaluate"]["templates"], "cpu")
+        clean = hooked_logits(clip.model, image, classifier, "cls")
+        steered = hooked_logits(clip.model, image, classifier, "cls", -added)
+    return clean.softmax(-1), steered.softmax(-1), {f: (before[f], after[f]) for f in edits}
+
+
+def test_edits_answer_what_clip_predicts_once_the_features_are_changed_in_the_stream(web, web_data):
+    client, key = web
+    fired = [e["index"] for e in _analyze(client, key).json()["by_activation"]]
+    silent = next(f for f in range(64) if f not in fired)
+    asked = {fired[0]: ("*", 4.0), fired[1]: ("=", 0.0), silent: ("=", 2.5)}
+    body = _analyze(client, key, edits=f"{fired[0]}*4, #{fired[1]} = 0\n{silent}=2.5").json()
+    s, classes = body["steering"], _synthetic_classes()
+    assert "prediction" not in body, "edits alone do not explain"
+    clean, steered, acts = _steered_probabilities(web_data[0].data_dir, key, classes, asked)
+    assert s["classes_from"] == "dataset" and s["n_classes"] == len(classes)
+    for side, probs in (("clean", clean), ("steered", steered)):
+        assert [r["class"] for r in s[side]] == [classes[i] for i in probs.argsort(descending=True)[:5].tolist()]
+        assert [r["probability"] for r in s[side]] == pytest.approx(probs.sort(descending=True).values[:5].tolist(), abs=1e-5)
+    target = classes.index(s["target"])
+    assert target == int(clean.argmax())
+    assert s["target_probability"] == pytest.approx({"clean": float(clean[target]), "steered": float(steered[target])}, abs=1e-5)
+    assert [(e["index"], e["op"], e["value"]) for e in s["edits"]] == [(fired[0], "scale", 4.0), (fired[1], "set", 0.0), (silent, "set", 2.5)]
+    for e in s["edits"]:
+        assert (e["before"], e["after"]) == pytest.approx(acts[e["index"]], rel=1e-5, abs=1e-6)
+    moved = (steered - clean).abs()
+    assert [m["class"] for m in s["moved"]] == [classes[i] for i in moved.argsort(descending=True)[:5].tolist()]
+    both = _analyze(client, key, explain=True, edits=f"{fired[0]}*4", classes="cat, dog", target="dog").json()
+    assert both["prediction"]["target"] == both["steering"]["target"] == "dog", "one question, two answers"
+
+
+@pytest.mark.parametrize("edits,says", [
+    ("3 = zero", "Cannot read the edit '3 = zero'"),
+    ("3+1", "Cannot read the edit"),
+    ("64=1", "Feature 64 does not exist: this SAE has features 0 to 63"),
+    ("-2=1", "Cannot read the edit"),
+    ("3=1, 3*2", "Feature 3 is edited twice"),
+    ("3=1e5", "beyond ±10000"),
+    (",".join(f"{i}=0" for i in range(33)), "Edit at most 32 features (33 given)"),
+])
+def test_unusable_edits_are_refused_with_the_reason(web, edits, says):
+    client, key = web
+    r = _analyze(client, key, edits=edits)
+    (error,) = r.json()["detail"]
+    assert r.status_code == 422 and says in error["msg"] and error["loc"] == ["query", "edits"]
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}, data=with_token(client, edits=edits))
+    assert page.status_code == 422 and 'role="alert"' in page.text and says.replace("'", "&#39;") in page.text
+    assert f'name="edits" value="{edits}"' in page.text.replace("&#39;", "'"), "the form keeps what was asked"
+
+
+def test_the_page_shows_the_prediction_after_the_edits(web):
+    client, key = web
+    fired = [e["index"] for e in _analyze(client, key).json()["by_activation"]]
+    s = _analyze(client, key, edits=f"{fired[0]}=0, {fired[1]}*3").json()["steering"]
+    page = client.post(f"/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")},
+                       data=with_token(client, edits=f"{fired[0]}=0, {fired[1]}*3"))
+    assert page.status_code == 200 and "What CLIP predicts after your edits" in page.text
+    assert "What CLIP predicts, and which features it rests on" not in page.text
+    assert f'<strong class="steered-probability">{100 * s["target_probability"]["steered"]:.1f} %</strong>' in page.text
+    assert "= 0</td>" in page.text and "× 3</td>" in page.text
+    for e in s["edits"]:
+        assert f'href="/saes/{key}/features/{e["index"]}"' in page.text
+    assert page.text.count("<tr><td>") >= len(s["moved"])
+
+
+def _page(client, key, file: bool = True, **data):
+    files = {"file": ("x.png", _png(), "image/png")} if file else {"file": ("", b"", "application/octet-stream")}  # as a browser sends no file
+    return client.post(f"/saes/{key}/analyze", files=files, data=with_token(client, **data))
+
+
+def _kept_token(page) -> str:
+    import re
+
+    (token,) = re.findall(r'<input type="hidden" name="upload" value="([^"]+)">', page.text)
+    return token
+
+
+def test_the_page_asks_again_about_the_image_it_showed_without_a_new_upload(web):
+    """Analysed again from what CLIP saw, the image gives what the upload gave: the same steering
+    answer as the API computes from the file."""
+    client, key = web
+    first = _page(client, key)
+    token = _kept_token(first)
+    assert 'class="kept">x.png</strong>' in first.text and 'name="file" accept="image/*">' in first.text, "the file is optional now"
+    fired = [e["index"] for e in _analyze(client, key).json()["by_activation"]]
+    edits = f"{fired[0]}=0, {fired[1]}*3"
+    s = _analyze(client, key, edits=edits).json()["steering"]
+    again = _page(client, key, file=False, upload=token, edits=edits)
+    assert again.status_code == 200 and "What CLIP predicts after your edits" in again.text
+    assert f'<strong class="steered-probability">{100 * s["target_probability"]["steered"]:.1f} %</strong>' in again.text
+    assert _kept_token(again) == token, "asking again keeps one entry, not one per question"
+    bad = _page(client, key, file=False, upload=token, edits="3 = zero")
+    assert bad.status_code == 422 and _kept_token(bad) == token, "a mistyped question keeps the image"
+    assert first.text.split("features fire on")[0].count("<figure") == again.text.split("features fire on")[0].count("<figure")
+
+
+def test_the_analysis_of_the_kept_image_equals_the_upload_s(web):
+    from clipscope.db.models import Sae
+    from clipscope.db.session import session_scope
+
+    client, key = web
+    app = client.app
+    with session_scope(app.state.database_url) as session:
+        sae = session.query(Sae).filter_by(key=key).one()
+        session.expunge(sae)
+    analyzer = app.state.analysis.analyzer
+    (upload,) = analyzer.analyse(sae, [Image.open(io.BytesIO(_png())).convert("RGB")])
+    (again,) = analyzer.analyse(sae, [upload.model_view])
+    assert again.activations == upload.activations
+    assert np.array_equal(np.asarray(again.model_view), np.asarray(upload.model_view))
+
+
+def test_without_a_file_or_a_kept_image_the_page_says_what_to_do(web, web_data, tmp_path):
+    from fastapi.testclient import TestClient
+
+    client, key = web
+    none = _page(client, key, file=False)
+    assert none.status_code == 422 and "Choose an image to analyze." in none.text
+    gone = _page(client, key, file=False, upload="not-a-token", edits="1=0")
+    assert gone.status_code == 422 and "no longer kept (this server keeps the last 64)" in gone.text
+    assert 'name="edits" value="1=0"' in gone.text and 'name="upload"' not in gone.text
+    with TestClient(private_app(web_data, tmp_path, analyze_kept=1)) as small:
+        token = _kept_token(_page(small, key))
+        assert _page(small, key, file=False, upload=token).status_code == 200
+        _page(small, key)  # a second image: the first one goes
+        assert "no longer kept (this server keeps the last 1)" in _page(small, key, file=False, upload=token).text

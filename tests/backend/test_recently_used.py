@@ -25,3 +25,13 @@ def test_a_failed_make_keeps_nothing():
     except RuntimeError:
         pass
     assert len(store) == 0 and store.get("a", lambda: 1) == 1
+
+
+def test_find_reads_without_making_and_counts_as_a_use():
+    store = RecentlyUsed(2)
+    assert store.find("a") is None and len(store) == 0, "a miss makes nothing"
+    store.get("a", lambda: 1)
+    store.get("b", lambda: 2)
+    assert store.find("a") == 1
+    store.get("c", lambda: 3)  # evicts b: finding a made it the most recently used
+    assert store.find("b") is None and store.find("a") == 1 and store.find("c") == 3

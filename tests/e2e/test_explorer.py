@@ -113,6 +113,19 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     card = page.locator(".prediction")
     assert card.evaluate("c => c.scrollWidth <= c.clientWidth + 1"), "the explanation fits its card"
     shot(page, "5c-analyze-explained")
+
+    removes = page.locator("button[data-edit]")  # remove the two most supporting features together, on the same image
+    wanted = [removes.nth(i).get_attribute("data-edit") for i in range(2)]
+    removes.nth(0).click()
+    removes.nth(1).click()
+    removes.nth(0).click()  # a second click adds nothing twice
+    assert page.input_value("input[name=edits]") == ", ".join(wanted)
+    page.uncheck("input[name=explain]")
+    page.click("#analyze-form button")  # no file chosen: the image analysed before
+    page.wait_for_selector(".steering table.edits", timeout=120_000)
+    assert page.locator(".steering table.edits tr").count() == 1 + 2 and page.locator(".prediction table.effects tr.supports").count() == 0
+    assert page.locator("strong.kept").inner_text() == "upload.png" and page.input_value("input[name=edits]") == ", ".join(wanted)
+    shot(page, "5d-analyze-steered")
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
     page.set_viewport_size({"width": 1280, "height": 900})
