@@ -183,9 +183,10 @@ def collage(
 
 
 @router.get("/saes/{sae}/analyze", response_class=HTMLResponse)
-def analyze_form(request: Request, sae: SaeDep):
+def analyze_form(request: Request, sae: SaeDep, edits: str = Query("", max_length=MAX_EDITS * 32)):
+    """The upload form; ``edits`` fills its edits field (a feature page's "steer an image with it")."""
     require_ready(sae)
-    return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae))
+    return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae, edits=edits))
 
 
 def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "", contrast: str = "", edits: str = "") -> dict:

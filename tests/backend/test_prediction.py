@@ -319,3 +319,19 @@ def test_without_a_file_or_a_kept_image_the_page_says_what_to_do(web, web_data, 
         assert _page(small, key, file=False, upload=token).status_code == 200
         _page(small, key)  # a second image: the first one goes
         assert "no longer kept (this server keeps the last 1)" in _page(small, key, file=False, upload=token).text
+
+
+def test_a_feature_page_links_to_steering_an_image_with_the_feature_at_its_largest_activation(web):
+    import html
+    import re
+
+    client, key = web
+    rows = client.get(f"/api/saes/{key}/features", params={"sort": "max", "order": "desc"}).json()["features"]
+    feature = rows[0]
+    page = client.get(f"/saes/{key}/features/{feature['index']}").text
+    (href,) = re.findall(r'<a class="steer-link" href="([^"]+)"', page)
+    form = client.get(html.unescape(href)).text
+    asked = f"{feature['index']}={feature['max_activation']:.3g}"
+    assert f'name="edits" value="{asked}"' in form
+    (edit,) = _analyze(client, key, edits=asked).json()["steering"]["edits"]
+    assert edit["after"] == pytest.approx(feature["max_activation"], rel=1e-3) and edit["op"] == "set"
