@@ -174,9 +174,10 @@ def test_a_patch_token_sae_explains_through_the_patches(patch_web_data, tmp_path
     assert all(f["activation"] == pytest.approx(fired[f["index"]], rel=1e-6) for f in p["features"])
 
 
-def _steered_probabilities(data_dir, key, classes: list[str], edits: dict[int, tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Clean and edited zero-shot probabilities of the test image, from scratch: the SAE's code of the
-    CLS token, then CLIP's own forward pass with the stream moved by (new - old activation) x atom."""
+def _steered_logits(data_dir, key, classes: list[str], edits: dict[int, tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Clean and edited zero-shot logits of the test image, from scratch: the SAE's code of the CLS
+    token, then CLIP's own forward pass with the stream moved by (new - old activation) x atom; and
+    each edited feature's activation before and after."""
     from clipscope.clip.hooks import residual_at
     from clipscope.clip.loading import load_clip
     from clipscope.clip.preprocess import build_transform, preprocess_descriptor
@@ -196,7 +197,7 @@ def _steered_probabilities(data_dir, key, classes: list[str], edits: dict[int, t
         classifier = build_classifier(clip.model, cfg.name, classes, TINY["evaluate"]["templates"], "cpu")
         clean = hooked_logits(clip.model, image, classifier, "cls")
         steered = hooked_logits(clip.model, image, classifier, "cls", -added)
-    return clean.softmax(-1), steered.softmax(-1), {f: (before[f], after[f]) for f in edits}
+    return clean, steered, {f: (before[f], after[f]) for f in edits}
 
 
 def test_edits_answer_what_clip_predicts_once_the_features_are_changed_in_the_stream(web, web_data):
@@ -207,7 +208,8 @@ def test_edits_answer_what_clip_predicts_once_the_features_are_changed_in_the_st
     body = _analyze(client, key, edits=f"{fired[0]}*4, #{fired[1]} = 0\n{silent}=2.5").json()
     s, classes = body["steering"], _synthetic_classes()
     assert "prediction" not in body, "edits alone do not explain"
-    clean, steered, acts = _steered_probabilities(web_data[0].data_dir, key, classes, asked)
+    clean_logits, steered_logits, acts = _steered_logits(web_data[0].data_dir, key, classes, asked)
+    clean, steered = clean_logits.softmax(-1), steered_logits.softmax(-1)
     assert s["classes_from"] == "dataset" and s["n_classes"] == len(classes)
     for side, probs in (("clean", clean), ("steered", steered)):
         assert [r["class"] for r in s[side]] == [classes[i] for i in probs.argsort(descending=True)[:5].tolist()]
@@ -215,6 +217,7 @@ def test_edits_answer_what_clip_predicts_once_the_features_are_changed_in_the_st
     target = classes.index(s["target"])
     assert target == int(clean.argmax())
     assert s["target_probability"] == pytest.approx({"clean": float(clean[target]), "steered": float(steered[target])}, abs=1e-5)
+    assert s["target_logit_change"] == pytest.approx(float(steered_logits[target] - clean_logits[target]), abs=2e-4)
     assert [(e["index"], e["op"], e["value"]) for e in s["edits"]] == [(fired[0], "scale", 4.0), (fired[1], "set", 0.0), (silent, "set", 2.5)]
     for e in s["edits"]:
         assert (e["before"], e["after"]) == pytest.approx(acts[e["index"]], rel=1e-5, abs=1e-6)
