@@ -21,6 +21,7 @@ from backend.deps import SaeRows
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.kept_uploads import KeptUploads
+from backend.services.matches import Matches
 from backend.services.feature_order import FeatureOrders
 from backend.services.class_support import ClassesSupported
 from backend.services.analyze import Analyzer
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.analysis = AnalysisPool(analyzer, settings.analyze_queue, settings.analyze_batch)
     app.state.concepts = ConceptSearch(analyzer, settings.data_dir)  # shares the loaded CLIP
     app.state.kept_uploads = KeptUploads(settings.analyze_kept)
+    app.state.matches = Matches(settings.data_dir)
     # Templates ship with the code: no modification-time check of three files on every render.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)

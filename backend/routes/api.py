@@ -122,6 +122,25 @@ async def api_feature(request: Request, sae: str, idx: int) -> dict[str, Any]:
     return await read_sae(request, sae, work)
 
 
+@router.get("/saes/{sae}/features/{idx}/matches", summary="Its closest features in the other SAEs at the same hook site")
+def api_feature_matches(request: Request, sae: SaeDep, idx: int, session: SessionDep,
+                        k: int = Query(3, ge=1, le=20, description="How many features per other SAE.")) -> dict[str, Any]:
+    """Per other ready SAE of the same CLIP model, weights and block (its atoms live in the same
+    residual stream): the ``k`` features whose decoder atoms have the largest cosine with this
+    feature's, best first. An SAE whose files this server lacks is listed with ``unavailable``."""
+    return {"matches": feature_matches(request, sae, idx, session, k)}
+
+
+def feature_matches(request: Request, sae, idx: int, session, k: int = 3) -> list[dict[str, Any]]:
+    """:meth:`Matches.of` for a page or the API; 404 for an unknown feature, 503 when this SAE's own files are missing."""
+    require_ready(sae)
+    require_feature(sae, idx)
+    try:
+        return request.app.state.matches.of(session, sae, idx, k)
+    except ClipScopeError as exc:
+        raise HTTPException(503, f"This server cannot match SAE {sae.key}'s features: {exc}") from None
+
+
 @router.get("/saes/{sae}/features/{idx}/labels", summary="Label history, newest first")
 def api_label_history(sae: SaeDep, idx: int, session: SessionDep) -> list[dict[str, Any]]:
     require_feature(sae, idx)

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_image, analyze_upload, answers
+from backend.routes.api import analyze_image, analyze_upload, answers, feature_matches
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
@@ -133,6 +133,13 @@ def _feature_page(request: Request, sae, session, idx: int, status_code: int = 2
 @router.get("/saes/{sae}/features/{idx}", response_class=HTMLResponse)
 async def feature_page(request: Request, sae: str, idx: int):
     return await read_sae(request, sae, lambda session, sae: _feature_page(request, sae, session, idx))
+
+
+@router.get("/saes/{sae}/features/{idx}/matches", response_class=HTMLResponse)
+def feature_matches_fragment(request: Request, sae: SaeDep, idx: int, session: SessionDep):
+    """The feature page's "in other SAEs at this site" section, loaded after the page (reading another
+    SAE's atoms the first time takes a moment); empty when there is no other such SAE."""
+    return render(request, "_matches.html", sae=sae_summary(sae), matches=feature_matches(request, sae, idx, session))
 
 
 @router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse, dependencies=[CsrfForm])

@@ -192,6 +192,14 @@ def _example(row) -> dict[str, Any]:
     }
 
 
+def feature_cards(session: Session, sae_id: int, features: list[int], strip: int = 4) -> dict[int, dict[str, Any]]:
+    """What a listed feature shows beside its own numbers, for each of ``features``: its current label,
+    its automatic name and its ``strip`` top images (three queries for the lot)."""
+    stats, labels, strips = maxima_of(session, sae_id, features), labels_of(session, sae_id, features), top_examples(session, sae_id, features, strip)
+    return {f: {"label": label_dict(labels.get(f)), "auto_name": stats[f].auto_name if f in stats else None, "examples": strips.get(f, [])}
+            for f in features}
+
+
 def top_examples(session: Session, sae_id: int, features: list[int], limit: int = 12) -> dict[int, list[dict[str, Any]]]:
     if not features:
         return {}

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from backend.services.features import label_dict, labels_of, maxima_of, top_examples
+from backend.services.features import feature_cards
 from clipscope.attribution import Explanation
 from clipscope.db.models import Sae
 from clipscope.steering import Edit, Steering
@@ -130,15 +130,10 @@ def _ranked(classes: list[str], probs) -> list[dict[str, Any]]:
     return [{"class": classes[i], "probability": float(probs[i])} for i in probs.argsort(descending=True)[:TOP_CLASSES].tolist()]
 
 
-def _shown(session: Session, sae: Sae, ids: list[int], strip: int):
-    """What each listed feature shows beside its numbers: statistics, label, top images."""
-    return maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids), top_examples(session, sae.id, ids, limit=strip)
-
-
 def prediction_dict(session: Session, sae: Sae, question: Question, ex: Explanation, strip: int = 4) -> dict[str, Any]:
     """The prediction, clean and spliced, and the measured features with their labels and top images."""
     name = ex.classes.__getitem__
-    stats, labels, strips = _shown(session, sae, [e.index for e in ex.effects], strip)
+    cards = feature_cards(session, sae.id, [e.index for e in ex.effects], strip)
     return {
         "classes_from": question.source,
         "n_classes": len(ex.classes),
@@ -150,9 +145,7 @@ def prediction_dict(session: Session, sae: Sae, question: Question, ex: Explanat
         "n_estimated": len(ex.estimates),
         "features": [{
             "index": e.index, "activation": e.activation, "logit_change": e.logit_change, "estimate": e.estimate,
-            "probability": e.probability, "top_class": name(e.top_class), "label": label_dict(labels.get(e.index)),
-            "auto_name": stats[e.index].auto_name if e.index in stats else None,
-            "examples": strips.get(e.index, []),
+            "probability": e.probability, "top_class": name(e.top_class), **cards[e.index],
         } for e in ex.effects],
     }
 
@@ -162,7 +155,7 @@ def steering_dict(session: Session, sae: Sae, question: Question, st: Steering, 
     the feature's activation before and after, its label and top images."""
     target = question.target if question.target is not None else int(st.clean.argmax())
     moved = (st.steered - st.clean).abs().argsort(descending=True)[:TOP_CLASSES].tolist()
-    stats, labels, strips = _shown(session, sae, [e.feature for e in st.edits], strip)
+    cards = feature_cards(session, sae.id, [e.feature for e in st.edits], strip)
     return {
         "classes_from": question.source,
         "n_classes": len(st.classes),
@@ -175,7 +168,6 @@ def steering_dict(session: Session, sae: Sae, question: Question, st: Steering, 
                    "logit_change": float(st.logit_change[i])} for i in moved],
         "edits": [{
             "index": e.feature, "op": "scale" if e.scale else "set", "value": e.value, "before": before, "after": after,
-            "label": label_dict(labels.get(e.feature)), "auto_name": stats[e.feature].auto_name if e.feature in stats else None,
-            "examples": strips.get(e.feature, []),
+            **cards[e.feature],
         } for e, before, after in zip(st.edits, st.before, st.after)],
     }
