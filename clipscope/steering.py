@@ -10,6 +10,8 @@ does not fire asks what CLIP would predict if the image showed more of the featu
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +19,18 @@ import torch
 from clipscope.clip.hooks import continue_from, token_slice
 from clipscope.clip.zeroshot import zero_shot_logits
 from clipscope.sae.model import SparseCode, TopKSAE
+
+
+MAX_EDITS = 32
+"""Most features one question may edit."""
+MAX_EDIT_VALUE = 1e4
+"""Largest activation or factor an edit may name (the study's largest activations are tens)."""
+EDIT_SYNTAX = "feature=value (set its activation) or feature*factor (scale it where it fires), e.g. 1234=0, 567*3"
+_EDIT = re.compile(r"#?(\d+)\s*([=*×x])\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+class EditError(ValueError):
+    """Edits that cannot be read or made; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +62,33 @@ class Steering:
     """The same after the edit."""
 
 
+def parse_edits(text: str | None, d_sae: int) -> tuple[Edit, ...]:
+    """Edits separated by commas or new lines, each ``feature=value`` (its activation becomes
+    ``value`` at every token the SAE reads) or ``feature*factor`` (also ``x`` or ``×``: its activation
+    times ``factor`` where it fires); a leading ``#`` is allowed. Raises :class:`EditError`."""
+    entries = [e.strip() for e in re.split(r"[,\n]", text or "") if e.strip()]
+    if len(entries) > MAX_EDITS:
+        raise EditError(f"Edit at most {MAX_EDITS} features ({len(entries)} given).")
+    out: dict[int, Edit] = {}
+    for entry in entries:
+        m = _EDIT.fullmatch(entry)
+        if not m:
+            raise EditError(f"Cannot read the edit {entry[:40]!r}: write {EDIT_SYNTAX}.")
+        feature, op, value = int(m[1]), m[2], float(m[3])
+        if feature >= d_sae:
+            raise EditError(f"Feature {feature} does not exist: this SAE has features 0 to {d_sae - 1}.")
+        if not math.isfinite(value) or abs(value) > MAX_EDIT_VALUE:
+            raise EditError(f"The edit {entry!r} names a value beyond ±{MAX_EDIT_VALUE:g}.")
+        if feature in out:
+            raise EditError(f"Feature {feature} is edited twice.")
+        out[feature] = Edit(feature, value, scale=op != "=")
+    return tuple(out.values())
+
+
 def activation_per_token(code: SparseCode, features: torch.Tensor) -> torch.Tensor:
     """``[len(features), tokens]``: each feature's activation on each token of ``code`` (zero where it does not fire)."""
-    hit = code.indices[None] == features.to(code.indices.device)[:, None, None]  # [m, t, k]
-    return (code.values.float()[None] * hit).sum(-1)
+    values = code.values.float()
+    return torch.stack([(values * (code.indices == f)).sum(-1) for f in features.tolist()])  # one [t, k] mask at a time
 
 
 def edited_activations(code: SparseCode, edits: list[Edit]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,19 +121,28 @@ def steer(
     """Apply ``edits`` to one image's residual stream ``resid`` ``[1, positions, width]`` after block
     ``layer`` and read the zero-shot prediction over ``classifier`` ``[embed_dim, classes]``, clean and edited."""
     check_question(resid, classifier, classes, "steer")
+    with torch.no_grad():
+        edited, before, after = edit_stream(sae, resid, tokens, edits)
+        logits = zero_shot_logits(model, continue_from(model.visual, torch.cat([resid, edited]), layer), classifier)
+    return Steering(list(classes), list(edits), logits[0].softmax(-1).cpu(), logits[1].softmax(-1).cpu(), (logits[1] - logits[0]).cpu(),
+                    before[0].tolist(), after[0].tolist())
+
+
+def edit_stream(sae: TopKSAE, resid: torch.Tensor, tokens: str, edits: list[Edit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``resid`` ``[batch, positions, width]`` with ``edits`` applied at the SAE's tokens of every image,
+    and each edited feature's activation per image before and after the edit (its largest over the
+    tokens), ``[batch, len(edits)]`` each."""
     if not edits:
-        raise ValueError("steer needs at least one edit")
+        raise ValueError("an edit of the stream needs at least one edit")
     if bad := [e.feature for e in edits if not 0 <= e.feature < sae.d_sae]:
         raise ValueError(f"feature {bad[0]} is outside 0..{sae.d_sae - 1}")
     if len({e.feature for e in edits}) < len(edits):
         raise ValueError("each feature may be edited once")
     select = token_slice(tokens)
-    with torch.no_grad():
-        code = sae.encode(resid[0, select].float())
-        before, after = edited_activations(code, edits)
-        atoms = sae.W_dec.detach().float()[[e.feature for e in edits]]  # [m, width]
-        edited = resid.clone()
-        edited[0, select] = (resid[0, select].float() + (after - before).T @ atoms).to(resid.dtype)
-        logits = zero_shot_logits(model, continue_from(model.visual, torch.cat([resid, edited]), layer), classifier)
-    return Steering(list(classes), list(edits), logits[0].softmax(-1).cpu(), logits[1].softmax(-1).cpu(), (logits[1] - logits[0]).cpu(),
-                    before.max(1).values.tolist(), after.max(1).values.tolist())
+    x = resid[:, select].float()
+    b, t, d = x.shape
+    before, after = edited_activations(sae.encode(x.reshape(b * t, d)), edits)  # [m, b * t]
+    atoms = sae.W_dec.detach().float()[[e.feature for e in edits]]  # [m, width]
+    edited = resid.clone()
+    edited[:, select] = (x + ((after - before).T @ atoms).view(b, t, d)).to(resid.dtype)
+    return edited, before.view(-1, b, t).amax(2).T, after.view(-1, b, t).amax(2).T

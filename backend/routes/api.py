@@ -20,11 +20,11 @@ from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolFull
 from backend.services.analyze import Analysis, rank_features
 from backend.services.prediction import (
-    EDIT_SYNTAX, MAX_CLASS_CHARS, MAX_CLASSES, MAX_EDITS, MAX_MEASURED, MEASURED, BadQuestion, Question, prediction_dict, question_for,
-    steering_dict,
+    MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, MEASURED, BadQuestion, Question, prediction_dict, question_for, steering_dict,
 )
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
+from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
 from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve

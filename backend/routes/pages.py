@@ -17,11 +17,12 @@ from backend.routes.common import require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
-from backend.services.prediction import EDIT_SYNTAX, MAX_CLASS_CHARS, MAX_CLASSES, MAX_EDITS, BadQuestion, dataset_classes, question_for
+from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage
+from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from clipscope.token_maps import veil_image
 from clipscope.thumbnails import png_data_uri
 

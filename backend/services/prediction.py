@@ -4,7 +4,6 @@ checked before the upload is queued) and the answers as the API returns them."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from sqlalchemy.orm import Session
 from backend.services.features import feature_cards
 from clipscope.attribution import Explanation
 from clipscope.db.models import Sae
-from clipscope.steering import Edit, Steering
+from clipscope.steering import Edit, EditError, Steering, parse_edits
 
 MAX_CLASSES = 100
 """Most classes a request may name: each is encoded by CLIP's text tower with every prompt template
@@ -24,12 +23,6 @@ MEASURED = 24
 """Features one explanation measures by removing them, unless asked otherwise: about 0.15 s on 2 CPU cores."""
 MAX_MEASURED = 200
 TOP_CLASSES = 5
-MAX_EDITS = 32
-"""Most features one request may edit."""
-MAX_EDIT_VALUE = 1e4
-"""Largest activation or factor an edit may name (the study's largest activations are tens)."""
-EDIT_SYNTAX = "feature=value (set its activation) or feature*factor (scale it where it fires), e.g. 1234=0, 567*3"
-_EDIT = re.compile(r"#?(\d+)\s*([=*×x])\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
 
 
 class BadQuestion(ValueError):
@@ -66,11 +59,14 @@ def question_for(sae: Sae, explain: bool, edits: str | None, classes: str | None
                  measure: int = MEASURED) -> Question | None:
     """The question from the request's fields, None when it asks neither an explanation nor edits.
 
-    ``edits`` as :func:`parse_edits` reads them; ``classes`` separated by commas or new lines
+    ``edits`` as :func:`clipscope.steering.parse_edits` reads them; ``classes`` separated by commas or new lines
     (default: the precompute dataset's classes), ``target`` one of them (default: CLIP's top class),
     ``contrast`` another one (default: none). Raises :class:`BadQuestion`.
     """
-    edited = parse_edits(edits, sae.d_sae)
+    try:
+        edited = parse_edits(edits, sae.d_sae)
+    except EditError as exc:
+        raise BadQuestion(str(exc), "edits", edits) from None
     if not explain and not edited:
         return None
     named = [c.strip() for c in re.split(r"[,\n]", classes or "") if c.strip()]
@@ -93,29 +89,6 @@ def question_for(sae: Sae, explain: bool, edits: str | None, classes: str | None
     if contrast_at is not None and contrast_at == target_at:
         raise BadQuestion("The contrast class must differ from the target class.", "contrast", contrast)
     return Question(tuple(found), target_at, source, contrast_at, measure, explain, edited)
-
-
-def parse_edits(text: str | None, d_sae: int) -> tuple[Edit, ...]:
-    """Edits separated by commas or new lines, each ``feature=value`` (its activation becomes
-    ``value`` at every token the SAE reads) or ``feature*factor`` (also ``x`` or ``×``: its activation
-    times ``factor`` where it fires); a leading ``#`` is allowed. Raises :class:`BadQuestion`."""
-    entries = [e.strip() for e in re.split(r"[,\n]", text or "") if e.strip()]
-    if len(entries) > MAX_EDITS:
-        raise BadQuestion(f"Edit at most {MAX_EDITS} features ({len(entries)} given).", "edits", text)
-    out: dict[int, Edit] = {}
-    for entry in entries:
-        m = _EDIT.fullmatch(entry)
-        if not m:
-            raise BadQuestion(f"Cannot read the edit {entry[:40]!r}: write {EDIT_SYNTAX}.", "edits", text)
-        feature, op, value = int(m[1]), m[2], float(m[3])
-        if feature >= d_sae:
-            raise BadQuestion(f"Feature {feature} does not exist: this SAE has features 0 to {d_sae - 1}.", "edits", text)
-        if not math.isfinite(value) or abs(value) > MAX_EDIT_VALUE:
-            raise BadQuestion(f"The edit {entry!r} names a value beyond ±{MAX_EDIT_VALUE:g}.", "edits", text)
-        if feature in out:
-            raise BadQuestion(f"Feature {feature} is edited twice.", "edits", text)
-        out[feature] = Edit(feature, value, scale=op != "=")
-    return tuple(out.values())
 
 
 def _class_at(classes: list[str], name: str | None, role: str) -> int | None:

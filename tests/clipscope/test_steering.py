@@ -73,3 +73,37 @@ def test_bad_edits_are_refused(random_clip, image, classifier):
             steer(random_clip.model, sae, resid, LAYER, "cls", classifier, CLASSES, edits)
     with pytest.raises(ValueError, match="one image"):
         steer(random_clip.model, sae, torch.zeros(2, 50, 768), LAYER, "cls", classifier, CLASSES, [Edit(f, 0.0)])
+
+
+@pytest.mark.parametrize("tokens", ["cls", "all"])
+def test_a_batch_is_edited_as_each_image_alone(random_clip, tokens):
+    from clipscope.steering import edit_stream
+
+    sae = sae_for()
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        resid = residual_at(random_clip.visual, images, LAYER)
+        edits = [Edit(int(sae.encode(resid[0, :1]).indices[0][0]), 0.0, scale=True), Edit(7, 1.5)]
+        edited, before, after = edit_stream(sae, resid, tokens, edits)
+        for i in range(3):
+            alone, b, a = edit_stream(sae, resid[i : i + 1], tokens, edits)
+            torch.testing.assert_close(edited[i : i + 1], alone)
+            torch.testing.assert_close(before[i], b[0])
+            torch.testing.assert_close(after[i], a[0])
+    assert before.shape == after.shape == (3, 2) and float(before[0, 0]) > 0 and float(after[0, 0]) == 0.0
+    assert torch.equal(after[:, 1], torch.full((3,), 1.5))
+    assert not torch.equal(edited, resid)
+    if tokens == "cls":
+        assert torch.equal(edited[:, 1:], resid[:, 1:]), "only the SAE's tokens are edited"
+
+
+def test_edits_are_read_from_text():
+    from clipscope.steering import EditError, parse_edits
+
+    assert parse_edits("12=0, #7*2.5\n 3 x 1e-1, 4×2, 5 = -1.5", 64) == (
+        Edit(12, 0.0), Edit(7, 2.5, scale=True), Edit(3, 0.1, scale=True), Edit(4, 2.0, scale=True), Edit(5, -1.5))
+    assert parse_edits("", 64) == () and parse_edits(None, 64) == () and parse_edits(" , ,", 64) == ()
+    for text, says in (("12", "Cannot read"), ("a=1", "Cannot read"), ("64=0", "features 0 to 63"), ("1=2, 1*3", "edited twice"),
+                       ("1=1e5", "beyond"), ("1=inf", "Cannot read"), (",".join(f"{i}=0" for i in range(33)), "at most 32")):
+        with pytest.raises(EditError, match=says):
+            parse_edits(text, 64)
