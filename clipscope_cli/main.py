@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from enum import Enum
@@ -101,6 +102,23 @@ def run(config: Path = ConfigArg) -> None:
     from worker.pipeline import run_all
 
     run_all(_setup(), load_config(config))
+
+
+@app.command()
+def steer(
+    config: Path = ConfigArg,
+    edits: str = typer.Option(..., help="Features to edit in every image's stream, e.g. '1234=0, 567*3': "
+                              "feature=value sets its activation, feature*factor scales it where it fires."),
+    dataset: list[str] = typer.Option(None, help="An evaluation set of the config to use (repeat for several; default: all)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the answer as JSON to this file (per set: accuracy, "
+                                  "per-class changes, how often each edited feature fires)."),
+) -> None:
+    """Zero-shot accuracy with SAE features edited in every image's residual stream, against clean CLIP (stores nothing)."""
+    from worker.pipeline import run_steer
+
+    results = run_steer(_setup(), load_config(config), edits, dataset or None)
+    if json_out is not None:
+        json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
 
 
 @app.command()

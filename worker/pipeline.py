@@ -11,9 +11,12 @@ from typing import Iterator
 from clipscope.activation_cache import ActivationCache
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.config import RunConfig
+from clipscope.errors import ClipScopeError
 from clipscope.sae.io import load_sae
+from clipscope.steering import EDIT_SYNTAX, Edit, EditError, parse_edits
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
+from worker.steer import SteerResult, format_steer, steer_dataset
 from worker.datasets import build_dataset
 from worker.extract import cache_path, extract, is_complete
 from worker.precompute.naming import Namer
@@ -127,6 +130,38 @@ def run_precompute(
             f"{result.n_thumbnails} thumbnails; SAE {trained.sae_key} is ready"
         )
     return result
+
+
+def run_steer(ctx: Context, cfg: RunConfig, edits: str, datasets: list[str] | None = None) -> list[SteerResult]:
+    """Zero-shot accuracy on the config's evaluation sets (or those named in ``datasets``) with
+    ``edits`` applied to every image's stream, against clean CLIP; prints the answer. Extracts and
+    trains first if needed, like every stage; stores nothing."""
+    specs = [s for s in cfg.evaluate.datasets if not datasets or s.name in datasets]
+    if not specs:
+        known = ", ".join(s.name for s in cfg.evaluate.datasets) or "none"
+        raise ClipScopeError(f"No evaluation set of the config is named {', '.join(datasets or [])} (the config's: {known}).")
+    # before minutes of extraction or hours of training, not after (an imported SAE's width is known once imported)
+    asked = _edits(edits, cfg.sae.d_sae if cfg.sae.import_from is None else 2**62)
+    clip = _LazyClip(ctx, cfg)
+    caches = run_extract(ctx, cfg, clip)
+    trained = run_train(ctx, cfg, caches)
+    with stage("steer") as report:
+        sae, _ = load_sae(trained.sae_dir, ctx.device)
+        _edits(edits, sae.d_sae)  # an imported SAE's own width
+        results = [steer_dataset(ctx, cfg, clip.get(), sae, spec, asked) for spec in specs]
+        print(format_steer(results), flush=True)
+        report["did"] = "; ".join(f"{r.dataset}/{r.split} ({r.n} images)" for r in results) + f", SAE {trained.sae_key}"
+    return results
+
+
+def _edits(text: str, d_sae: int) -> list[Edit]:
+    try:
+        asked = list(parse_edits(text, d_sae))
+    except EditError as exc:
+        raise ClipScopeError(str(exc)) from None
+    if not asked:
+        raise ClipScopeError(f"Name at least one edit: {EDIT_SYNTAX}.")
+    return asked
 
 
 def run_all(ctx: Context, cfg: RunConfig) -> TrainResult:
