@@ -10,23 +10,21 @@ from typing import Any
 import numpy as np
 import torch
 from sqlalchemy import delete, select
-from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache
 from clipscope.attribution import ClassSupport
 from clipscope.clip.hooks import residual_at
 from clipscope.clip.loading import LoadedClip
-from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
-from clipscope.clip.zeroshot import build_classifier, class_drops, correct_at_k, template_set, zero_shot_logits
+from clipscope.clip.zeroshot import class_drops, correct_at_k, template_set, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
 from clipscope.db.models import Evaluation, Sae, utcnow
 from clipscope.db.session import session_scope
-from clipscope.errors import ClipScopeError
 from clipscope.sae.model import TopKSAE
 from clipscope.splice import CONDITIONS, check_error_splice, spliced_features
-from worker.batches import autocast, image_loader
+from worker.batches import autocast
 from worker.context import Context
 from worker.datasets import build_dataset
+from worker.zero_shot_set import zero_shot_set
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +59,15 @@ def evaluate_dataset(
 ) -> EvalResult:
     """Accuracy under every condition on one labelled set, with the spliced+error check on every batch;
     with ``class_support``, also the features each class rests on (``bench/evaluate.py`` times it off)."""
-    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
-    name, templates = template_set(cfg.evaluate.templates)
-    if not dataset.classes:
-        raise ClipScopeError(f"{spec.name} at {spec.root or 'its default folder'} has no class names: zero-shot evaluation needs a "
-                             "labelled set (for an image folder, one sub-folder per class).")
-    classifier = build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device)
-    preprocess = ImagePreprocess(preprocess_descriptor(cfg.model))
-    loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.resolved_num_workers, ctx.device)
+    labelled = zero_shot_set(ctx, cfg, clip, spec, "zero-shot evaluation")
+    classifier = labelled.classifier
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
-    n_classes = len(dataset.classes)
+    n_classes = len(labelled.classes)
     confusion = {c: torch.zeros(n_classes * n_classes, dtype=torch.long, device=ctx.device) for c in CONDITIONS}  # [true, predicted]
     support = ClassSupport.for_classes(n_classes, sae.d_sae, ctx.device) if class_support else None
     n, worst = 0, 0.0
-    bar = tqdm(total=len(dataset), unit="img", desc=f"evaluate {spec.name}/{spec.split}", disable=not ctx.settings.progress)
-    with torch.inference_mode(), bar:
-        for images, labels in loader:
-            keep = labels >= 0
-            images, labels = preprocess.to_device(images, ctx.device)[keep.to(ctx.device)], labels[keep].to(ctx.device)
-            if len(labels) == 0:
-                continue
+    with torch.inference_mode():
+        for images, labels in labelled.batches():
             with autocast(ctx.device, cfg.evaluate.precision):
                 resid = residual_at(clip.visual, images, cfg.model.layer)
                 feats = spliced_features(clip.visual, sae, images, cfg.model.layer, cfg.model.tokens, CONDITIONS, mean, resid=resid)
@@ -94,13 +81,10 @@ def evaluate_dataset(
                     correct[c][k] += hits
                 confusion[c] += torch.bincount(labels * n_classes + lg.argmax(dim=1), minlength=n_classes * n_classes)
             n += len(labels)
-            bar.update(len(keep))
-    if n == 0:
-        raise ClipScopeError(f"{spec.name}/{spec.split} has no labelled images: zero-shot evaluation needs each image's class.")
     accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
-    by_class = per_class(dataset.classes, confusion)
+    by_class = per_class(labelled.classes, confusion)
     by_class["clean"]["features"] = support.top(10) if support is not None else None  # None: too many classes x features to tally
-    return EvalResult(spec.name, spec.split, n, name, accuracy, worst, by_class=by_class)
+    return EvalResult(spec.name, spec.split, n, labelled.templates, accuracy, worst, by_class=by_class)
 
 
 def per_class(classes: list[str], confusion: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:

@@ -13,20 +13,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from clipscope.clip.hooks import continue_from, residual_at
 from clipscope.clip.loading import LoadedClip
-from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
-from clipscope.clip.zeroshot import build_classifier, correct_at_k, template_set, zero_shot_logits
+from clipscope.clip.zeroshot import correct_at_k, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig
-from clipscope.errors import ClipScopeError
 from clipscope.sae.model import TopKSAE
 from clipscope.steering import Edit, edit_stream
-from worker.batches import autocast, image_loader
+from worker.batches import autocast
 from worker.context import Context
-from worker.datasets import build_dataset
 from worker.evaluate import per_class
+from worker.zero_shot_set import zero_shot_set
 
 CONDITIONS = ("clean", "edited")
 
@@ -69,42 +66,29 @@ class SteerResult:
 def steer_dataset(ctx: Context, cfg: RunConfig, clip: LoadedClip, sae: TopKSAE, spec: DatasetSpec, edits: list[Edit]) -> SteerResult:
     """Clean and edited zero-shot predictions for every labelled image of one set, with the
     evaluation's prompts and precision."""
-    dataset = build_dataset(spec, ctx.layout.datasets, ctx.settings.allow_downloads)
-    if not dataset.classes:
-        raise ClipScopeError(f"{spec.name} has no class names: steering is measured by zero-shot accuracy, which needs a labelled set.")
-    name, templates = template_set(cfg.evaluate.templates)
-    classifier = build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device)
-    preprocess = ImagePreprocess(preprocess_descriptor(cfg.model))
-    loader = image_loader(dataset, preprocess, cfg.evaluate.batch_size, ctx.settings.resolved_num_workers, ctx.device)
-    k = len(dataset.classes)
+    labelled = zero_shot_set(ctx, cfg, clip, spec, "steering")
+    k = len(labelled.classes)
     correct = {c: {1: 0, 5: 0} for c in CONDITIONS}
     confusion = {c: torch.zeros(k * k, dtype=torch.long, device=ctx.device) for c in CONDITIONS}
     fired = torch.zeros(len(edits), device=ctx.device)
     total = torch.zeros(len(edits), dtype=torch.float64, device=ctx.device)
     n = 0
-    bar = tqdm(total=len(dataset), unit="img", desc=f"steer {spec.name}/{spec.split}", disable=not ctx.settings.progress)
-    with torch.inference_mode(), bar:
-        for images, labels in loader:
-            keep = labels >= 0
-            images, labels = preprocess.to_device(images, ctx.device)[keep.to(ctx.device)], labels[keep].to(ctx.device)
-            if len(labels):
-                with autocast(ctx.device, cfg.evaluate.precision):
-                    resid = residual_at(clip.visual, images, cfg.model.layer)
-                    edited, before, _ = edit_stream(sae, resid, cfg.model.tokens, edits)
-                    both = continue_from(clip.visual, torch.cat([resid, edited]), cfg.model.layer).float()
-                logits = dict(zip(CONDITIONS, zero_shot_logits(clip.model, both, classifier).split(len(labels))))
-                for c, lg in logits.items():
-                    for top, hits in correct_at_k(lg, labels).items():
-                        correct[c][top] += hits
-                    confusion[c] += torch.bincount(labels * k + lg.argmax(dim=1), minlength=k * k)
-                fired += (before > 0).sum(0)
-                total += before.double().sum(0)
-                n += len(labels)
-            bar.update(len(keep))
-    if n == 0:
-        raise ClipScopeError(f"{spec.name}/{spec.split} has no labelled images: steering is measured by zero-shot accuracy.")
-    return SteerResult(spec.name, spec.split, n, name, list(edits), {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS},
-                       per_class(dataset.classes, confusion), (fired / n).tolist(), (total / n).tolist())
+    with torch.inference_mode():
+        for images, labels in labelled.batches():
+            with autocast(ctx.device, cfg.evaluate.precision):
+                resid = residual_at(clip.visual, images, cfg.model.layer)
+                edited, before, _ = edit_stream(sae, resid, cfg.model.tokens, edits)
+                both = continue_from(clip.visual, torch.cat([resid, edited]), cfg.model.layer).float()
+            logits = dict(zip(CONDITIONS, zero_shot_logits(clip.model, both, labelled.classifier).split(len(labels))))
+            for c, lg in logits.items():
+                for top, hits in correct_at_k(lg, labels).items():
+                    correct[c][top] += hits
+                confusion[c] += torch.bincount(labels * k + lg.argmax(dim=1), minlength=k * k)
+            fired += (before > 0).sum(0)
+            total += before.double().sum(0)
+            n += len(labels)
+    return SteerResult(spec.name, spec.split, n, labelled.templates, list(edits), {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS},
+                       per_class(labelled.classes, confusion), (fired / n).tolist(), (total / n).tolist())
 
 
 def format_steer(results: list[SteerResult], most: int = 5) -> str:
