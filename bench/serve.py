@@ -1,7 +1,8 @@
 """Serving: requests/s and p50/p99 of the feature page and the feature list with 49,152 features x 12
 examples in SQLite, each against a static file of its own size served by the same server; then the
 latency of analyzing a 512 x 512 JPEG, of explaining its zero-shot prediction over ten classes, of
-three feature edits and the prediction after them, and the throughput under 8 concurrent uploads.
+three feature edits and the prediction after them, and the throughput under 8 concurrent uploads; and
+a feature's closest features in a second SAE at the same site (the first request reads both SAEs' atoms).
 
 The server is a real `clipscope serve` process; the load comes from threads in this process, on
 loopback only, bounded in count and time.
@@ -82,6 +83,11 @@ def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
         s.execute(insert(Feature), feats)
         for start in range(0, len(examples), 50_000):
             s.execute(insert(FeatureExample), examples[start : start + 50_000])
+        other = Sae(key="bench-other", name="other", status=SaeStatus.READY, model="ViT-B-32", pretrained="none", random_weights=True,
+                    layer=10, tokens="cls", d_in=768, d_sae=d_sae, k=k, recipe="topk", config=cfg.model_dump(mode="json"), provenance={},
+                    metrics={})
+        s.add(other)  # a second SAE at the same site, without feature rows: what a feature page's matches read
+    save_sae(TopKSAE(768, d_sae, k, use_b_dec=False), data_dir / "saes" / "bench-other" / "sae", {"layer": 10, "tokens": "cls", "model": "ViT-B-32"})
     return key
 
 
@@ -167,6 +173,14 @@ def main() -> None:
             for name, fn in (("feature_page", feature), ("feature_list", listing)):
                 results[f"static_{name}_size"] = load(client, lambda r, name=name: f"/thumbnails/{name}.html", a.seconds, a.concurrency, server.pid)
                 results[name] = load(client, fn, a.seconds, a.concurrency, server.pid)
+            t = time.perf_counter()
+            assert client.get(f"/api/saes/{key}/features/0/matches").status_code == 200  # reads both SAEs' atoms
+            matches_first = time.perf_counter() - t
+            matched = []
+            for i in range(1, 41):
+                t = time.perf_counter()
+                assert client.get(f"/api/saes/{key}/features/{i}/matches").status_code == 200
+                matched.append(time.perf_counter() - t)
             jpeg = jpeg_512()
             post = lambda params=None: client.post(f"/api/saes/{key}/analyze", params=params, files={"file": ("x.jpg", jpeg, "image/jpeg")})  # noqa: E731
             post()  # loads CLIP and the SAE
@@ -208,6 +222,8 @@ def main() -> None:
         "explain_first_request_ms": 1000 * explain_first,
         "explain_p50_ms": 1000 * statistics.median(explained),
         "explain_p50_over_analyze_p50": statistics.median(explained) / statistics.median(lat),
+        "matches_first_request_ms": 1000 * matches_first,
+        "matches_p50_ms": 1000 * statistics.median(matched),
         "steer_p50_ms": 1000 * statistics.median(steered),
         "steer_p50_over_analyze_p50": statistics.median(steered) / statistics.median(lat),
     }, indent=2))
