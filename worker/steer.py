@@ -59,7 +59,7 @@ class SteerResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k not in ("edits", "by_class")},
-                "edits": [{"feature": e.feature, "op": "scale" if e.scale else "set", "value": e.value} for e in self.edits],
+                "edits": [{"index": e.feature, "op": "scale" if e.scale else "set", "value": e.value} for e in self.edits],
                 "classes": self.class_changes()}
 
 

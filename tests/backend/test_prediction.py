@@ -338,3 +338,17 @@ def test_a_feature_page_links_to_steering_an_image_with_the_feature_at_its_large
     assert f'name="edits" value="{asked}"' in form
     (edit,) = _analyze(client, key, edits=asked).json()["steering"]["edits"]
     assert edit["after"] == pytest.approx(feature["max_activation"], rel=1e-3) and edit["op"] == "set"
+
+
+def test_a_patch_token_sae_is_steered_at_its_patches(patch_web_data, tmp_path):
+    """Setting a feature applies at each of the 49 patch tokens it reads; scaling only where it fires."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(private_app(patch_web_data, tmp_path)) as client:
+        key = patch_web_data[1]
+        fired = _analyze(client, key).json()["by_activation"]
+        body = _analyze(client, key, edits=f"{fired[0]['index']}*2, {fired[1]['index']}=3").json()
+    scaled, set_ = body["steering"]["edits"]
+    assert scaled["before"] == pytest.approx(fired[0]["activation"], rel=1e-5) and scaled["after"] == pytest.approx(2 * scaled["before"], rel=1e-5)
+    assert set_["after"] == pytest.approx(3.0)
+    assert any(abs(m["logit_change"]) > 0 for m in body["steering"]["moved"])

@@ -67,7 +67,7 @@ def test_the_edited_accuracy_over_a_set_is_the_per_image_steering_s(web_data):  
     assert r.mean_activation == pytest.approx(before.double().mean(0).tolist(), rel=1e-5, abs=1e-7)
     assert r.fired == pytest.approx((before > 0).double().mean(0).tolist())
     payload = r.as_dict()
-    assert payload["edits"][0] == {"feature": 3, "op": "scale", "value": 0.0} and payload["classes"] == changes
+    assert payload["edits"][0] == {"index": 3, "op": "scale", "value": 0.0} and payload["classes"] == changes
 
 
 def test_the_clean_side_is_the_evaluation_s_and_an_edit_that_changes_nothing_changes_nothing(web_data):  # noqa: F811
@@ -121,7 +121,7 @@ def test_the_command_prints_the_answer_and_writes_it_as_json(web_data, tmp_path)
     assert "synthetic/test (10 images): top-1" in proc.stdout and "#17 = 4: fires on" in proc.stdout
     assert "== train: reused" in proc.stderr, "the config is the trained SAE's"
     (written,) = json.loads((tmp_path / "out.json").read_text())
-    assert written["n"] == 10 and [e["feature"] for e in written["edits"]] == [3, 17]
+    assert written["n"] == 10 and [e["index"] for e in written["edits"]] == [3, 17]
     bad = run("--edits", "3 = zero")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: Cannot read the edit") and "Traceback" not in bad.stderr
 
