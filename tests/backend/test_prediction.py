@@ -174,11 +174,12 @@ def test_a_patch_token_sae_explains_through_the_patches(patch_web_data, tmp_path
     assert all(f["activation"] == pytest.approx(fired[f["index"]], rel=1e-6) for f in p["features"])
 
 
-def _steered_logits(data_dir, key, classes: list[str], edits: dict[int, tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Clean and edited zero-shot logits of the test image, from scratch: the SAE's code of the CLS
-    token, then CLIP's own forward pass with the stream moved by (new - old activation) x atom; and
-    each edited feature's activation before and after."""
-    from clipscope.clip.hooks import residual_at
+def _steered_logits(data_dir, key, classes: list[str], edits: dict[int, tuple[str, float]], tokens: str = "cls",
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Clean and edited zero-shot logits of the test image, from scratch: the SAE's code of its tokens,
+    then CLIP's own forward pass with the stream moved by (new - old activation) x atom, token by
+    token; and each edited feature's largest activation before and after."""
+    from clipscope.clip.hooks import residual_at, token_slice
     from clipscope.clip.loading import load_clip
     from clipscope.clip.preprocess import build_transform, preprocess_descriptor
     from clipscope.clip.zeroshot import build_classifier
@@ -190,14 +191,14 @@ def _steered_logits(data_dir, key, classes: list[str], edits: dict[int, tuple[st
     clip, sae = load_clip(cfg), load_sae(data_dir / "saes" / key / "sae", "cpu")[0]
     image = build_transform(preprocess_descriptor(cfg))(Image.open(io.BytesIO(_png())).convert("RGB"))[None]
     with torch.no_grad():
-        code = sae.encode(residual_at(clip.visual, image, 10)[0, :1].float())
-        before = {f: float((code.values * (code.indices == f)).sum()) for f in edits}
-        after = {f: before[f] * v if op == "*" else v for f, (op, v) in edits.items()}
-        added = sum((after[f] - before[f]) * sae.W_dec[f] for f in edits)[None]
+        code = sae.encode(residual_at(clip.visual, image, 10)[0, token_slice(tokens)].float())
+        before = {f: (code.values * (code.indices == f)).sum(-1) for f in edits}  # [tokens]
+        after = {f: before[f] * v if op == "*" else torch.full_like(before[f], v) for f, (op, v) in edits.items()}
+        added = sum((after[f] - before[f])[:, None] * sae.W_dec[f][None] for f in edits)
         classifier = build_classifier(clip.model, cfg.name, classes, TINY["evaluate"]["templates"], "cpu")
-        clean = hooked_logits(clip.model, image, classifier, "cls")
-        steered = hooked_logits(clip.model, image, classifier, "cls", -added)
-    return clean, steered, {f: (before[f], after[f]) for f in edits}
+        clean = hooked_logits(clip.model, image, classifier, tokens)
+        steered = hooked_logits(clip.model, image, classifier, tokens, -added)
+    return clean, steered, {f: (float(before[f].max()), float(after[f].max())) for f in edits}
 
 
 def test_edits_answer_what_clip_predicts_once_the_features_are_changed_in_the_stream(web, web_data):
@@ -341,14 +342,21 @@ def test_a_feature_page_links_to_steering_an_image_with_the_feature_at_its_large
 
 
 def test_a_patch_token_sae_is_steered_at_its_patches(patch_web_data, tmp_path):
-    """Setting a feature applies at each of the 49 patch tokens it reads; scaling only where it fires."""
+    """Setting a feature applies at each of the 49 patch tokens it reads, scaling only where it fires:
+    the answer is CLIP's own forward pass with the patches edited so."""
     from fastapi.testclient import TestClient
 
     with TestClient(private_app(patch_web_data, tmp_path)) as client:
         key = patch_web_data[1]
         fired = _analyze(client, key).json()["by_activation"]
         body = _analyze(client, key, edits=f"{fired[0]['index']}*2, {fired[1]['index']}=3").json()
-    scaled, set_ = body["steering"]["edits"]
-    assert scaled["before"] == pytest.approx(fired[0]["activation"], rel=1e-5) and scaled["after"] == pytest.approx(2 * scaled["before"], rel=1e-5)
-    assert set_["after"] == pytest.approx(3.0)
-    assert any(abs(m["logit_change"]) > 0 for m in body["steering"]["moved"])
+    classes = _synthetic_classes()
+    clean, steered, acts = _steered_logits(patch_web_data[0].data_dir, key, classes,
+                                           {fired[0]["index"]: ("*", 2.0), fired[1]["index"]: ("=", 3.0)}, tokens="patches")
+    s = body["steering"]
+    target = classes.index(s["target"])
+    assert s["target_logit_change"] == pytest.approx(float(steered[target] - clean[target]), abs=2e-4)
+    assert [r["probability"] for r in s["steered"]] == pytest.approx(steered.softmax(-1).sort(descending=True).values[:5].tolist(), abs=1e-5)
+    for e in s["edits"]:
+        assert (e["before"], e["after"]) == pytest.approx(acts[e["index"]], rel=1e-5)
+    assert s["edits"][0]["before"] == pytest.approx(fired[0]["activation"], rel=1e-5)
