@@ -62,14 +62,15 @@ def line_chart(
     return Markup("".join(parts))
 
 
-def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, width: int = 560, height: int = 160) -> Markup:
-    """Bars over log-spaced bins; the count below the first edge is shown as text."""
+def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, width: int = 560, height: int = 160,
+              label: str = "activation histogram", below_label: str = "below") -> Markup:
+    """Bars over log-spaced bins; the count below the first edge is shown as text, ``below_label`` after it."""
     if not counts:
         return Markup('<p class="muted">Never fires on the precompute images.</p>')
     pad_l, pad_b, pad_t = 40, 30, 8
     top = max(max(counts), 1)
     bw = (width - pad_l - 8) / len(counts)
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="activation histogram">']
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">']
     for i, c in enumerate(counts):
         h = (height - pad_b - pad_t) * c / top
         parts.append(
@@ -79,5 +80,5 @@ def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, wid
     parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top}</text>')
     parts.append(f'<text x="{pad_l}" y="{height - 12}">{edges[0]:.3g}</text>')
     parts.append(f'<text x="{width - 8}" y="{height - 12}" text-anchor="end">{edges[-1]:.3g} (log scale)</text>')
-    parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">{below} below</text></svg>')
+    parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">{below} {escape(below_label)}</text></svg>')
     return Markup("".join(parts))

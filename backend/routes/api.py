@@ -27,7 +27,7 @@ from clipscope.errors import ClipScopeError
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
-from backend.services.saes import evaluation_table, list_saes, sae_summary, training_curve
+from backend.services.saes import evaluation_table, feature_density, list_saes, sae_summary, training_curve
 
 router = APIRouter(prefix="/api", tags=["api"])
 MAX_IMPORT = 20 * 1024 * 1024
@@ -58,9 +58,15 @@ def api_saes(session: SessionDep) -> list[dict[str, Any]]:
     return [sae_summary(s) for s in list_saes(session)]
 
 
-@router.get("/saes/{sae}", summary="One SAE with its training curve and evaluation table")
-def api_sae(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
-    return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id)}
+@router.get("/saes/{sae}", summary="One SAE with its training curve, evaluation table and feature density")
+def api_sae(request: Request, sae: SaeDep, session: SessionDep) -> dict[str, Any]:
+    return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id),
+            "density": density_of(request, session, sae)}
+
+
+def density_of(request: Request, session, sae) -> dict[str, Any] | None:
+    """:func:`feature_density`, kept per process for each version of the SAE row (a read of every feature's frequency)."""
+    return request.app.state.densities.get((sae.key, sae.updated_at), lambda: feature_density(session, sae))
 
 
 def invalid_query(field: str, message: str, value: Any) -> RequestValidationError:

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_image, analyze_upload, answers, feature_matches
+from backend.routes.api import analyze_image, analyze_upload, answers, density_of, feature_matches
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
@@ -87,7 +87,8 @@ def overview(request: Request, session: SessionDep):
     saes = []
     for s in list_saes(session):
         evaluations = evaluation_table(session, s.id)
-        saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations)})
+        saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations),
+                     "density": density_of(request, session, s)})
     return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes))
 
 

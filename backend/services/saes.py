@@ -1,14 +1,15 @@
-"""SAEs for the overview: metadata, metrics, training curve and evaluation table."""
+"""SAEs for the overview: metadata, metrics, training curve, evaluation table and feature density."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clipscope.clip.zeroshot import class_drops
-from clipscope.db.models import Evaluation, Sae, SaeStatus, TrainingPoint
+from clipscope.db.models import Evaluation, Feature, Sae, SaeStatus, TrainingPoint
 
 
 def sae_summary(sae: Sae) -> dict[str, Any]:
@@ -29,6 +30,24 @@ def sae_summary(sae: Sae) -> dict[str, Any]:
         "metrics": sae.metrics or {},
         "precompute": sae.precompute or {},
         "created_at": sae.created_at.isoformat() if sae.created_at else None,
+    }
+
+
+def feature_density(session: Session, sae: Sae, bins: int = 24) -> dict[str, Any] | None:
+    """The SAE diagnostic of how often features fire: a histogram of the features' firing frequencies
+    over the precompute images on log-spaced bins from one image to every image, with the dead (never
+    fire) and dense (above the precompute's threshold) counts. None before the precompute."""
+    n_images = (sae.precompute or {}).get("n_images")
+    if sae.status != SaeStatus.READY or not n_images:
+        return None
+    freqs = np.fromiter(session.scalars(select(Feature.frequency).where(Feature.sae_id == sae.id)), dtype=np.float64)
+    edges = np.geomspace(1 / n_images, 1.0, bins + 1)  # its ends exactly: a feature on one image, or on every one, is counted
+    live = freqs[freqs > 0]
+    threshold = ((sae.config or {}).get("precompute") or {}).get("dense_threshold")
+    return {
+        "n_images": n_images, "n_features": int(freqs.size), "edges": edges.tolist(), "counts": np.histogram(live, edges)[0].tolist(),
+        "dead": int(freqs.size - live.size), "dense_threshold": threshold, "dense": int((freqs > threshold).sum()) if threshold else None,
+        "median_live": float(np.median(live)) if live.size else None,
     }
 
 

@@ -1,0 +1,39 @@
+"""The overview's feature-density histogram (and the API's ``density``), against the feature rows."""
+
+import numpy as np
+import pytest
+from sqlalchemy import select, update
+
+from clipscope.db.models import Feature, Sae
+from clipscope.db.session import session_scope
+
+
+def test_the_density_counts_every_feature_once_by_its_firing_frequency(web):
+    client, key = web
+    density = client.get(f"/api/saes/{key}").json()["density"]
+    features = client.get(f"/api/saes/{key}/features", params={"per_page": 200}).json()["features"]
+    freqs = np.array([f["frequency"] for f in features])
+    n = density["n_images"]
+    assert density["n_features"] == len(features) == 64 and density["edges"][0] == 1 / n and density["edges"][-1] == 1.0
+    assert sum(density["counts"]) + density["dead"] == 64, "every feature in one bin, or dead"
+    assert density["dead"] == int((freqs == 0).sum()) == sum(f["is_dead"] for f in features)
+    expected = [int(((freqs >= lo) & ((freqs < hi) if i < len(density["counts"]) - 1 else (freqs <= hi))).sum())
+                for i, (lo, hi) in enumerate(zip(density["edges"], density["edges"][1:]))]
+    assert density["counts"] == expected
+    assert density["dense"] == sum(f["is_dense"] for f in features) and density["dense_threshold"] == pytest.approx(0.1)
+    assert density["median_live"] == pytest.approx(float(np.median(freqs[freqs > 0])))
+
+
+def test_the_overview_shows_it_and_follows_a_new_precompute(web):
+    client, key = web
+    page = client.get("/").text
+    density = client.get(f"/api/saes/{key}").json()["density"]
+    assert "Feature density" in page and f'<span class="dead-count">{density["dead"]}</span> never fire' in page
+    assert 'aria-label="feature density' in page and f"{density['dead']} never fire</text>" in page
+    live = [f["index"] for f in client.get(f"/api/saes/{key}/features", params={"per_page": 200, "dead": "hide"}).json()["features"]][:3]
+    with session_scope(client.app.state.database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        s.execute(update(Feature).where(Feature.sae_id == sae.id, Feature.idx.in_(live)).values(frequency=0.0))
+        sae.name = sae.name + " "  # as a precompute does, the row's update moves updated_at
+    again = client.get(f"/api/saes/{key}").json()["density"]
+    assert len(live) == 3 and again["dead"] == density["dead"] + 3 and sum(again["counts"]) == sum(density["counts"]) - 3
