@@ -21,6 +21,7 @@ from backend.deps import SaeRows
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.kept_uploads import KeptUploads
+from backend.services.cofiring import CoFiring
 from backend.services.matches import Matches
 from backend.services.recently_used import RecentlyUsed
 from backend.services.feature_order import FeatureOrders
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.concepts = ConceptSearch(analyzer, settings.data_dir)  # shares the loaded CLIP
     app.state.kept_uploads = KeptUploads(settings.analyze_kept)
     app.state.matches = Matches(settings.data_dir)
+    app.state.cofiring = CoFiring(settings.data_dir)
     app.state.densities = RecentlyUsed(16)  # per SAE row version: backend/routes/api.py:density_of
     # Templates ship with the code: no modification-time check of three files on every render.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)

@@ -147,6 +147,26 @@ def feature_matches(request: Request, sae, idx: int, session, k: int = 3) -> lis
         raise HTTPException(503, f"This server cannot match SAE {sae.key}'s features: {exc}") from None
 
 
+@router.get("/saes/{sae}/features/{idx}/cofiring", summary="The features that fire on the same precompute images")
+def api_feature_cofiring(request: Request, sae: SaeDep, idx: int, session: SessionDep,
+                         k: int = Query(8, ge=1, le=50, description="How many partners.")) -> dict[str, Any]:
+    """The ``k`` features whose sets of precompute images are most alike this feature's (Jaccard:
+    images both fire on over images either fires on), each with ``together`` (images both fire on),
+    ``of_this`` (the share of this feature's images it fires on) and ``of_that`` (the share of its own
+    images this feature fires on). Over the first 10,000 images of the precompute set."""
+    return feature_cofiring(request, sae, idx, session, k)
+
+
+def feature_cofiring(request: Request, sae, idx: int, session, k: int = 8) -> dict[str, Any]:
+    """:meth:`CoFiring.of` for a page or the API; 404 for an unknown feature, 503 when the activation cache is not here."""
+    require_ready(sae)
+    require_feature(sae, idx)
+    try:
+        return request.app.state.cofiring.of(session, sae, idx, k)
+    except ClipScopeError as exc:
+        raise HTTPException(503, f"This server cannot tell which features fire with SAE {sae.key}'s: {exc}") from None
+
+
 @router.get("/saes/{sae}/features/{idx}/labels", summary="Label history, newest first")
 def api_label_history(sae: SaeDep, idx: int, session: SessionDep) -> list[dict[str, Any]]:
     require_feature(sae, idx)

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_image, analyze_upload, answers, density_of, feature_matches
+from backend.routes.api import analyze_image, analyze_upload, answers, density_of, feature_cofiring, feature_matches
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import require_feature, require_ready
@@ -142,6 +142,17 @@ def feature_matches_fragment(request: Request, sae: SaeDep, idx: int, session: S
     """The feature page's "in other SAEs at this site" section, loaded after the page (reading another
     SAE's atoms the first time takes a moment); empty when there is no other such SAE."""
     return render(request, "_matches.html", sae=sae_summary(sae), matches=feature_matches(request, sae, idx, session))
+
+
+@router.get("/saes/{sae}/features/{idx}/cofiring", response_class=HTMLResponse)
+def feature_cofiring_fragment(request: Request, sae: SaeDep, idx: int, session: SessionDep):
+    """The feature page's "fires together with" section, loaded after the page (the first request for an
+    SAE encodes its precompute images); the reason in place of the list when this server cannot tell."""
+    try:
+        found, error = feature_cofiring(request, sae, idx, session), None
+    except HTTPException as exc:
+        found, error = None, exc.detail
+    return render(request, "_cofiring.html", sae=sae_summary(sae), f={"index": idx}, found=found, error=error)
 
 
 @router.post("/saes/{sae}/features/{idx}/label", response_class=HTMLResponse, dependencies=[CsrfForm])
