@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,8 @@ from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
 from backend.services.saes import evaluation_table, feature_density, list_saes, sae_summary, training_curve
+
+T = TypeVar("T")
 
 router = APIRouter(prefix="/api", tags=["api"])
 MAX_IMPORT = 20 * 1024 * 1024
@@ -138,13 +140,19 @@ def api_feature_matches(request: Request, sae: SaeDep, idx: int, session: Sessio
 
 
 def feature_matches(request: Request, sae, idx: int, session, k: int = 3) -> list[dict[str, Any]]:
-    """:meth:`Matches.of` for a page or the API; 404 for an unknown feature, 503 when this SAE's own files are missing."""
+    """:meth:`Matches.of` for a page or the API (503 when this SAE's own files are missing)."""
+    return _about_feature(sae, idx, lambda: request.app.state.matches.of(session, sae, idx, k), f"This server cannot match SAE {sae.key}'s features")
+
+
+def _about_feature(sae, idx: int, find: Callable[[], T], cannot: str) -> T:
+    """``find()`` for one feature of a ready SAE: 404 for an unknown feature, 503 with ``cannot`` and the
+    reason when this server lacks a file it reads."""
     require_ready(sae)
     require_feature(sae, idx)
     try:
-        return request.app.state.matches.of(session, sae, idx, k)
+        return find()
     except ClipScopeError as exc:
-        raise HTTPException(503, f"This server cannot match SAE {sae.key}'s features: {exc}") from None
+        raise HTTPException(503, f"{cannot}: {exc}") from None
 
 
 @router.get("/saes/{sae}/features/{idx}/cofiring", summary="The features that fire on the same precompute images")
@@ -158,13 +166,9 @@ def api_feature_cofiring(request: Request, sae: SaeDep, idx: int, session: Sessi
 
 
 def feature_cofiring(request: Request, sae, idx: int, session, k: int = 8) -> dict[str, Any]:
-    """:meth:`CoFiring.of` for a page or the API; 404 for an unknown feature, 503 when the activation cache is not here."""
-    require_ready(sae)
-    require_feature(sae, idx)
-    try:
-        return request.app.state.cofiring.of(session, sae, idx, k)
-    except ClipScopeError as exc:
-        raise HTTPException(503, f"This server cannot tell which features fire with SAE {sae.key}'s: {exc}") from None
+    """:meth:`CoFiring.of` for a page or the API (503 when the activation cache is not here)."""
+    return _about_feature(sae, idx, lambda: request.app.state.cofiring.of(session, sae, idx, k),
+                          f"This server cannot tell which features fire with SAE {sae.key}'s")
 
 
 @router.get("/saes/{sae}/features/{idx}/labels", summary="Label history, newest first")
