@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +40,14 @@ SWAGGER_UI = "vendor/swagger-ui-5.35.0"
 """Swagger UI's files for ``/docs``, vendored like htmx: the API's page works offline (FastAPI's default loads them from a CDN)."""
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """At shutdown the analysis worker ends and the loaded models go with it (a test process builds
+    many apps: each one's CLIP would otherwise stay in memory until the process ends)."""
+    yield
+    app.state.analysis.close()
+
+
 def create_app(settings: Settings | None = None, check_schema: bool = True) -> FastAPI:
     """Build the app. The database must already be migrated (``clipscope db upgrade``): the web never migrates."""
     settings = settings or get_settings()
@@ -52,6 +61,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
         description="Sparse-autoencoder features of CLIP ViT-B/32: SAEs, features, labels and live analysis.",
         docs_url=None,  # served by backend/routes/pages.py from the vendored Swagger UI
         redoc_url=None,
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.database_url = url

@@ -23,6 +23,10 @@ class PoolFull(Exception):
     """The analysis queue is full; try again later."""
 
 
+class PoolClosed(RuntimeError):
+    """The server shut down before this upload was analysed."""
+
+
 @dataclass
 class _Job:
     sae: Sae
@@ -38,6 +42,7 @@ class AnalysisPool:
         self._queue: queue.Queue[_Job] = queue.Queue(maxsize=max(1, queue_size))
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stop = threading.Event()
 
     def submit(self, sae: Sae, image: Image.Image, occlude: bool = False, question: Question | None = None) -> Future:
         """A future of the image's :class:`~backend.services.analyze.Analysis`; raises :class:`PoolFull` at once when full."""
@@ -52,12 +57,32 @@ class AnalysisPool:
     def _ensure_worker(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                self._stop.clear()
                 self._thread = threading.Thread(target=self._work, name="clipscope-analysis", daemon=True)
                 self._thread.start()
 
-    def _work(self) -> None:
+    def close(self, timeout: float = 60) -> None:
+        """At the app's shutdown: the worker finishes the batch in hand and ends, uploads still queued
+        fail with :class:`PoolClosed`, and the analyzer lets go of its models. Until then the worker
+        thread holds the analyzer, and with it CLIP and the SAE, for as long as the process lives."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            self._stop.set()
+        if thread is not None:
+            thread.join(timeout)
         while True:
-            jobs = [self._queue.get()]
+            try:
+                self._queue.get_nowait().future.set_exception(PoolClosed("The server shut down before this upload was analysed."))
+            except queue.Empty:
+                break
+        self.analyzer.close()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = [self._queue.get(timeout=0.25)]  # wakes to see a shutdown
+            except queue.Empty:
+                continue
             while len(jobs) < self.max_batch:
                 try:
                     jobs.append(self._queue.get_nowait())

@@ -81,6 +81,11 @@ class Analyzer:
         self._loaded: RecentlyUsed[_Loaded] = RecentlyUsed(capacity)
         self._classifiers: RecentlyUsed[torch.Tensor] = RecentlyUsed(classifiers)
 
+    def close(self) -> None:
+        """Let go of every loaded model and classifier (the app's shutdown)."""
+        self._loaded.clear()
+        self._classifiers.clear()
+
     def _get(self, sae: Sae) -> _Loaded:
         return self._loaded.get(sae.key, lambda: self._load(sae))
 

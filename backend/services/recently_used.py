@@ -40,5 +40,9 @@ class RecentlyUsed(Generic[V]):
             self._items.move_to_end(key)
             return self._items[key]
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.services.analysis_pool import AnalysisPool, PoolFull
+from backend.services.analysis_pool import AnalysisPool, PoolClosed, PoolFull
 from backend.services.prediction import Question
 
 
@@ -15,6 +15,11 @@ class RecordingAnalyzer:
 
     def __init__(self):
         self.calls, self.release, self.started = [], threading.Event(), threading.Event()
+
+    closed = False
+
+    def close(self):
+        self.closed = True
 
     def analyse(self, sae, images, occlude=False, question=None):
         self.calls.append((sae.key, occlude, question, list(images)))
@@ -52,3 +57,39 @@ def test_a_full_queue_refuses_at_once():
     with pytest.raises(PoolFull):
         pool.submit(sae, "one too many")
     analyzer.release.set()
+
+
+def test_closing_ends_the_worker_after_its_batch_fails_what_is_queued_and_lets_go_of_the_models():
+    analyzer = RecordingAnalyzer()
+    pool = AnalysisPool(analyzer, queue_size=4, max_batch=1)
+    sae = SimpleNamespace(key="a")
+    running = pool.submit(sae, "running")
+    assert analyzer.started.wait(10)
+    queued = pool.submit(sae, "queued")
+    worker = pool._thread
+    threading.Timer(0.3, analyzer.release.set).start()  # the batch in hand ends while close waits for it
+    pool.close(timeout=10)
+    assert not worker.is_alive() and analyzer.closed
+    assert running.result(1) == ("a", "running", False, None), "the batch in hand is finished"
+    with pytest.raises(PoolClosed):
+        queued.result(1)
+    assert pool.submit(sae, "after").result(10) == ("a", "after", False, None), "a later upload starts a worker again"
+    pool.close(timeout=10)
+
+
+def test_the_app_s_shutdown_closes_its_analysis(web_data, tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from tests.backend.conftest import private_app
+
+    app = private_app(web_data, tmp_path)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
+    with TestClient(app) as client:
+        assert client.post(f"/api/saes/{web_data[1]}/analyze", files={"file": ("x.png", buf.getvalue(), "image/png")}).status_code == 200
+        worker, analyzer = app.state.analysis._thread, app.state.analysis.analyzer
+        assert worker.is_alive() and len(analyzer._loaded) == 1
+    assert not worker.is_alive() and len(analyzer._loaded) == 0, "CLIP and the SAE are let go"
