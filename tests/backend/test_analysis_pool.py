@@ -78,18 +78,34 @@ def test_closing_ends_the_worker_after_its_batch_fails_what_is_queued_and_lets_g
 
 
 def test_the_app_s_shutdown_closes_its_analysis(web_data, tmp_path):
-    import io
-
     from fastapi.testclient import TestClient
-    from PIL import Image
 
     from tests.backend.conftest import private_app
 
     app = private_app(web_data, tmp_path)
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")
     with TestClient(app) as client:
-        assert client.post(f"/api/saes/{web_data[1]}/analyze", files={"file": ("x.png", buf.getvalue(), "image/png")}).status_code == 200
+        assert client.post(f"/api/saes/{web_data[1]}/analyze", files={"file": ("x.png", _png(), "image/png")}).status_code == 200
         worker, analyzer = app.state.analysis._thread, app.state.analysis.analyzer
         assert worker.is_alive() and len(analyzer._loaded) == 1
     assert not worker.is_alive() and len(analyzer._loaded) == 0, "CLIP and the SAE are let go"
+
+
+def test_an_upload_the_shutdown_left_unanswered_is_a_503_to_retry(web):
+    from concurrent.futures import Future
+
+    client, key = web
+    closed = Future()
+    closed.set_exception(PoolClosed("The server shut down before this upload was analysed."))
+    client.app.state.analysis.submit = lambda *args, **kwargs: closed
+    r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "shutting down" in r.json()["detail"]
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "blue").save(buf, format="PNG")
+    return buf.getvalue()
