@@ -43,6 +43,9 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     first.click()
     page.wait_for_url(f"**/features/{idx}")
     assert page.locator(".thumbs.collage img").count() >= 1
+    page.wait_for_selector("section.cofiring", timeout=60_000)  # loaded by htmx after the page
+    page.wait_for_function("!document.getElementById('matches')", timeout=60_000)  # one SAE: nothing to match, the placeholder goes
+    assert page.locator("#cofiring").count() == 1 and page.locator("section.cofiring .matched li").count() >= 1
     page.fill("textarea[name=text]", "blue things <script>alert(1)</script>")
     page.select_option("select[name=category]", "semantic")
     page.fill("input[name=author]", "e2e")
