@@ -64,3 +64,17 @@ def test_imagefolder_without_images_fails_clearly(tmp_path):
 def test_missing_torchvision_dataset_without_downloads_names_the_folder(tmp_path):
     with pytest.raises(ClipScopeError, match=str(tmp_path / "food101")):
         build_dataset(DatasetSpec(name="food101"), tmp_path, allow_download=False)
+
+
+def test_image_keys_differ_by_split_and_are_shared_by_subsets(tmp_path):
+    """The database's image rows are keyed by (image key, index): two splits of one size sharing a key
+    would show one split's thumbnails for the other's examples."""
+    from tests.worker.test_evaluate import write_cifar10
+
+    write_cifar10(tmp_path / "cifar10", n_train=2, n_test=10)  # 5 train batches: one size, only the split tells them apart
+    for name, extra in (("synthetic", {"synthetic_size": 10, "image_size": 16}), ("cifar10", {})):
+        train, test = (build_dataset(DatasetSpec(name=name, split=split, **extra), tmp_path, allow_download=False) for split in ("train", "test"))
+        subset = build_dataset(DatasetSpec(name=name, split="train", limit=3, **extra), tmp_path, allow_download=False)
+        assert train.image_key() != test.image_key(), name
+        assert subset.image_key() == train.image_key(), name
+        assert train.identity() != test.identity() and subset.identity() != train.identity(), name

@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from clipscope.config import DatasetSpec
+from clipscope.config import DatasetSpec, stable_hash
 from clipscope.errors import ClipScopeError
 
 
@@ -22,7 +22,8 @@ class ImageDataset(Protocol):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]: ...
 
     def identity(self) -> dict[str, Any]:
-        """What determines the dataset's content, for cache names."""
+        """What determines the dataset's content, for cache names and image keys: the split too, where it
+        chooses the images (two splits of one size must not share keys)."""
         ...
 
     def where(self, index: int) -> str:
@@ -46,6 +47,11 @@ class Selection:
 
     def where(self, j: int) -> str:
         return self.base.where(int(self.indices[j]))
+
+    def image_key(self) -> str:
+        """The key the database's image rows of this dataset are stored under: the base dataset's, so that
+        every subset of it (and every SAE over one) shares its images."""
+        return stable_hash(self.base.identity())
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -34,7 +34,7 @@ class SyntheticShapes:
         return self.size
 
     def identity(self) -> dict[str, Any]:
-        return {"dataset": "synthetic", "version": 1, "size": self.size, "gen_seed": self.seed, "image_size": self.image_size}
+        return {"dataset": "synthetic", "version": 1, "split": self.split, "size": self.size, "gen_seed": self.seed, "image_size": self.image_size}
 
     def where(self, index: int) -> str:
         return f"synthetic {self.split} image {index}"

@@ -40,7 +40,7 @@ class CifarFiles:
             labels += list(batch[labels_key])
         with open(base / meta_file, "rb") as fh:
             meta = pickle.load(fh, encoding="latin1")
-        self.name = name
+        self.name, self.split = name, split
         self.images = np.concatenate(images)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = [c.replace("_", " ") for c in meta[names_key]]
@@ -52,7 +52,7 @@ class CifarFiles:
         return Image.fromarray(self.images[i]), int(self.labels[i])
 
     def identity(self) -> dict[str, Any]:
-        return {"dataset": self.name, "n": len(self)}
+        return {"dataset": self.name, "split": self.split, "n": len(self)}
 
     def where(self, i: int) -> str:
         return f"{self.name} image {i}"
@@ -63,6 +63,7 @@ class Food101Files:
         from torchvision import datasets
 
         self.dataset = datasets.Food101(str(root), split=split, download=download)
+        self.split = split
         self.classes = [c.replace("_", " ") for c in self.dataset.classes]
 
     def __len__(self) -> int:
@@ -73,7 +74,7 @@ class Food101Files:
         return image.convert("RGB"), int(label)
 
     def identity(self) -> dict[str, Any]:
-        return {"dataset": "food101", "n": len(self)}
+        return {"dataset": "food101", "split": self.split, "n": len(self)}
 
     def where(self, i: int) -> str:
         files = getattr(self.dataset, "_image_files", None)  # torchvision's list of paths (not public API)

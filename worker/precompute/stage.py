@@ -189,7 +189,7 @@ def write(
     d_sae = tb.stats.count.shape[0]
     n_int = pc.intervals
     used_rows = sorted({int(r) for r in torch.cat([tb.top.payload.flatten(), tb.samples.payload.flatten()]).tolist() if r >= 0})
-    base_key = stable_hash(dataset.base.identity())
+    base_key = dataset.image_key()
     dataset_indices = cache.indices()
     labels = cache.labels()
     thumbs: dict[int, dict] = {}
