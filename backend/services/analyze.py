@@ -72,37 +72,49 @@ class _Loaded:
         self.preprocess = ImagePreprocess(preprocess_descriptor(model_cfg))
 
 
+def _weights_of(model_cfg: ModelConfig) -> tuple:
+    """What :func:`load_clip` builds from: SAEs at other blocks or tokens of the same CLIP share one."""
+    return model_cfg.name, model_cfg.pretrained, str(model_cfg.weights_file), model_cfg.init_seed
+
+
 class Analyzer:
-    """Keeps the most recently used SAEs' CLIP and SAE in memory (loading is seconds; analysis is not),
-    and the most recently used zero-shot classifiers (encoding the class names is seconds too)."""
+    """Keeps the most recently used CLIPs and SAEs in memory (loading is seconds; analysis is not), and
+    the most recently used zero-shot classifiers (encoding the class names is seconds too).
+
+    A CLIP is kept per weights, so SAEs over the same CLIP share it; an SAE per version of its row,
+    so a retrained SAE is read again."""
 
     def __init__(self, data_dir: Path, device: str, capacity: int = 2, classifiers: int = 8):
         self.data_dir, self.device = Path(data_dir), device
-        self._loaded: RecentlyUsed[_Loaded] = RecentlyUsed(capacity)
+        self._clips: RecentlyUsed[LoadedClip] = RecentlyUsed(capacity)
+        self._saes: RecentlyUsed[TopKSAE] = RecentlyUsed(capacity)
         self._classifiers: RecentlyUsed[torch.Tensor] = RecentlyUsed(classifiers)
 
     def close(self) -> None:
         """Let go of every loaded model and classifier (the app's shutdown)."""
-        self._loaded.clear()
-        self._classifiers.clear()
+        for store in (self._clips, self._saes, self._classifiers):
+            store.clear()
+
+    def loaded(self) -> int:
+        """How many models (CLIPs and SAEs) are in memory."""
+        return len(self._clips) + len(self._saes)
+
+    def sae(self, sae: Sae) -> TopKSAE:
+        """The SAE's module on this analyzer's device (without its CLIP)."""
+        with torch.inference_mode(False):  # weights that autograd may use (explanations take one backward pass)
+            return self._saes.get((sae.key, sae.updated_at), lambda: load_sae(self.data_dir / "saes" / sae.key / "sae", self.device)[0])
 
     def _get(self, sae: Sae) -> _Loaded:
-        return self._loaded.get(sae.key, lambda: self._load(sae))
-
-    def _load(self, sae: Sae) -> _Loaded:
         model_cfg = ModelConfig.model_validate(sae.config["model"])
-        with torch.inference_mode(False):  # weights that autograd may use (explanations take one backward pass)
-            return _Loaded(
-                load_clip(model_cfg, self.device, cache_dir=self.data_dir / "models"),
-                load_sae(self.data_dir / "saes" / sae.key / "sae", self.device)[0],
-                model_cfg,
-            )
+        with torch.inference_mode(False):
+            clip = self._clips.get(_weights_of(model_cfg), lambda: load_clip(model_cfg, self.device, cache_dir=self.data_dir / "models"))
+        return _Loaded(clip, self.sae(sae), model_cfg)
 
     def _classifier(self, sae: Sae, loaded: _Loaded, classes: tuple[str, ...]) -> torch.Tensor:
         """``[embed_dim, classes]`` built with the SAE's evaluation templates (as its zero-shot table was)."""
         _, templates = template_set(sae.config["evaluate"]["templates"])
         make = lambda: build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)  # noqa: E731
-        return self._classifiers.get((sae.key, classes), make)
+        return self._classifiers.get((_weights_of(loaded.model_cfg), tuple(templates), classes), make)
 
     def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

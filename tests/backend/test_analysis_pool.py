@@ -86,8 +86,8 @@ def test_the_app_s_shutdown_closes_its_analysis(web_data, tmp_path):
     with TestClient(app) as client:
         assert client.post(f"/api/saes/{web_data[1]}/analyze", files={"file": ("x.png", _png(), "image/png")}).status_code == 200
         worker, analyzer = app.state.analysis._thread, app.state.analysis.analyzer
-        assert worker.is_alive() and len(analyzer._loaded) == 1
-    assert not worker.is_alive() and len(analyzer._loaded) == 0, "CLIP and the SAE are let go"
+        assert worker.is_alive() and analyzer.loaded() == 2
+    assert not worker.is_alive() and analyzer.loaded() == 0, "CLIP and the SAE are let go"
 
 
 def test_an_upload_the_shutdown_left_unanswered_is_a_503_to_retry(web):
@@ -109,3 +109,29 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "blue").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_saes_over_one_clip_share_it_and_a_retrained_sae_is_read_again(web_data, tmp_path):
+    from datetime import datetime
+
+    import torch
+
+    from backend.services.analyze import Analyzer
+    from clipscope.db.models import Sae
+    from clipscope.sae.io import load_sae, save_sae
+
+    settings, key = web_data
+    trained, meta = load_sae(settings.data_dir / "saes" / key / "sae")
+    rows = {}
+    for name, model in (("a", {"layer": 10}), ("b", {"layer": 9, "tokens": "all"}), ("c", {"layer": 10, "init_seed": 1})):
+        save_sae(trained, tmp_path / "saes" / name / "sae", meta)
+        rows[name] = Sae(key=name, config={"model": {"pretrained": "none", **model}}, updated_at=datetime(2026, 11, 1))
+    analyzer = Analyzer(tmp_path, "cpu", capacity=4)
+    a, b = analyzer._get(rows["a"]), analyzer._get(rows["b"])
+    assert a.clip is b.clip and analyzer.loaded() == 3, "one CLIP for two SAEs over the same weights"
+    assert analyzer._get(rows["c"]).clip is not a.clip, "other weights (another random seed): another CLIP"
+    retrained = type(trained)(768, 64, 8)
+    save_sae(retrained, tmp_path / "saes" / "a" / "sae", meta)
+    assert analyzer.sae(rows["a"]) is a.sae, "the same version of the row: kept"
+    rows["a"].updated_at = datetime(2026, 11, 2)  # what the pipeline's write of a retrained SAE does
+    assert torch.equal(analyzer.sae(rows["a"]).W_dec, retrained.W_dec) and not torch.equal(retrained.W_dec, trained.W_dec)
