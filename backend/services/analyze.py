@@ -28,23 +28,14 @@ from backend.services.recently_used import RecentlyUsed
 
 
 @dataclass
-class Analysis:
-    """One analysed image: the features that fire, where they fire, and the model input it became."""
+class Firing:
+    """The features that fire on one image, and where."""
 
     activations: dict[int, float]
     """``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
-    model_view: Image.Image
-    """What CLIP saw: the resized, cropped image (normalisation undone)."""
     token_maps: torch.Tensor | None = None
     """``[len(activations), tokens]``, rows in the order of ``activations``: each firing feature's
     activation on every token the SAE reads; None for a CLS-only SAE."""
-    occluded: torch.Tensor | None = None
-    """With occlusion asked for, ``[len(activations), patches]``: each firing feature's activation on
-    the image with one patch greyed out (``clipscope.token_maps.occlusions``, row-major); else None."""
-    explanation: Explanation | None = None
-    """With an explanation asked for, the zero-shot prediction and the features it rests on."""
-    steering: Steering | None = None
-    """With edits asked for, the zero-shot prediction before and after them."""
     _rows: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     def _row(self, feature: int) -> int:
@@ -59,11 +50,41 @@ class Analysis:
         return (self.token_maps[self._row(feature)] / self.activations[feature]).tolist()
 
     def occlusion_map(self, feature: int) -> list[float] | None:
+        """How much greying out each patch lowers ``feature`` (see :class:`Analysis`); None: not measured."""
+        return None
+
+
+@dataclass
+class Analysis(Firing):
+    """One analysed image: the features that fire, where they fire, and the model input it became."""
+
+    model_view: Image.Image | None = None
+    """What CLIP saw: the resized, cropped image (normalisation undone)."""
+    occluded: torch.Tensor | None = None
+    """With occlusion asked for, ``[len(activations), patches]``: each firing feature's activation on
+    the image with one patch greyed out (``clipscope.token_maps.occlusions``, row-major); else None."""
+    explanation: Explanation | None = None
+    """With an explanation asked for, the zero-shot prediction and the features it rests on."""
+    steering: Steering | None = None
+    """With edits asked for, the zero-shot prediction before and after them."""
+
+    def occlusion_map(self, feature: int) -> list[float] | None:
         """How much greying out each patch lowers ``feature``, as fractions of its activation (negative: it rises)."""
         if self.occluded is None or feature not in self.activations:
             return None
         act = self.activations[feature]
         return ((act - self.occluded[self._row(feature)].double()) / act).tolist()
+
+
+def firing_entries(sae: TopKSAE, x: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``per_image_entries`` of ``[images, tokens, d]`` SAE inputs, on the CPU; with ``maps``, also
+    their token maps when the SAE reads several tokens (else None)."""
+    b, t, d = x.shape
+    code = sae.encode(x.reshape(b * t, d).float())
+    rows = torch.arange(b, device=code.indices.device)
+    want = maps and t > 1
+    img, feat, val, *tokens = per_image_entries(code.indices, code.values, rows, t, sae.d_sae, maps=want)
+    return img.cpu(), feat.cpu(), val.cpu(), tokens[0].maps().cpu() if want else None
 
 
 class _Loaded:
@@ -118,17 +139,10 @@ class Analyzer:
 
     def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``per_image_entries`` of a preprocessed batch (or of its residual stream ``resid``), on the CPU;
-        with ``maps``, also their token maps when the SAE reads several tokens (else None)."""
+        """:func:`firing_entries` of a preprocessed batch (or of its residual stream ``resid``)."""
         if resid is None:
             resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
-        resid = resid[:, token_slice(loaded.model_cfg.tokens)]
-        b, t, d = resid.shape
-        code = loaded.sae.encode(resid.reshape(b * t, d).float())
-        rows = torch.arange(b, device=code.indices.device)
-        want = maps and t > 1
-        img, feat, val, *tokens = per_image_entries(code.indices, code.values, rows, t, loaded.sae.d_sae, maps=want)
-        return img.cpu(), feat.cpu(), val.cpu(), tokens[0].maps().cpu() if want else None
+        return firing_entries(loaded.sae, resid[:, token_slice(loaded.model_cfg.tokens)], maps)
 
     def _occluded(self, loaded: _Loaded, image: torch.Tensor, features: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """``[len(features), patches]``: each of ``features``' activation with each patch greyed out."""
@@ -177,12 +191,12 @@ class Analyzer:
             one = resid[row : row + 1]
             explanation = self._explain(sae, loaded, one, question) if question and question.explain else None
             steering = self._steer(sae, loaded, one, question) if question and question.edits else None
-            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), view, maps[mine] if maps is not None else None,
-                                occluded, explanation, steering))
+            out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), maps[mine] if maps is not None else None,
+                                model_view=view, occluded=occluded, explanation=explanation, steering=steering))
         return out
 
 
-def rank_features(session: Session, sae: Sae, analysis: Analysis, limit: int = 30, strip: int = 6) -> dict[str, Any]:
+def rank_features(session: Session, sae: Sae, analysis: Firing, limit: int = 30, strip: int = 6) -> dict[str, Any]:
     """The firing features ranked by activation and by activation relative to the feature's own maximum,
     each with where on the image it fires (``token_map``, None for a CLS-only SAE) and, when occlusion
     was asked for, how much greying out each patch lowers it (``occlusion_map``)."""

@@ -9,11 +9,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from backend.services.features import feature_cards
+from backend.services.precompute_cache import open_precompute_cache
 from backend.services.recently_used import RecentlyUsed
-from clipscope.activation_cache import ActivationCache
 from clipscope.cofiring import FiringTable
 from clipscope.db.models import Sae
-from clipscope.errors import ClipScopeError
 from clipscope.sae.io import load_sae
 
 MAX_IMAGES = 10_000
@@ -33,12 +32,8 @@ class CoFiring:
         return self._tables.get((sae.key, sae.updated_at), lambda: self._build(sae))
 
     def _build(self, sae: Sae) -> FiringTable:
-        name = (sae.precompute or {}).get("cache")
-        path = self.data_dir / "activations" / str(name)
-        if not name or not (path / "metadata.json").is_file():
-            raise ClipScopeError(f"its precompute's activation cache is not on this server ({path}): copy the data dir's "
-                                 "activations/ folder with the database, or run `clipscope precompute` here.")
-        return FiringTable.from_cache(load_sae(self.data_dir / "saes" / sae.key / "sae")[0], ActivationCache.open(path), MAX_IMAGES)
+        cache = open_precompute_cache(self.data_dir, sae)
+        return FiringTable.from_cache(load_sae(self.data_dir / "saes" / sae.key / "sae")[0], cache, MAX_IMAGES)
 
     def of(self, session: Session, sae: Sae, idx: int, k: int = 8, strip: int = 4) -> dict[str, Any]:
         """Feature ``idx``'s ``k`` partners with their labels, automatic names and top images."""
