@@ -23,6 +23,7 @@ from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.kept_uploads import KeptUploads
 from backend.services.cofiring import CoFiring
+from backend.services.dataset_images import DatasetImages
 from backend.services.matches import Matches
 from backend.services.recently_used import RecentlyUsed
 from backend.services.feature_order import FeatureOrders
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.kept_uploads = KeptUploads(settings.analyze_kept)
     app.state.matches = Matches(settings.data_dir)
     app.state.cofiring = CoFiring(settings.data_dir)
+    app.state.dataset_images = DatasetImages(settings.data_dir, analyzer)  # encodes with the analysis' SAE
     app.state.densities = RecentlyUsed(16)  # per SAE row version: backend/routes/api.py:density_of
     # Templates ship with the code: no modification-time check of three files on every render.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)

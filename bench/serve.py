@@ -1,8 +1,9 @@
 """Serving: requests/s and p50/p99 of the feature page and the feature list with 49,152 features x 12
 examples in SQLite, each against a static file of its own size served by the same server; then the
 latency of analyzing a 512 x 512 JPEG, of explaining its zero-shot prediction over ten classes, of
-three feature edits and the prediction after them, and the throughput under 8 concurrent uploads; and
-a feature's closest features in a second SAE at the same site (the first request reads both SAEs' atoms).
+three feature edits and the prediction after them, and the throughput under 8 concurrent uploads; a
+feature's closest features in a second SAE at the same site (the first request reads both SAEs' atoms);
+and the page of an image of the precompute set (every feature it fires, from the activation cache).
 
 The server is a real `clipscope serve` process; the load comes from threads in this process, on
 loopback only, bounded in count and time.
@@ -36,6 +37,7 @@ from scratch import scratch_dir  # noqa: E402
 def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
     from sqlalchemy import insert
 
+    from clipscope.activation_cache import ActivationCache
     from clipscope.config import ModelConfig, parse_config
     from clipscope.db import migrate
     from clipscope.db.models import Feature, FeatureExample, Image as ImageRow, Sae, SaeStatus
@@ -51,9 +53,16 @@ def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
     save_sae(sae, data_dir / "saes" / key / "sae", {"layer": 10, "tokens": "cls", "model": "ViT-B-32"})
     cfg = parse_config({"name": "bench", "model": ModelConfig(pretrained="none").model_dump(mode="json"), "sae": {"d_sae": d_sae, "k": k}})
     rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)
+    cache = ActivationCache.create_or_open(
+        data_dir / "activations", {"dataset": {"dataset": "bench"}, "split": "train", "layer": 10, "tokens": "cls"}, n_images, 1, 768, np.arange(n_images))
+    out = cache.writer()  # the precompute's inputs, which an image's page encodes
+    out.write(rng.standard_normal((n_images, 1, 768), dtype=np.float32).astype(np.float16), np.zeros(n_images, dtype=np.int64))
+    out.commit()
     with session_scope(url) as s:
         row = Sae(key=key, name="bench", status=SaeStatus.READY, model="ViT-B-32", pretrained="none", random_weights=True,
-                  layer=10, tokens="cls", d_in=768, d_sae=d_sae, k=k, recipe="topk", config=cfg.model_dump(mode="json"), provenance={}, metrics={})
+                  layer=10, tokens="cls", d_in=768, d_sae=d_sae, k=k, recipe="topk", config=cfg.model_dump(mode="json"), provenance={}, metrics={},
+                  precompute={"cache": cache.path.name, "images": "bench"})
         s.add(row)
         s.flush()
         images = []
@@ -203,6 +212,14 @@ def main() -> None:
                 t = time.perf_counter()
                 assert post({"edits": "0=0, 1*3, 2=5", "classes": explain["classes"]}).status_code == 200
                 steered.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            assert client.get(f"/saes/{key}/images/1").status_code == 200  # opens the activation cache (the SAE is the analysis')
+            image_first = time.perf_counter() - t
+            imaged = []
+            for i in range(2, 2 + a.analyze_requests):
+                t = time.perf_counter()
+                assert client.get(f"/saes/{key}/images/{i}").status_code == 200
+                imaged.append(time.perf_counter() - t)
             started = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lambda _: post().status_code, range(32)))
@@ -226,6 +243,9 @@ def main() -> None:
         "matches_p50_ms": 1000 * statistics.median(matched),
         "steer_p50_ms": 1000 * statistics.median(steered),
         "steer_p50_over_analyze_p50": statistics.median(steered) / statistics.median(lat),
+        "image_page_first_request_ms": 1000 * image_first,
+        "image_page_p50_ms": 1000 * statistics.median(imaged),
+        "image_page_p50_over_analyze_p50": statistics.median(imaged) / statistics.median(lat),
     }, indent=2))
 
 

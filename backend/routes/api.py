@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from backend.auth import author_for_write
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.common import require_feature, require_ready
+from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import PoolClosed, PoolFull
 from backend.services.analyze import Analysis, rank_features
@@ -26,6 +26,7 @@ from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
+from backend.services.dataset_images import NotInSet
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
 from backend.services.saes import evaluation_table, feature_density, list_saes, sae_summary, training_curve
 
@@ -169,6 +170,27 @@ def feature_cofiring(request: Request, sae, idx: int, session, k: int = 8) -> di
     """:meth:`CoFiring.of` for a page or the API (503 when the activation cache is not here)."""
     return _about_feature(sae, idx, lambda: request.app.state.cofiring.of(session, sae, idx, k),
                           f"This server cannot tell which features fire with SAE {sae.key}'s")
+
+
+@router.get("/saes/{sae}/images/{image_id}", summary="An image of the precompute set: the features it fires, and those it is an example of",
+            responses={404: {"description": "No such image, or not one of the SAE's precompute set"}})
+def api_dataset_image(request: Request, sae: SaeDep, image_id: ImageId, session: SessionDep,
+                      limit: int = Query(30, ge=1, le=500, description="How many features each ranking lists.")) -> dict[str, Any]:
+    """``image`` (its dataset, split, index, class and thumbnail); ``examples_of``: the features it is a top
+    image of (``bucket`` -1, ``rank`` from 0) or an interval sample of; ``ranked``: every feature it fires,
+    ranked as an upload's are (``n_active``, ``by_activation``, ``by_relative``), computed from the
+    precompute's activation cache, so each activation is the precompute's own. Without that cache on this
+    server ``ranked`` is null and ``unavailable`` says why."""
+    return dataset_image(request, sae, image_id, session, limit)
+
+
+def dataset_image(request: Request, sae, image_id: int, session, limit: int = 30) -> dict[str, Any]:
+    """:meth:`DatasetImages.of` for a page or the API (404 for an image not of the SAE's precompute set)."""
+    require_ready(sae)
+    try:
+        return request.app.state.dataset_images.of(session, sae, image_id, limit)
+    except NotInSet as exc:
+        raise HTTPException(404, str(exc)) from None
 
 
 @router.get("/saes/{sae}/features/{idx}/labels", summary="Label history, newest first")

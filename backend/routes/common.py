@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+from typing import Annotated
+
+from fastapi import HTTPException, Path
 
 from clipscope.db.models import Sae, SaeStatus
+
+
+ImageId = Annotated[int, Path(ge=1, le=2**31 - 1, description="An image's id (an example's `image_id`).")]
+"""Bounded as the database's integer column is (PostgreSQL's is 32-bit): a larger id is a 422, not a 500."""
 
 
 def require_ready(sae: Sae) -> None:

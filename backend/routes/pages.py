@@ -10,10 +10,10 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_image, analyze_upload, answers, density_of, feature_cofiring, feature_matches
+from backend.routes.api import analyze_image, analyze_upload, answers, dataset_image, density_of, feature_cofiring, feature_matches
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
-from backend.routes.common import require_feature, require_ready
+from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
@@ -200,6 +200,12 @@ def collage(
         raise HTTPException(503, f"The thumbnail {exc.filename} is missing on this server: {data_dir / 'thumbnails'} must hold "
                                  "every thumbnail the database names (copy it with the database).") from None
     return FileResponse(path, media_type="image/png", filename=f"{sae.key}-feature-{idx}.png")
+
+
+@router.get("/saes/{sae}/images/{image_id}", response_class=HTMLResponse)
+def dataset_image_page(request: Request, sae: SaeDep, image_id: ImageId, session: SessionDep):
+    """An image of the precompute set: where it is an example, and every feature it fires."""
+    return render(request, "image.html", sae=sae_summary(sae), **dataset_image(request, sae, image_id, session))
 
 
 @router.get("/saes/{sae}/analyze", response_class=HTMLResponse)

@@ -243,7 +243,7 @@ def write(
         sae = s.get(Sae, sae_id)
         seconds = time.perf_counter() - started
         sae.precompute = {
-            "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "n_images": tb.n_images,
+            "key": key, "cache": cache.path.name, "dataset": dataset.identity(), "images": base_key, "n_images": tb.n_images,
             "n_features": d_sae, "n_examples": n_examples, "n_thumbnails": len(thumbs), "seconds": seconds,
             "names": _names_summary(tb, directions.name), "classes": list(dataset.classes),
         }
