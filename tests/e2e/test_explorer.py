@@ -160,3 +160,25 @@ def test_the_automatic_name_fills_the_label_editor_and_saves_nothing(browser, se
     matches = [float(t.split()[-1]) for t in page.locator(".feature-row .concept-score").all_inner_texts()]
     assert len(matches) == 50 and matches == sorted(matches, reverse=True), "ranked by their match, best first"
     page.close()
+
+
+def test_a_top_image_leads_to_everything_it_fires(browser, server, shot):
+    base, key = server
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{base}/saes/{key}/features?sort=frequency&order=desc")
+    idx = page.locator(".feature-row .idx").first.inner_text().lstrip("#")
+    page.locator(".feature-row .idx").first.click()
+    page.wait_for_url(f"**/features/{idx}")
+    page.locator(".thumbs.collage figure a.to-image").first.click()  # its first top image
+    page.wait_for_url(f"**/saes/{key}/images/*")
+    assert any(t.split()[:4] == [f"#{idx}", "top", "image", "1"] for t in page.locator(".examples-of li").all_inner_texts())
+    ranked = page.locator(".analyze-by_activation .feature-row .idx").all_inner_texts()
+    assert f"#{idx}" in ranked and page.locator(".analyze-by_relative .feature-row").count() == len(ranked)
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    shot(page, "7-image")
+    page.locator(f".examples-of li a[href$='/features/{idx}']").click()
+    page.wait_for_url(f"**/features/{idx}")
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.go_back()
+    page.wait_for_url(f"**/saes/{key}/images/*")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
