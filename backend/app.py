@@ -22,6 +22,7 @@ from backend.deps import SaeRows
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.kept_uploads import KeptUploads
+from backend.services.label_sample import LabelSummaries
 from backend.services.cofiring import CoFiring
 from backend.services.dataset_images import DatasetImages
 from backend.services.matches import Matches
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.matches = Matches(settings.data_dir)
     app.state.cofiring = CoFiring(settings.data_dir)
     app.state.dataset_images = DatasetImages(settings.data_dir, analyzer)  # encodes with the analysis' SAE
+    app.state.label_summaries = LabelSummaries()
     app.state.densities = RecentlyUsed(16)  # per SAE row version: backend/routes/api.py:density_of
     # Templates ship with the code: no modification-time check of three files on every render.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)

@@ -226,6 +226,17 @@ def api_export_csv(sae: SaeDep, session: SessionDep):
     return download(CSVResponse, body, f"{sae.key}-labels.csv")
 
 
+@router.get("/saes/{sae}/labels/summary", summary="How many features are labelled, and what the random sample's labels estimate")
+def api_label_summary(request: Request, sae: SaeDep, session: SessionDep) -> dict[str, Any]:
+    """``labelled`` and ``categories`` (label counts); ``sample``: the live features (``alive``), how many
+    of them from the start of the SAE's sample order (the list's ``sort=sample``) are all labelled
+    (``n``), the first one there without a label (``next``), and per category its ``count`` among
+    those ``n``, its ``share`` and the ``low`` and ``high`` ends of that share's 95 % Wilson interval:
+    an estimate over all live features while nobody skips one."""
+    require_ready(sae)
+    return request.app.state.label_summaries.of(session, sae)
+
+
 @router.post("/saes/{sae}/labels/import", summary="Import an export (JSONL or CSV); appends revisions, never overwrites")
 async def api_import(request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), format: Literal["jsonl", "csv"] = "jsonl") -> dict[str, int]:
     author_for_write(request, "")  # with auth on, importing needs a logged-in user

@@ -22,6 +22,7 @@ from backend.services.features import FeatureQuery, feature_detail, list_feature
 from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
 from clipscope.collage import cached_collage
+from clipscope.db.models import SaeStatus
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from clipscope.token_maps import veil_image
 from clipscope.thumbnails import png_data_uri
@@ -88,7 +89,8 @@ def overview(request: Request, session: SessionDep):
     for s in list_saes(session):
         evaluations = evaluation_table(session, s.id)
         saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations),
-                     "density": density_of(request, session, s)})
+                     "density": density_of(request, session, s),
+                     "labels": request.app.state.label_summaries.of(session, s) if s.status == SaeStatus.READY else None})
     return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes))
 
 
@@ -112,6 +114,14 @@ async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, qu
                       csv_params=asked.model_dump(exclude_defaults=True, exclude={"page", "per_page"}))
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
+
+
+@router.get("/saes/{sae}/features/next-to-label")
+def next_to_label(request: Request, sae: SaeDep, session: SessionDep):
+    """The first live feature of the sample order without a label; the SAE's overview card once there is none."""
+    require_ready(sae)
+    nxt = request.app.state.label_summaries.of(session, sae)["sample"]["next"]
+    return RedirectResponse(f"/saes/{sae.key}/features/{nxt}" if nxt is not None else f"/#sae-{sae.key}", status_code=303)
 
 
 @router.get("/saes/{sae}/features/random")

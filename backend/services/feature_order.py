@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from backend.services.label_sample import sample_rank
 from backend.services.recently_used import RecentlyUsed
 from clipscope.db.models import Feature, Label, LabelRevision, Sae
 
@@ -44,9 +45,12 @@ class FeatureOrders:
 
 
 def _fetch(session: Session, sae: Sae, query: FeatureQuery, scores: np.ndarray | None) -> np.ndarray:
-    if scores is None:
+    if scores is None and query.sort != "sample":
         return np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
     ids = np.fromiter(session.scalars(ordering(sae, query.model_copy(update={"sort": "index", "order": "asc"}))), dtype=np.int32)
+    if scores is None:  # the sample order, kept in no column
+        ids = ids[np.argsort(sample_rank(sae.key, sae.d_sae)[ids], kind="stable")]
+        return ids[::-1].copy() if query.order == "desc" else ids
     ids = ids[~np.isnan(scores[ids])]
     return ids[np.argsort(-scores[ids], kind="stable")]
 

@@ -18,10 +18,11 @@ from clipscope.token_maps import fractions
 class FeatureFilter(BaseModel):
     """Sorting and filtering of the features (all of it lives in the URL): which features, in which order."""
 
-    sort: Literal["index", "frequency", "max", "label", "class_share", "coherence"] = Field(
+    sort: Literal["index", "frequency", "max", "label", "class_share", "coherence", "sample"] = Field(
         "index",
         description="Sort key; class_share: the share of a feature's firing images in its leading class (how class-pure it is); "
-        "coherence: how alike CLIP finds its top images, beyond two random images of the set.",
+        "coherence: how alike CLIP finds its top images, beyond two random images of the set; sample: the SAE's fixed random "
+        "order, the same for everyone, whose labelled start estimates each label category's share of all live features.",
     )
     order: Literal["asc", "desc"] = Field("asc", description="Sort direction.")
     labelled: Literal["any", "yes", "no"] = Field("any", description="Only labelled, only unlabelled, or both.")
