@@ -51,15 +51,22 @@ def wilson(count: int, n: int, z: float = Z_95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def label_summary(session: Session, sae: Sae) -> dict[str, Any]:
+def live_in_sample_order(session: Session, sae: Sae) -> np.ndarray:
+    """The SAE's live features (those that fire on a precompute image), in its sample order."""
+    alive = np.fromiter(session.scalars(select(Feature.idx).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False))), dtype=np.int32)
+    return alive[np.argsort(sample_rank(sae.key, sae.d_sae)[alive], kind="stable")]
+
+
+def label_summary(session: Session, sae: Sae, ordered: np.ndarray | None = None) -> dict[str, Any]:
     """``labelled`` (features with a label) and ``categories`` (how many of each); ``sample``: ``alive``
     (live features), ``n`` (how many of them, from the start of the sample order, are all labelled),
     ``next`` (the first live feature there without a label, None when there is none) and ``shares``
-    (per category of those ``n``: ``count``, ``share``, ``low`` and ``high`` of its 95 % interval)."""
+    (per category of those ``n``: ``count``, ``share``, ``low`` and ``high`` of its 95 % interval).
+    ``ordered``: :func:`live_in_sample_order`, when the caller keeps it."""
     labels = dict(session.execute(select(Label.feature, Label.category).where(Label.sae_id == sae.id)).all())
-    alive = np.fromiter(session.scalars(select(Feature.idx).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False))), dtype=np.int32)
-    ordered = alive[np.argsort(sample_rank(sae.key, sae.d_sae)[alive], kind="stable")]
-    labelled = np.fromiter((int(f) in labels for f in ordered), dtype=bool, count=len(ordered))
+    if ordered is None:
+        ordered = live_in_sample_order(session, sae)
+    labelled = np.isin(ordered, np.fromiter(labels, dtype=np.int64, count=len(labels)))
     n = len(ordered) if labelled.all() else int(np.argmin(labelled))
     counts = Counter(labels[int(f)] for f in ordered[:n])
     shares = [{"category": c, "count": counts[c], "share": counts[c] / n if n else None, **dict(zip(("low", "high"), wilson(counts[c], n)))}
@@ -70,11 +77,16 @@ def label_summary(session: Session, sae: Sae) -> dict[str, Any]:
 
 class LabelSummaries:
     """:func:`label_summary` kept per version of the SAE row and of the labels (the newest revision, so
-    a label written by any process, the API or ``clipscope import`` included, is counted next time)."""
+    a label written by any process, the API or ``clipscope import`` included, is counted next time);
+    the live features' sample order per version of the SAE row alone, so a new label costs only the
+    labels' read (49,152 features, 300 labels: 51 -> 1.1 ms in-process)."""
 
     def __init__(self, capacity: int = 16):
         self._kept: RecentlyUsed[dict[str, Any]] = RecentlyUsed(capacity)
+        self._orders: RecentlyUsed[np.ndarray] = RecentlyUsed(capacity)
 
     def of(self, session: Session, sae: Sae) -> dict[str, Any]:
-        key = (sae.id, sae.updated_at, session.scalar(select(func.max(LabelRevision.id))))
-        return self._kept.get(key, lambda: label_summary(session, sae))
+        version = (sae.id, sae.updated_at)
+        ordered = lambda: self._orders.get(version, lambda: live_in_sample_order(session, sae))  # noqa: E731
+        key = (*version, session.scalar(select(func.max(LabelRevision.id))))
+        return self._kept.get(key, lambda: label_summary(session, sae, ordered()))
