@@ -6,7 +6,7 @@ from sqlalchemy import select
 
 from backend.services.label_sample import Z_95, sample_order, sample_rank, wilson
 from backend.services.labels import save_label
-from clipscope.db.models import Sae
+from clipscope.db.models import Feature, Sae
 from clipscope.db.session import session_scope
 
 
@@ -85,3 +85,13 @@ def test_with_every_live_feature_labelled_the_next_is_the_overview(web):
     assert {s["category"]: s["share"] for s in sample["shares"]}["visual"] == 1.0
     assert client.get(f"/saes/{key}/features/next-to-label", follow_redirects=False).headers["location"] == f"/#sae-{key}"
     assert "Every live feature is labelled." in client.get("/").text
+
+
+def test_a_new_precompute_s_live_features_are_read_again(web):
+    client, key = web
+    before = client.get(f"/api/saes/{key}/labels/summary").json()["sample"]["alive"]
+    with session_scope(client.app.state.database_url) as s:  # what a new precompute does: new flags, a new row version
+        row = s.scalar(select(Sae).where(Sae.key == key))
+        s.scalar(select(Feature).where(Feature.sae_id == row.id, Feature.is_dead.is_(False)).limit(1)).is_dead = True
+        row.name = row.name + " (again)"
+    assert client.get(f"/api/saes/{key}/labels/summary").json()["sample"]["alive"] == before - 1
