@@ -182,3 +182,31 @@ def test_a_top_image_leads_to_everything_it_fires(browser, server, shot):
     page.go_back()
     page.wait_for_url(f"**/saes/{key}/images/*")
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), "no sideways scrolling on a phone"
+
+
+def test_labelling_the_random_sample_from_the_keyboard(browser, server):
+    base, key = server
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{base}/saes/{key}/features")
+    page.locator("h1").click()
+    page.keyboard.press("n")
+    page.wait_for_url(re.compile(rf"/saes/{key}/features/\d+$"))
+    first = page.url.rsplit("/", 1)[1]
+    page.wait_for_function("window.htmx !== undefined")
+    page.locator("h1").click()
+    page.keyboard.press("2")
+    assert page.input_value("select[name=category]") == "visual"
+    assert page.evaluate("document.activeElement.name") == "text", "the caret goes to the label's text"
+    page.keyboard.type("stripes")
+    if page.locator("input[name=author]").count():
+        page.fill("input[name=author]", "e2e")
+        page.focus("textarea[name=text]")
+    with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/label")):
+        page.keyboard.press("Control+Enter")
+    page.wait_for_selector("#label-editor .history")
+    assert "stripes" in page.locator(".history").inner_text()
+    page.locator("h1").click()
+    page.keyboard.press("n")
+    page.wait_for_url(lambda url: url.split("?")[0].rsplit("/", 1)[1] not in (first, "next-to-label"))
+    summary = page.request.get(f"{base}/api/saes/{key}/labels/summary").json()
+    assert summary["sample"]["n"] >= 1 and page.url.endswith(f"/features/{summary['sample']['next']}")
