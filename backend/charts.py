@@ -63,8 +63,9 @@ def line_chart(
 
 
 def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, width: int = 560, height: int = 160,
-              label: str = "activation histogram", below_label: str = "below") -> Markup:
-    """Bars over log-spaced bins; the count below the first edge is shown as text, ``below_label`` after it."""
+              label: str = "activation histogram", below_label: str = "below", log: bool = True) -> Markup:
+    """Bars over bins (log-spaced unless ``log`` is off); the count below the first edge is shown as text,
+    ``below_label`` after it."""
     if not counts:
         return Markup('<p class="muted">Never fires on the precompute images.</p>')
     pad_l, pad_b, pad_t = 40, 30, 8
@@ -79,6 +80,6 @@ def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, wid
         )
     parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top}</text>')
     parts.append(f'<text x="{pad_l}" y="{height - 12}">{edges[0]:.3g}</text>')
-    parts.append(f'<text x="{width - 8}" y="{height - 12}" text-anchor="end">{edges[-1]:.3g} (log scale)</text>')
+    parts.append(f'<text x="{width - 8}" y="{height - 12}" text-anchor="end">{edges[-1]:.3g}{" (log scale)" if log else ""}</text>')
     parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">{below} {escape(below_label)}</text></svg>')
     return Markup("".join(parts))

@@ -28,7 +28,7 @@ from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.dataset_images import NotInSet
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
-from backend.services.saes import evaluation_table, feature_density, list_saes, sae_summary, training_curve
+from backend.services.saes import decoder_redundancy, evaluation_table, feature_density, list_saes, sae_summary, training_curve
 
 T = TypeVar("T")
 
@@ -64,12 +64,17 @@ def api_saes(session: SessionDep) -> list[dict[str, Any]]:
 @router.get("/saes/{sae}", summary="One SAE with its training curve, evaluation table and feature density")
 def api_sae(request: Request, sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id),
-            "density": density_of(request, session, sae)}
+            "density": density_of(request, session, sae), "redundancy": redundancy_of(request, session, sae)}
 
 
 def density_of(request: Request, session, sae) -> dict[str, Any] | None:
     """:func:`feature_density`, kept per process for each version of the SAE row (a read of every feature's frequency)."""
-    return request.app.state.densities.get((sae.key, sae.updated_at), lambda: feature_density(session, sae))
+    return request.app.state.diagnostics.get(("density", sae.key, sae.updated_at), lambda: feature_density(session, sae))
+
+
+def redundancy_of(request: Request, session, sae) -> dict[str, Any] | None:
+    """:func:`decoder_redundancy`, kept like :func:`density_of` (a read of every live feature's neighbours)."""
+    return request.app.state.diagnostics.get(("redundancy", sae.key, sae.updated_at), lambda: decoder_redundancy(session, sae))
 
 
 def invalid_query(field: str, message: str, value: Any) -> RequestValidationError:

@@ -10,7 +10,9 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
-from backend.routes.api import analyze_image, analyze_upload, answers, dataset_image, density_of, feature_cofiring, feature_matches
+from backend.routes.api import (
+    analyze_image, analyze_upload, answers, dataset_image, density_of, feature_cofiring, feature_matches, redundancy_of,
+)
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import ImageId, require_feature, require_ready
@@ -89,7 +91,7 @@ def overview(request: Request, session: SessionDep):
     for s in list_saes(session):
         evaluations = evaluation_table(session, s.id)
         saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations),
-                     "density": density_of(request, session, s),
+                     "density": density_of(request, session, s), "redundancy": redundancy_of(request, session, s),
                      "labels": request.app.state.label_summaries.of(session, s) if s.status == SaeStatus.READY else None})
     return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes))
 

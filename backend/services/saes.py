@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from clipscope.clip.zeroshot import class_drops
 from clipscope.db.models import Evaluation, Feature, Sae, SaeStatus, TrainingPoint
+from clipscope.matching import chance_level
 
 
 def sae_summary(sae: Sae) -> dict[str, Any]:
@@ -48,6 +49,24 @@ def feature_density(session: Session, sae: Sae, bins: int = 24) -> dict[str, Any
         "n_images": n_images, "n_features": int(freqs.size), "edges": edges.tolist(), "counts": np.histogram(live, edges)[0].tolist(),
         "dead": int(freqs.size - live.size), "dense_threshold": threshold, "dense": int((freqs > threshold).sum()) if threshold else None,
         "median_live": float(np.median(live)) if live.size else None,
+    }
+
+
+def decoder_redundancy(session: Session, sae: Sae, bins: int = 20) -> dict[str, Any] | None:
+    """How far each live feature's dictionary atom is from every other atom: a histogram of the cosine
+    to its nearest other atom (the precompute's first neighbour) on ``bins`` bins from 0 to 1, with the
+    count below 0, the median, the near-duplicates (above 0.9) and the level two random directions
+    reach by chance among this many. Many atoms far above chance point at features split into
+    near-copies. None before the precompute."""
+    if sae.status != SaeStatus.READY:
+        return None
+    rows = session.execute(select(Feature.neighbours).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False)))
+    nearest = np.array([found[0][1] for found, in rows if found], dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return {
+        "n_features": int(nearest.size), "edges": edges.tolist(), "counts": np.histogram(nearest, edges)[0].tolist(),
+        "below": int((nearest < 0).sum()), "median": float(np.median(nearest)) if nearest.size else None,
+        "near_duplicates": int((nearest > 0.9).sum()), "chance": chance_level(sae.d_sae, sae.d_in),
     }
 
 

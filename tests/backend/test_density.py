@@ -37,3 +37,26 @@ def test_the_overview_shows_it_and_follows_a_new_precompute(web):
         sae.name = sae.name + " "  # as a precompute does, the row's update moves updated_at
     again = client.get(f"/api/saes/{key}").json()["density"]
     assert len(live) == 3 and again["dead"] == density["dead"] + 3 and sum(again["counts"]) == sum(density["counts"]) - 3
+
+
+def test_the_redundancy_is_each_live_atom_s_cosine_to_its_nearest_other_atom(web, web_data):
+    import math
+
+    import torch
+
+    from clipscope.sae.io import load_sae
+
+    client, key = web
+    redundancy = client.get(f"/api/saes/{key}").json()["redundancy"]
+    features = client.get(f"/api/saes/{key}/features", params={"per_page": 500}).json()["features"]
+    alive = [f["index"] for f in features if not f["is_dead"]]
+    w = torch.nn.functional.normalize(load_sae(web_data[0].data_dir / "saes" / key / "sae")[0].W_dec.detach().double(), dim=1)
+    cos = w @ w.T
+    cos.fill_diagonal_(-math.inf)
+    nearest = np.round(cos.max(1).values.numpy()[alive], 6)  # stored to 6 decimals
+    assert redundancy["n_features"] == len(alive) and sum(redundancy["counts"]) + redundancy["below"] == len(alive)
+    assert redundancy["counts"] == np.histogram(nearest, np.linspace(0, 1, 21))[0].tolist() and redundancy["below"] == int((nearest < 0).sum())
+    assert redundancy["median"] == pytest.approx(float(np.median(nearest)), abs=1e-6)
+    assert redundancy["near_duplicates"] == int((nearest > 0.9).sum())
+    assert redundancy["chance"] == pytest.approx(math.sqrt(2 * math.log(64) / 768))
+    assert "Dictionary redundancy" in client.get("/").text
