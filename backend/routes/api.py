@@ -61,7 +61,7 @@ def api_saes(session: SessionDep) -> list[dict[str, Any]]:
     return [sae_summary(s) for s in list_saes(session)]
 
 
-@router.get("/saes/{sae}", summary="One SAE with its training curve, evaluation table and feature density")
+@router.get("/saes/{sae}", summary="One SAE with its training curve, evaluation table, feature density and dictionary redundancy")
 def api_sae(request: Request, sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id),
             "density": density_of(request, session, sae), "redundancy": redundancy_of(request, session, sae)}

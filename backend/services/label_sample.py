@@ -71,7 +71,8 @@ def label_summary(session: Session, sae: Sae, ordered: np.ndarray | None = None)
     counts = Counter(labels[int(f)] for f in ordered[:n])
     shares = [{"category": c, "count": counts[c], "share": counts[c] / n if n else None, **dict(zip(("low", "high"), wilson(counts[c], n)))}
               for c in CATEGORIES]
-    return {"labelled": len(labels), "categories": {c: sum(1 for v in labels.values() if v == c) for c in CATEGORIES},
+    every = Counter(labels.values())
+    return {"labelled": len(labels), "categories": {c: every[c] for c in CATEGORIES},
             "sample": {"alive": len(ordered), "n": n, "next": int(ordered[n]) if n < len(ordered) else None, "shares": shares}}
 
 
