@@ -19,14 +19,14 @@ from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
+from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, training_curve
 from clipscope.accounts import authenticate
-from clipscope.collage import cached_collage
 from clipscope.db.models import SaeStatus
+from clipscope.errors import ClipScopeError
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
-from clipscope.token_maps import veil_image
 from clipscope.thumbnails import png_data_uri
 
 router = APIRouter(include_in_schema=False)
@@ -199,18 +199,10 @@ def collage(
     detail = feature_detail(session, sae, idx)
     if detail is None or not detail["top"]:
         raise HTTPException(404, f"Feature {idx} has no top examples.")
-    data_dir = request.app.state.settings.data_dir
     try:
-        path = cached_collage(
-            data_dir / "collages" / sae.key,
-            [data_dir / e["thumbnail"].lstrip("/") for e in detail["top"]],
-            [e["activation"] for e in detail["top"]],
-            title=f"{sae.key} feature {idx}",
-            veils=[veil_image(e["token_map"], sae.tokens) if veil and e["token_map"] else None for e in detail["top"]],
-        )
-    except FileNotFoundError as exc:  # a database moved without its data dir's thumbnails/
-        raise HTTPException(503, f"The thumbnail {exc.filename} is missing on this server: {data_dir / 'thumbnails'} must hold "
-                                 "every thumbnail the database names (copy it with the database).") from None
+        path = feature_collage(request.app.state.settings.data_dir, sae, detail, veil)
+    except ClipScopeError as exc:
+        raise HTTPException(503, str(exc)) from None
     return FileResponse(path, media_type="image/png", filename=f"{sae.key}-feature-{idx}.png")
 
 
