@@ -227,6 +227,33 @@ def import_labels(
     typer.echo(f"added {result['added']} revisions, skipped {result['skipped']} already present")
 
 
+class ReportOrder(str, Enum):
+    frequency = "frequency"
+    sample = "sample"
+    labelled = "labelled"
+
+
+@app.command("report")
+def report(
+    sae: str = typer.Argument(..., help="SAE key."),
+    output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Folder to write README.md and collages/ into (made if missing)."),
+    features: int = typer.Option(300, "--features", min=1, help="How many features to show."),
+    order: ReportOrder = typer.Option(
+        ReportOrder.frequency, "--order",
+        help="Which: frequency (the most frequently firing, as the study chose its 300), sample (the first of the random sample "
+        "order) or labelled (the labelled features).",
+    ),
+) -> None:
+    """Write an SAE up as the study was: its recipe, reconstruction, zero-shot accuracy, feature statistics
+    and label estimates, then a collage, label and statistics per chosen feature (Markdown and PNGs)."""
+    from backend.services.report import write_report
+    from clipscope.settings import get_settings
+
+    with _sae_session(sae) as (session, row):
+        path = write_report(session, row, get_settings().data_dir, output, features, order.value)
+    typer.echo(f"wrote {path}")
+
+
 def _sae_session(key: str):
     from contextlib import contextmanager
 
