@@ -114,22 +114,29 @@ def _group_exists(name: str) -> bool:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path) -> str:
     """A fresh, migrated, empty database on each engine."""
+    from clipscope.db import migrate
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'test.db'}"
+        migrate.upgrade(url)
+        return url
+    return fresh_postgresql_database(request.getfixturevalue("postgres_server"))
+
+
+def fresh_postgresql_database(server: str) -> str:
+    """The URL of a new, migrated, empty database on ``postgres_server``'s cluster."""
     import uuid
 
     from sqlalchemy import create_engine, text
 
     from clipscope.db import migrate
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'test.db'}"
-    else:
-        template = request.getfixturevalue("postgres_server")
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(template.format(db="postgres"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        admin.dispose()
-        url = template.format(db=name)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server.format(db="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = server.format(db=name)
     migrate.upgrade(url)
     return url
 

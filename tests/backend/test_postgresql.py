@@ -3,28 +3,20 @@ the JSON API and every page, label writes and an analysis, on copies of one read
 
 import io
 import re
-import uuid
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from clipscope.db import migrate
 from clipscope.db.models import Base
 from tests.backend.conftest import copy_database
+from tests.conftest import fresh_postgresql_database
 
 
 def _copy_to_postgresql(sqlite_url: str, server: str) -> str:
     """A fresh, migrated PostgreSQL database holding every row of the SQLite one, ids and sequences included."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server.format(db="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = server.format(db=name)
-    migrate.upgrade(url)
+    url = fresh_postgresql_database(server)
     src, dst = create_engine(sqlite_url), create_engine(url)
     with src.connect() as read, dst.begin() as write:
         for table in Base.metadata.sorted_tables:
