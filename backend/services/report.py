@@ -91,6 +91,9 @@ def _summary(session: Session, sae: Sae) -> list[str]:
             lines.append(f"| {md(e['dataset'])}/{md(e['split'])} | {e['n']:,} | {pct(c.get('clean', {}).get('top1'), 2)} | "
                          f"{pct(c.get('spliced', {}).get('top1'), 2)} | {drop} |")
         lines += ["", "Spliced: the SAE's reconstruction replaces the residual stream at the hook site.", ""]
+        for e in evaluations:
+            if e["by_class"]:
+                lines += _hurt_classes(e)
     density, redundancy = feature_density(session, sae), decoder_redundancy(session, sae)
     lines += ["## Features at a glance", ""]
     if density:
@@ -109,6 +112,19 @@ def _summary(session: Session, sae: Sae) -> list[str]:
                   "| category | labelled | share | 95 % interval (Wilson) |", "| --- | --- | --- | --- |"]
         lines += [f"| {CATEGORY_NAMES[s['category']]} | {s['count']} | {pct(s['share'], 0)} | {pct(s['low'], 0)} – {pct(s['high'], 0)} |" for s in sample["shares"]]
     return lines
+
+
+def _hurt_classes(e: dict[str, Any], rows: int = 8) -> list[str]:
+    """The classes of one evaluated set the splice hurts most, with what the spliced model takes them for
+    and the features clean CLIP's recognition of them rests on most."""
+    lines = [f"Classes of {md(e['dataset'])}/{md(e['split'])} the splice hurts most:", "",
+             "| class | images | clean | spliced | drop | spliced mistakes it for | rests on |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in e["by_class"][:rows]:
+        mistaken = r["spliced_mistaken_for"]
+        rests = ", ".join(f"#{f['index']}" for f in (r["features"] or [])[:3]) or "–"
+        lines.append(f"| {md(r['class'])} | {r['n']} | {pct(r['clean'])} | {pct(r['spliced'])} | {r['drop_pp']:.1f} pp | "
+                     f"{md(mistaken['class']) + ' (' + pct(mistaken['share'], 0) + ')' if mistaken else '–'} | {rests} |")
+    return lines + [""]
 
 
 def _feature(f: dict[str, Any]) -> list[str]:

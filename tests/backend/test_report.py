@@ -31,6 +31,11 @@ def test_the_report_holds_the_sae_s_numbers_and_each_chosen_feature_s_collage(we
     ev = sae["evaluations"][0]
     assert f"| {ev['dataset']}/{ev['split']} | {ev['n']:,} | {100 * ev['conditions']['clean']['top1']:.2f} % | {100 * ev['conditions']['spliced']['top1']:.2f} % |" in text
     assert f"{sae['density']['dead']:,} of 64 features never fire" in text
+    hurt = text[text.index("the splice hurts most"):]
+    for r in ev["by_class"][:8]:  # the eight most hurt classes, in order
+        row = f"| {r['class']} | {r['n']} | {100 * r['clean']:.1f} % | {100 * r['spliced']:.1f} % | {r['drop_pp']:.1f} pp |"
+        assert row in hurt, row
+        hurt = hurt[hurt.index(row):]
     assert "The first 2 live features of the random sample order are all labelled" in text and "| semantic | 2 | 100 % |" in text
     shown = [int(i) for i in re.findall(r"^### #(\d+)", text, flags=re.M)]
     most = client.get(f"/api/saes/{key}/features", params={"sort": "frequency", "order": "desc", "dead": "hide", "per_page": 5}).json()["features"]
