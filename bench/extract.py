@@ -26,7 +26,7 @@ from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig  # noqa: E4
 from clipscope.settings import Settings  # noqa: E402
 from worker.batches import autocast  # noqa: E402
 from worker.context import Context  # noqa: E402
-from worker.datasets import build_dataset  # noqa: E402
+from clipscope.datasets import build_dataset  # noqa: E402
 from worker.extract import extract  # noqa: E402
 from device_waits import host_waits  # noqa: E402
 from scratch import scratch_dir  # noqa: E402

@@ -23,7 +23,7 @@ from clipscope.sae.model import TopKSAE
 from clipscope.splice import CONDITIONS, check_error_splice, spliced_features
 from worker.batches import autocast
 from worker.context import Context
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 from worker.zero_shot_set import zero_shot_set
 
 log = logging.getLogger(__name__)

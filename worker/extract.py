@@ -17,7 +17,7 @@ from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
 from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
 from worker.batches import autocast, image_loader
 from worker.context import Context
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 
 log = logging.getLogger(__name__)
 

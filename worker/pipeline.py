@@ -17,7 +17,7 @@ from clipscope.steering import EDIT_SYNTAX, Edit, EditError, parse_edits
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
 from worker.steer import SteerResult, format_steer, steer_dataset
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 from worker.extract import cache_path, extract, is_complete
 from worker.precompute.naming import Namer
 from worker.precompute.stage import PrecomputeResult, precompute

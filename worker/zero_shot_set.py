@@ -16,7 +16,7 @@ from clipscope.config import DatasetSpec, RunConfig
 from clipscope.errors import ClipScopeError
 from worker.batches import image_loader
 from worker.context import Context
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 
 
 @dataclass

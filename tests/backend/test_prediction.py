@@ -24,7 +24,7 @@ def _analyze(client, key, **params):
 
 
 def _synthetic_classes() -> list[str]:
-    from worker.datasets.synthetic import COLOURS, SHAPES
+    from clipscope.datasets.synthetic import COLOURS, SHAPES
 
     return [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
 

@@ -10,7 +10,7 @@ from clipscope.db.session import session_scope
 from clipscope.sae.io import load_sae
 from tests.clipscope.test_splice import perfect_sae
 from tests.conftest import array_cache
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 from worker.evaluate import evaluate, evaluate_dataset, format_table, training_mean
 from worker.train.loop import train
 

@@ -9,7 +9,7 @@ from clipscope.clip.hooks import residual_at
 from clipscope.clip.preprocess import build_transform, preprocess_descriptor
 from clipscope.config import DatasetSpec, ExtractConfig, ModelConfig
 from clipscope.errors import ClipScopeError
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 from worker.extract import extract
 
 MODEL = ModelConfig(pretrained="none", layer=3, tokens="cls")
@@ -49,7 +49,7 @@ def test_another_layer_or_token_mode_gets_another_cache(ctx, random_clip):
 
 def test_a_killed_extraction_resumes_and_ends_equal_to_an_uninterrupted_one(ctx, tmp_path, random_clip, monkeypatch):
     from tests.conftest import make_context
-    from worker.datasets.synthetic import SyntheticShapes
+    from clipscope.datasets.synthetic import SyntheticShapes
 
     reference = extract(make_context(tmp_path / "ref"), MODEL, SPEC, SMALL, clip=random_clip).cache
     original = SyntheticShapes.__getitem__
@@ -80,7 +80,7 @@ def test_embeddings_are_clips_image_embeddings_and_resume_with_the_activations(c
     """The rest of the tower run on the hooked stream gives CLIP's own image embedding; a killed run keeps
     them in step with the activations, and the activations are those of a cache without them."""
     from tests.conftest import make_context
-    from worker.datasets.synthetic import SyntheticShapes
+    from clipscope.datasets.synthetic import SyntheticShapes
 
     plain = extract(make_context(tmp_path / "plain"), MODEL, SPEC, SMALL, clip=random_clip).cache
     assert not plain.has_embeddings and plain.embeddings() is None

@@ -12,7 +12,7 @@ from clipscope.sae.io import load_sae
 from tests.backend.conftest import TINY, web_data  # noqa: F401  (a ready SAE built by run_all, names included)
 from tests.conftest import array_cache, make_context
 from tests.worker.test_precompute import PC, trained  # noqa: F401  (a trained SAE over a cache, on both databases)
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 from clipscope.activation_cache import EMBEDDINGS, ActivationCache
 from worker.precompute.naming import Namer, concept_embeddings, concepts_of, image_embeddings
 from worker.precompute.stage import precompute, precompute_key

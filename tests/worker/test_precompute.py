@@ -8,7 +8,7 @@ from clipscope.db.models import Feature, FeatureExample, Image, Label, LabelRevi
 from clipscope.db.session import session_scope
 from clipscope.sae.io import load_sae
 from tests.conftest import array_cache
-from worker.datasets import build_dataset
+from clipscope.datasets import build_dataset
 from worker.precompute.accumulate import GroupTopK
 from worker.precompute.neighbours import decoder_neighbours
 from worker.precompute.stage import precompute

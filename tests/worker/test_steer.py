@@ -25,7 +25,7 @@ def _per_image(settings, key, edits):
     from clipscope.config import ModelConfig
     from clipscope.sae.io import load_sae
     from clipscope.steering import steer
-    from worker.datasets.synthetic import SyntheticShapes
+    from clipscope.datasets.synthetic import SyntheticShapes
 
     cfg = ModelConfig(pretrained="none", layer=10)
     clip, sae = load_clip(cfg), load_sae(settings.data_dir / "saes" / key / "sae")[0]

@@ -80,17 +80,17 @@ def build_dataset(spec: DatasetSpec, datasets_dir: Path, allow_download: bool = 
     """The images a spec names; ``root`` defaults to ``datasets_dir / name``."""
     root = Path(spec.root).expanduser() if spec.root is not None else datasets_dir / spec.name
     if spec.name == "synthetic":
-        from worker.datasets.synthetic import SyntheticShapes
+        from clipscope.datasets.synthetic import SyntheticShapes
 
         base: ImageDataset = SyntheticShapes(
             size=spec.synthetic_size, split=spec.split, seed=spec.seed, image_size=spec.image_size
         )
     elif spec.name == "imagefolder":
-        from worker.datasets.imagefolder import ImageFolder
+        from clipscope.datasets.imagefolder import ImageFolder
 
         base = ImageFolder(root)
     else:
-        from worker.datasets.torchvision_sets import load_torchvision
+        from clipscope.datasets.torchvision_sets import load_torchvision
 
         base = load_torchvision(spec.name, root, spec.split, allow_download)
     return Selection(base, spec)

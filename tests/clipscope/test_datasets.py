@@ -4,8 +4,8 @@ from PIL import Image
 
 from clipscope.config import DatasetSpec
 from clipscope.errors import ClipScopeError
-from worker.datasets import build_dataset
-from worker.datasets.synthetic import SyntheticShapes
+from clipscope.datasets import build_dataset
+from clipscope.datasets.synthetic import SyntheticShapes
 
 
 def test_synthetic_images_are_deterministic_and_differ_by_index_split_and_seed():
