@@ -189,6 +189,23 @@ def api_dataset_image(request: Request, sae: SaeDep, image_id: ImageId, session:
     return dataset_image(request, sae, image_id, session, limit)
 
 
+def dataset_picture(request: Request, session, sae, image_id: int) -> tuple[Image.Image, str]:
+    """An image of the SAE's precompute set, read again from its dataset, and its name: to analyse it as
+    an upload (404 for an image not of the set, 503 when this server lacks the dataset's files)."""
+    images = request.app.state.dataset_images
+    try:
+        image, _ = images.image(session, sae, image_id)
+        return images.pixels(sae, image), image_name(image)
+    except NotInSet as exc:
+        raise HTTPException(404, str(exc)) from None
+    except ClipScopeError as exc:
+        raise HTTPException(503, f"This server cannot read image {image_id}: {exc}") from None
+
+
+def image_name(image) -> str:
+    return f"{image.dataset} {image.split} image {image.index}" + (f" ({image.class_name})" if image.class_name else "")
+
+
 def dataset_image(request: Request, sae, image_id: int, session, limit: int = 30) -> dict[str, Any]:
     """:meth:`DatasetImages.of` for a page or the API (404 for an image not of the SAE's precompute set)."""
     require_ready(sae)
@@ -317,11 +334,16 @@ async def analyze_image(request: Request, sae, image: Image.Image, occlude: bool
         raise HTTPException(503, f"This server cannot analyze with SAE {sae.key}: {exc}") from None
 
 
-@router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image",
+@router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image, or on an image of the precompute set",
              responses={413: {"description": "Too large"}, 415: {"description": "Not an accepted image format"},
-                        400: {"description": "Empty, truncated, corrupt or polyglot image"}, 503: {"description": "Analysis queue full"}})
+                        400: {"description": "Empty, truncated, corrupt or polyglot image"},
+                        404: {"description": "image_id is not an image of the SAE's precompute set"},
+                        503: {"description": "Analysis queue full, or the dataset's files not on this server"}})
 async def api_analyze(
-    request: Request, sae: SaeDep, session: SessionDep, file: UploadFile = File(...), limit: int = Query(30, ge=1, le=500),
+    request: Request, sae: SaeDep, session: SessionDep, file: UploadFile | None = File(None),
+    image_id: int | None = Query(None, ge=1, le=2**31 - 1, description="Instead of a file: an image of the precompute set (an example's "
+                                 "`image_id`), read again from its dataset on this server."),
+    limit: int = Query(30, ge=1, le=500),
     occlude: bool = Query(False, description=OCCLUDE_HELP), explain: bool = Query(False, description=EXPLAIN_HELP),
     classes: str | None = Query(None, max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2), description=CLASSES_HELP),
     target: str | None = Query(None, max_length=MAX_CLASS_CHARS, description=TARGET_HELP),
@@ -334,7 +356,13 @@ async def api_analyze(
         question = question_for(sae, explain, edits, classes, target, contrast, measure)
     except BadQuestion as exc:
         raise invalid_query(exc.field, str(exc), exc.value) from None
-    analysis = await analyze_upload(request, sae, file, occlude, question)
+    if (file is None) == (image_id is None):
+        raise invalid_query("image_id", "Send one image: a file, or the image_id of an image of the precompute set.", image_id)
+    if file is not None:
+        analysis = await analyze_upload(request, sae, file, occlude, question)
+    else:
+        picture, _ = await run_in_threadpool(dataset_picture, request, session, sae, image_id)
+        analysis = await analyze_image(request, sae, picture, occlude, question)
     return {**rank_features(session, sae, analysis, limit=limit), **answers(session, sae, question, analysis)}
 
 

@@ -7,12 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
 from backend.routes.api import (
-    analyze_image, analyze_upload, answers, dataset_image, density_of, feature_cofiring, feature_matches, redundancy_of,
+    analyze_image, analyze_upload, answers, dataset_image, dataset_picture, density_of, feature_cofiring, feature_matches, image_name,
+    redundancy_of,
 )
+from backend.services.dataset_images import NotInSet
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import ImageId, require_feature, require_ready
@@ -213,10 +216,24 @@ def dataset_image_page(request: Request, sae: SaeDep, image_id: ImageId, session
 
 
 @router.get("/saes/{sae}/analyze", response_class=HTMLResponse)
-def analyze_form(request: Request, sae: SaeDep, edits: str = Query("", max_length=MAX_EDITS * 32)):
-    """The upload form; ``edits`` fills its edits field (a feature page's "steer an image with it")."""
+def analyze_form(request: Request, sae: SaeDep, session: SessionDep, edits: str = Query("", max_length=MAX_EDITS * 32),
+                 image: int | None = Query(None, ge=1, le=2**31 - 1)):
+    """The upload form; ``edits`` fills its edits field (a feature page's "steer an image with it"), ``image``
+    offers an image of the precompute set instead of an upload (an image page's "analyse it")."""
     require_ready(sae)
-    return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae, edits=edits))
+    return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae, edits=edits),
+                  image=_set_image(request, session, sae, image))
+
+
+def _set_image(request: Request, session, sae, image_id: int | None) -> dict | None:
+    """``{id, name}`` of an image of the SAE's precompute set for the form to offer (404 if it is none)."""
+    if image_id is None:
+        return None
+    try:
+        image, _ = request.app.state.dataset_images.image(session, sae, image_id)
+    except NotInSet as exc:
+        raise HTTPException(404, str(exc)) from None
+    return {"id": image.id, "name": image_name(image)}
 
 
 def _asked(sae, occlude: bool = False, explain: bool = False, classes: str = "", target: str = "", contrast: str = "", edits: str = "") -> dict:
@@ -230,32 +247,38 @@ async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file:
                        occlude: bool = Form(False), explain: bool = Form(False),
                        classes: str = Form("", max_length=MAX_CLASSES * (MAX_CLASS_CHARS + 2)),
                        target: str = Form("", max_length=MAX_CLASS_CHARS), contrast: str = Form("", max_length=MAX_CLASS_CHARS),
-                       edits: str = Form("", max_length=MAX_EDITS * 32)):
-    """Analyze the chosen image, or with none chosen the one this page showed last (``upload``: its token)."""
+                       edits: str = Form("", max_length=MAX_EDITS * 32), image: int | None = Form(None, ge=1, le=2**31 - 1)):
+    """Analyze the chosen image; with none chosen, the one this page showed last (``upload``: its token) or
+    else the image of the precompute set it offered (``image``)."""
     require_ready(sae)
     asked = _asked(sae, occlude, explain, classes, target, contrast, edits)
     kept = request.app.state.kept_uploads
     chosen = file is not None and bool(file.filename)  # a form with no file chosen sends an empty, unnamed part
     again = None if chosen else kept.find(sae.key, upload)
 
+    offered = {"id": image, "name": f"image {image} of the set"} if image is not None and not chosen and again is None else None
+
     def fail(status: int, error: str, headers: dict | None = None) -> HTMLResponse:  # the form keeps what was asked, and the kept image
         return render(request, "analyze.html", status_code=status, headers=headers, sae=sae_summary(sae), result=None, error=error,
-                      asked=asked, upload=upload if again else "", filename=again.filename if again else None)
+                      asked=asked, upload=upload if again else "", filename=again.filename if again else None, image=offered)
 
-    if not chosen and again is None:
+    if not chosen and again is None and offered is None:
         return fail(422, "Choose an image to analyze." if not upload else
                     f"The image analysed before is no longer kept (this server keeps the last {request.app.state.settings.analyze_kept}); choose it again.")
     try:
         question = question_for(sae, explain, edits, classes, target, contrast)
         if again is not None:
             analysis = await analyze_image(request, sae, again.view, occlude, question)
+        elif offered is not None:
+            picture, offered["name"] = await run_in_threadpool(dataset_picture, request, session, sae, image)
+            analysis = await analyze_image(request, sae, picture, occlude, question)
         else:
             analysis = await analyze_upload(request, sae, file, occlude, question)
     except BadQuestion as exc:
         return fail(422, str(exc))
     except HTTPException as exc:
         return fail(exc.status_code, exc.detail, exc.headers)
-    filename = again.filename if again is not None else file.filename
+    filename = again.filename if again is not None else offered["name"] if offered is not None else file.filename
     result = {**rank_features(session, sae, analysis), **answers(session, sae, question, analysis)}
     view = analysis.model_view
     return render(request, "analyze.html", sae=sae_summary(sae), result=result, filename=filename, asked=asked,

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -17,8 +18,12 @@ from backend.services.features import label_dict, labels_of, maxima_of
 from backend.services.precompute_cache import open_precompute_cache
 from backend.services.recently_used import RecentlyUsed
 from clipscope.activation_cache import ActivationCache
+from clipscope.config import parse_config
+from clipscope.datasets.base import Selection, build_dataset
 from clipscope.db.models import FeatureExample, Image, Sae
 from clipscope.errors import ClipScopeError
+from clipscope.storage import DataLayout
+from clipscope.thumbnails import content_hash
 
 
 class NotInSet(LookupError):
@@ -32,11 +37,13 @@ def _not_in_set(sae: Sae, image: Image) -> NotInSet:
 class DatasetImages:
     """Reads the SAE's inputs for an image from its precompute's activation cache (kept open, with its
     dataset indices, for the ``capacity`` most recently asked caches) and encodes them with the SAE
-    the analysis keeps (:meth:`Analyzer.sae`), on the analysis device."""
+    the analysis keeps (:meth:`Analyzer.sae`), on the analysis device; reads the image itself from the
+    precompute's dataset when it is to be analysed."""
 
     def __init__(self, data_dir: Path, analyzer: Analyzer, capacity: int = 4):
         self.data_dir, self.analyzer = Path(data_dir), analyzer
         self._caches: RecentlyUsed[tuple[ActivationCache, np.ndarray]] = RecentlyUsed(capacity)
+        self._datasets: RecentlyUsed[Selection] = RecentlyUsed(2)  # CIFAR's pickles are read whole: ~180 MB
 
     def image(self, session: Session, sae: Sae, image_id: int) -> tuple[Image, list[dict[str, Any]]]:
         """The image row and where it is one of this SAE's examples; :class:`NotInSet` when it is not
@@ -60,6 +67,23 @@ class DatasetImages:
         with torch.inference_mode():
             _, feat, val, maps = firing_entries(self.analyzer.sae(sae), x.to(self.analyzer.device), maps=True)
         return Firing(dict(zip(feat.tolist(), val.tolist())), maps)
+
+    def pixels(self, sae: Sae, image: Image) -> PILImage.Image:
+        """The image itself, read again from the SAE's precompute dataset on this server, to analyse it as an
+        upload. Raises ClipScopeError when the dataset's files are not here, or hold other pixels than the
+        precompute saw (their content hash differs)."""
+        dataset = self._datasets.get((sae.key, sae.updated_at), lambda: self._dataset(sae))
+        try:
+            picture, _ = dataset.base[image.index]
+        except (IndexError, OSError) as exc:
+            raise ClipScopeError(f"{image.dataset} {image.split} image {image.index} cannot be read on this server: {exc}") from None
+        if content_hash(picture) != image.content_hash:
+            raise ClipScopeError(f"{dataset.base.where(image.index)} on this server is not the image the precompute saw (its pixels differ).")
+        return picture
+
+    def _dataset(self, sae: Sae) -> Selection:
+        spec = parse_config(sae.config).precompute_data
+        return build_dataset(spec, DataLayout(self.data_dir).datasets, allow_download=False)
 
     def _cache(self, sae: Sae) -> tuple[ActivationCache, np.ndarray]:
         def open_cache() -> tuple[ActivationCache, np.ndarray]:

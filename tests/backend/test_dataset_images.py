@@ -125,3 +125,65 @@ def test_a_patch_sae_s_image_shows_where_each_feature_fires_as_its_top_images_do
         assert len(entry["token_map"]) == 49 and max(entry["token_map"]) == pytest.approx(1.0)
         assert entry["token_map"] == pytest.approx(top["token_map"], abs=1 / 255 + 1e-6), "stored as bytes, computed exactly"
         assert 'class="veil tokens"' in client.get(f"/saes/{key}/images/{top['image_id']}").text
+
+
+def _png_of(picture) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_an_image_of_the_set_is_analysed_as_its_own_upload_would_be(web, web_data):
+    from clipscope.config import parse_config
+    from clipscope.datasets import build_dataset
+
+    client, key = web
+    idx, top = _busiest_example(client, key)
+    with session_scope(client.app.state.database_url) as s:
+        image = s.get(Image, top["image_id"])
+        config = s.scalar(select(Sae.config).where(Sae.key == key))
+    picture, _ = build_dataset(parse_config(config).precompute_data, web_data[0].data_dir / "datasets").base[image.index]
+    asked = {"explain": "true", "classes": "red circle, blue square, green star"}
+    uploaded = client.post(f"/api/saes/{key}/analyze", params=asked, files={"file": ("x.png", _png_of(picture), "image/png")})
+    by_id = client.post(f"/api/saes/{key}/analyze", params={**asked, "image_id": top["image_id"]})
+    assert uploaded.status_code == by_id.status_code == 200 and by_id.json() == uploaded.json(), "the same pixels, the same answer"
+    fired = {e["index"]: e["activation"] for e in by_id.json()["by_activation"]}
+    assert fired[idx] == pytest.approx(top["activation"], rel=1e-2), "live fp32 against the cache's fp16"
+    both = client.post(f"/api/saes/{key}/analyze", params={"image_id": top["image_id"]}, files={"file": ("x.png", _png_of(picture), "image/png")})
+    assert both.status_code == 422 and client.post(f"/api/saes/{key}/analyze").status_code == 422
+    assert client.post(f"/api/saes/{key}/analyze", params={"image_id": 999_999}).status_code == 404
+
+    assert f'href="/saes/{key}/analyze?image={top["image_id"]}"' in client.get(f"/saes/{key}/images/{top['image_id']}").text
+    form = client.get(f"/saes/{key}/analyze", params={"image": top["image_id"]}).text
+    assert f'<input type="hidden" name="image" value="{top["image_id"]}">' in form and "of the precompute set" in form
+    from tests.backend.conftest import with_token
+
+    page = client.post(f"/saes/{key}/analyze", data=with_token(client, image=str(top["image_id"])))
+    name = f"{image.dataset} {image.split} image {image.index} ({image.class_name})"
+    assert page.status_code == 200 and f"fire on <strong>{name}</strong>" in page.text
+    assert f'href="/saes/{key}/features/{idx}"' in page.text and 'name="upload"' in page.text, "kept, to ask again without reading it again"
+
+
+def _set_data(client, key, data: dict) -> dict:
+    """Set the SAE's configured dataset; returns the one it had."""
+    with session_scope(client.app.state.database_url) as s:
+        row = s.scalar(select(Sae).where(Sae.key == key))
+        before = row.config["data"]
+        row.config = {**row.config, "data": data}
+        return before
+
+
+def test_an_image_whose_dataset_is_not_here_or_differs_is_a_503_with_the_reason(web):
+    client, key = web
+    _, top = _busiest_example(client, key)
+    with session_scope(client.app.state.database_url) as s:
+        original = s.scalar(select(Sae.config).where(Sae.key == key))["data"]
+    for data, says in (({**original, "seed": original.get("seed", 0) + 1}, "is not the image the precompute saw (its pixels differ)"),
+                       ({"name": "cifar10", "split": "train", "root": "/nowhere/cifar"}, "CIFAR-10 is not under /nowhere/cifar")):
+        _set_data(client, key, data)
+        answer = client.post(f"/api/saes/{key}/analyze", params={"image_id": top["image_id"]})
+        assert answer.status_code == 503 and says in answer.json()["detail"], answer.json()
+        _set_data(client, key, original)
+    assert client.post(f"/api/saes/{key}/analyze", params={"image_id": top["image_id"]}).status_code == 200
