@@ -176,6 +176,15 @@ def test_a_top_image_leads_to_everything_it_fires(browser, server, shot):
     assert f"#{idx}" in ranked and page.locator(".analyze-by_relative .feature-row").count() == len(ranked)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     shot(page, "7-image")
+    image_url = page.url
+    page.click("a.analyze-it")
+    page.wait_for_url(f"**/saes/{key}/analyze?image=*")
+    page.check("input[name=occlude]")
+    page.click("#analyze-form button")  # no file chosen: the offered image of the set
+    page.wait_for_selector(".analyze-by_activation .veil.occlusion", timeout=120_000)
+    assert f"#{idx}" in page.locator(".analyze-by_activation .feature-row .idx").all_inner_texts()
+    shot(page, "7b-image-analysed")
+    page.goto(image_url)
     page.locator(f".examples-of li a[href$='/features/{idx}']").click()
     page.wait_for_url(f"**/features/{idx}")
     page.set_viewport_size({"width": 390, "height": 844})
