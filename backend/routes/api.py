@@ -192,14 +192,19 @@ def api_dataset_image(request: Request, sae: SaeDep, image_id: ImageId, session:
 def dataset_picture(request: Request, session, sae, image_id: int) -> tuple[Image.Image, str]:
     """An image of the SAE's precompute set, read again from its dataset, and its name: to analyse it as
     an upload (404 for an image not of the set, 503 when this server lacks the dataset's files)."""
-    images = request.app.state.dataset_images
+    image = image_of_set(request, session, sae, image_id)
     try:
-        image, _ = images.image(session, sae, image_id)
-        return images.pixels(sae, image), image_name(image)
-    except NotInSet as exc:
-        raise HTTPException(404, str(exc)) from None
+        return request.app.state.dataset_images.pixels(sae, image), image_name(image)
     except ClipScopeError as exc:
         raise HTTPException(503, f"This server cannot read image {image_id}: {exc}") from None
+
+
+def image_of_set(request: Request, session, sae, image_id: int):
+    """The image row of an image of the SAE's precompute set (404 with the reason for any other id)."""
+    try:
+        return request.app.state.dataset_images.image(session, sae, image_id)[0]
+    except NotInSet as exc:
+        raise HTTPException(404, str(exc)) from None
 
 
 def image_name(image) -> str:

@@ -13,9 +13,8 @@ from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
 from backend.routes.api import (
     analyze_image, analyze_upload, answers, dataset_image, dataset_picture, density_of, feature_cofiring, feature_matches, image_name,
-    redundancy_of,
+    image_of_set, redundancy_of,
 )
-from backend.services.dataset_images import NotInSet
 from backend.auth import auth_enabled, author_for_write, current_user
 from backend.security import CsrfForm
 from backend.routes.common import ImageId, require_feature, require_ready
@@ -229,10 +228,7 @@ def _set_image(request: Request, session, sae, image_id: int | None) -> dict | N
     """``{id, name}`` of an image of the SAE's precompute set for the form to offer (404 if it is none)."""
     if image_id is None:
         return None
-    try:
-        image, _ = request.app.state.dataset_images.image(session, sae, image_id)
-    except NotInSet as exc:
-        raise HTTPException(404, str(exc)) from None
+    image = image_of_set(request, session, sae, image_id)
     return {"id": image.id, "name": image_name(image)}
 
 
@@ -255,7 +251,6 @@ async def analyze_page(request: Request, sae: SaeDep, session: SessionDep, file:
     kept = request.app.state.kept_uploads
     chosen = file is not None and bool(file.filename)  # a form with no file chosen sends an empty, unnamed part
     again = None if chosen else kept.find(sae.key, upload)
-
     offered = {"id": image, "name": f"image {image} of the set"} if image is not None and not chosen and again is None else None
 
     def fail(status: int, error: str, headers: dict | None = None) -> HTMLResponse:  # the form keeps what was asked, and the kept image
