@@ -202,7 +202,7 @@ def dataset_picture(request: Request, session, sae, image_id: int) -> tuple[Imag
 def image_of_set(request: Request, session, sae, image_id: int):
     """The image row of an image of the SAE's precompute set (404 with the reason for any other id)."""
     try:
-        return request.app.state.dataset_images.image(session, sae, image_id)[0]
+        return request.app.state.dataset_images.image(session, sae, image_id)
     except NotInSet as exc:
         raise HTTPException(404, str(exc)) from None
 

@@ -45,17 +45,20 @@ class DatasetImages:
         self._caches: RecentlyUsed[tuple[ActivationCache, np.ndarray]] = RecentlyUsed(capacity)
         self._datasets: RecentlyUsed[Selection] = RecentlyUsed(2)  # CIFAR's pickles are read whole: ~180 MB
 
-    def image(self, session: Session, sae: Sae, image_id: int) -> tuple[Image, list[dict[str, Any]]]:
-        """The image row and where it is one of this SAE's examples; :class:`NotInSet` when it is not
-        an image of the SAE's precompute set."""
+    def image(self, session: Session, sae: Sae, image_id: int) -> Image:
+        """The image row; :class:`NotInSet` when it is not an image of the SAE's precompute set."""
         image = session.get(Image, image_id)
         if image is None:
             raise NotInSet(f"There is no image {image_id}.")
-        shown = appearances(session, sae, image_id)
-        images_key = (sae.precompute or {}).get("images")  # precomputes before it was recorded: only their examples are known
-        if (image.dataset_key != images_key) if images_key else not shown:
+        images_key = (sae.precompute or {}).get("images")
+        if images_key:
+            belongs = image.dataset_key == images_key
+        else:  # a precompute before the key was recorded: only its examples are known to be of its set
+            example = select(FeatureExample.id).where(FeatureExample.sae_id == sae.id, FeatureExample.image_id == image_id).limit(1)
+            belongs = session.scalar(example) is not None
+        if not belongs:
             raise _not_in_set(sae, image)
-        return image, shown
+        return image
 
     def firing(self, sae: Sae, image: Image) -> Firing:
         """Every feature the image fires, with its token map for an SAE over several tokens."""
@@ -95,7 +98,8 @@ class DatasetImages:
     def of(self, session: Session, sae: Sae, image_id: int, limit: int = 30, strip: int = 6) -> dict[str, Any]:
         """The image, where it is an example, and the features it fires ranked as an upload's are
         (``ranked`` is None, with ``unavailable`` saying why, when this server lacks the cache)."""
-        image, shown = self.image(session, sae, image_id)
+        image = self.image(session, sae, image_id)
+        shown = appearances(session, sae, image_id)
         try:
             ranked, unavailable = rank_features(session, sae, self.firing(sae, image), limit, strip), None
         except ClipScopeError as exc:
