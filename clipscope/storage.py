@@ -104,5 +104,13 @@ class DataLayout:
     def saes(self) -> Path:
         return self.root / "saes"
 
+    @property
+    def collages(self) -> Path:
+        return self.root / "collages"
+
+    @property
+    def thumbnails(self) -> Path:
+        return self.root / "thumbnails"
+
     def dataset_root(self, name: str) -> Path:
         return self.datasets / name

@@ -8,6 +8,7 @@ from typing import Any
 from clipscope.collage import cached_collage
 from clipscope.db.models import Sae
 from clipscope.errors import ClipScopeError
+from clipscope.storage import DataLayout
 from clipscope.token_maps import veil_image
 
 
@@ -15,14 +16,15 @@ def feature_collage(data_dir: Path, sae: Sae, detail: dict[str, Any], veil: bool
     """The PNG of :func:`backend.services.features.feature_detail`'s top images with their activations,
     each veiled where the feature does not fire (SAEs over patch tokens) unless ``veil`` is off.
     Raises ClipScopeError naming the thumbnail this server lacks."""
+    layout = DataLayout(data_dir)
     try:
         return cached_collage(
-            data_dir / "collages" / sae.key,
+            layout.collages / sae.key,
             [data_dir / e["thumbnail"].lstrip("/") for e in detail["top"]],
             [e["activation"] for e in detail["top"]],
             title=f"{sae.key} feature {detail['index']}",
             veils=[veil_image(e["token_map"], sae.tokens) if veil and e["token_map"] else None for e in detail["top"]],
         )
     except FileNotFoundError as exc:  # a database moved without its data dir's thumbnails/
-        raise ClipScopeError(f"The thumbnail {exc.filename} is missing on this server: {data_dir / 'thumbnails'} must hold "
+        raise ClipScopeError(f"The thumbnail {exc.filename} is missing on this server: {layout.thumbnails} must hold "
                              "every thumbnail the database names (copy it with the database).") from None
