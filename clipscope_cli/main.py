@@ -23,6 +23,8 @@ db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
 app.add_typer(db_app, name="db")
 users_app = typer.Typer(no_args_is_help=True, help="Accounts for CLIPSCOPE_AUTH=password.")
 app.add_typer(users_app, name="users")
+saes_app = typer.Typer(no_args_is_help=True, help="The SAEs of the database and data dir: list them, remove them.")
+app.add_typer(saes_app, name="saes")
 
 def _print_versions(asked: bool) -> None:
     """``--version``: ClipScope's and the versions that decide its results, read from the installed metadata (no import)."""
@@ -276,6 +278,79 @@ def _sae_session(key: str):
     return scope()
 
 
+@saes_app.command("list")
+def saes_list(as_json: bool = typer.Option(False, "--json", help="One JSON array, every field of every SAE.")) -> None:
+    """Every SAE, newest first: status, recipe, shape, site, held-out EVR and L0, labels, its own disk use;
+    then the folders under <data_dir>/saes that no database row names ("files only")."""
+    from clipscope.db.session import session_scope
+    from clipscope.inventory import human_bytes, list_saes
+
+    ctx = _setup()
+    with session_scope(ctx.database_url) as session:
+        entries = list_saes(session, ctx.layout)
+    if as_json:
+        typer.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        typer.echo("no SAEs yet (`clipscope run CONFIG` makes one)")
+        return
+    table = [("KEY", "STATUS", "RECIPE", "LATENTS", "K", "SITE", "EVR", "L0", "LABELLED", "DISK", "UPDATED")]
+    for e in entries:
+        table.append((
+            e.key, e.status, e.recipe or "", f"{e.d_sae:,}" if e.d_sae else "", str(e.k or ""),
+            f"L{e.layer} {e.tokens}" if e.tokens else "", f"{e.evr:.4f}" if e.evr is not None else "",
+            f"{e.l0:.1f}" if e.l0 is not None else "", str(e.labelled) if e.status != "files only" else "",
+            human_bytes(e.disk_bytes), f"{e.updated_at:%Y-%m-%d %H:%M}" if e.updated_at else "",
+        ))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@saes_app.command("remove")
+def saes_remove(
+    keys: list[str] = typer.Argument(..., help="SAE keys (as `clipscope saes list` shows them)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+    discard_labels: bool = typer.Option(False, "--discard-labels", help="Remove an SAE that has labels (export them first)."),
+    caches: bool = typer.Option(False, "--caches", help="Also remove the activation caches that only these SAEs read "
+                                "(reused by any later run over the same images, so kept by default)."),
+) -> None:
+    """Remove SAEs: their rows (features, examples, labels, curve, evaluations), folders and collages, and the
+    image rows and thumbnails no other SAE shows. Every key is checked before anything is removed."""
+    from clipscope.db.session import session_scope
+    from clipscope.inventory import human_bytes, plan_removal, plural, remove_caches, remove_sae
+
+    ctx = _setup()
+    with session_scope(ctx.database_url) as session:
+        plan = plan_removal(session, ctx.layout, keys, discard_labels)
+    for one in plan.saes:
+        e = one.entry
+        what = "no database row" if one.sae_id is None else f"{e.status}, {e.recipe}, {e.d_sae:,} latents, {plural(e.revisions, 'label revision')}"
+        typer.echo(f"{e.key} ({what}): {human_bytes(e.disk_bytes)} of its own files")
+    if plan.own_caches:
+        size = human_bytes(sum(n for _, n in plan.own_caches))
+        verb = "to be removed" if caches else "kept (--caches removes them)"
+        typer.echo(f"activation caches no other SAE reads, {size}, {verb}: {', '.join(p.name for p, _ in plan.own_caches)}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ClipScopeError("Nothing removed: pass --yes to remove without a terminal to ask on.")
+        if not typer.confirm(f"Remove {len(plan.saes)} SAE{'s' if len(plan.saes) > 1 else ''}?"):
+            raise typer.Exit(1)
+    for one in plan.saes:
+        with session_scope(ctx.database_url) as session:
+            done = remove_sae(session, ctx.layout, one)
+        rows = "" if one.sae_id is None else (
+            f" {plural(done.features, 'feature')}, {plural(done.examples, 'example')}, {plural(done.revisions, 'label revision')}, "
+            f"{plural(done.images, 'image row')} and {plural(done.thumbnails, 'thumbnail')} no other SAE shows;"
+        )
+        typer.echo(f"removed {done.key}:{rows} {human_bytes(done.freed_bytes)} of files freed")
+    if caches and plan.own_caches:
+        freed = remove_caches(plan.own_caches)
+        typer.echo(f"removed {plural(len(plan.own_caches), 'activation cache')}; {human_bytes(freed)} freed")
+    if any(one.sae_id is not None for one in plan.saes):
+        typer.echo("the database keeps the space of the removed rows for later runs; `clipscope db vacuum` gives it back")
+
+
 @users_app.command("add")
 def users_add(
     username: str = typer.Argument(..., help="Login name (also the author of this user's labels)."),
@@ -317,6 +392,23 @@ def db_upgrade(revision: str = typer.Argument("head", help="Target Alembic revis
     url = get_settings().resolved_database_url
     upgrade(url, revision)
     typer.echo(f"database at {revision}: {url}")
+
+
+@db_app.command("vacuum")
+def db_vacuum() -> None:
+    """Give the space of removed rows (`clipscope saes remove`) back to the file system: SQLite rewrites its
+    file (as much free disk as the file needs, meanwhile); PostgreSQL runs VACUUM FULL, locking each table while it rewrites it."""
+    from clipscope.db.vacuum import sqlite_bytes, sqlite_file, vacuum
+    from clipscope.inventory import human_bytes
+
+    url = _setup().database_url
+    path = sqlite_file(url)
+    before = sqlite_bytes(path) if path else None
+    vacuum(url)
+    if path:
+        typer.echo(f"vacuumed {path}: {human_bytes(before)} -> {human_bytes(sqlite_bytes(path))} (with its write-ahead log)")
+    else:
+        typer.echo("vacuumed the database")
 
 
 def main() -> None:

@@ -178,3 +178,45 @@ def test_an_sae_key_that_names_nothing_says_what_there_is(env):
     out = CliRunner().invoke(app, ["export", "some-sae"])
     assert isinstance(out.exception, ClipScopeError)
     assert str(out.exception).endswith("; it has none yet (`clipscope run CONFIG` makes one).")
+
+
+def test_saes_list_then_remove_asks_for_yes_without_a_terminal_and_vacuum_gives_the_space_back(env):
+    import json
+
+    (env / "run.toml").write_text(CONFIG)
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(env / "run.toml")]).exit_code == 0
+    with session_scope(get_settings().resolved_database_url) as s:
+        from backend.services.labels import save_label
+
+        sae = s.scalar(select(Sae))
+        key = sae.key
+        for feature in range(200):  # ~0.4 MB of labels: pages the vacuum gives back
+            save_label(s, sae, feature, f"{feature} " + "berries " * 240, "semantic", "ann", 0)
+    out = runner.invoke(app, ["saes", "list"])
+    header, row = out.output.splitlines()
+    assert header.split()[:3] == ["KEY", "STATUS", "RECIPE"] and row.split()[:5] == [key, "trained", "topk", "256", "8"]
+    (listed,) = json.loads(runner.invoke(app, ["saes", "list", "--json"]).output)
+    assert (listed["key"], listed["d_sae"], listed["labelled"]) == (key, 256, 200) and listed["disk_bytes"] > 0
+
+    out = runner.invoke(app, ["saes", "remove", key, "--yes"])
+    assert isinstance(out.exception, ClipScopeError) and f"SAE {key} has 200 label revisions" in str(out.exception)
+    out = runner.invoke(app, ["saes", "remove", key, "--discard-labels"])
+    assert isinstance(out.exception, ClipScopeError) and "Nothing removed: pass --yes" in str(out.exception)
+    assert f"{key} (trained, topk, 256 latents, 200 label revisions)" in out.output
+    assert (env / "data" / "saes" / key).is_dir()
+    out = runner.invoke(app, ["saes", "remove", key, "--yes", "--discard-labels", "--caches"])
+    assert out.exit_code == 0, out.output
+    assert f"removed {key}: 0 features, 0 examples, 200 label revisions" in out.output and "removed 1 activation cache" in out.output
+    assert runner.invoke(app, ["saes", "list"]).output.startswith("no SAEs yet")
+    assert not (env / "data" / "saes" / key).exists() and not any((env / "data" / "activations").iterdir())
+    from clipscope.db.vacuum import sqlite_bytes
+
+    db = env / "data" / "clipscope.db"
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:  # the log written into the file first: what is left to give back is free pages
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = sqlite_bytes(db)
+    out = runner.invoke(app, ["db", "vacuum"])
+    assert out.exit_code == 0 and out.output.startswith(f"vacuumed {db}") and sqlite_bytes(db) < before, out.output
