@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from clipscope.config import stable_hash
 from clipscope.errors import ClipScopeError
 from clipscope.storage import atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from clipscope.db.models import Sae
 
 FORMAT_VERSION = 1
 EMBEDDINGS = "image_embeddings.npy"
@@ -176,3 +179,14 @@ def _jsonable(obj: Any) -> Any:
     import json
 
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def open_precompute_cache(data_dir: Path, sae: "Sae") -> ActivationCache:
+    """The activation cache an SAE's precompute read, which a server or a notebook needs for what the database
+    does not hold (which features fire on which image). Raises ClipScopeError, naming the folder and the way out, when this server lacks it."""
+    name = (sae.precompute or {}).get("cache")
+    path = Path(data_dir) / "activations" / str(name)
+    if not name or not (path / "metadata.json").is_file():
+        raise ClipScopeError(f"its precompute's activation cache is not on this server ({path}): copy the data dir's "
+                             "activations/ folder with the database, or run `clipscope precompute` here.")
+    return ActivationCache.open(path)

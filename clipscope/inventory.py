@@ -128,6 +128,16 @@ def _counts(session: Session, table, sae_ids: list[int]) -> dict[int, int]:
     return dict(rows.all())
 
 
+def sae_row(session: Session, key: str) -> Sae:
+    """The SAE row of ``key``; ClipScopeError naming the keys there are when it names none."""
+    row = session.scalar(select(Sae).where(Sae.key == key))
+    if row is None:
+        known = session.scalars(select(Sae.key).order_by(Sae.created_at.desc())).all()
+        there = f"its SAEs: {', '.join(known)}" if known else "it has none yet (`clipscope run CONFIG` makes one)"
+        raise ClipScopeError(f"No SAE {key!r} in {session.get_bind().url.render_as_string()}; {there}.")
+    return row
+
+
 def list_saes(session: Session, layout: DataLayout) -> list[SaeEntry]:
     """Every SAE row, newest first, then every folder under ``saes/`` that no row names."""
     rows = session.scalars(select(Sae).order_by(Sae.created_at.desc(), Sae.key)).all()

@@ -17,10 +17,13 @@ import base64
 import io
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from clipscope.sae.model import TopKSAE
 
 VEIL_RGB = (17, 24, 39)
 VEIL_ALPHA = 215
@@ -97,6 +100,17 @@ def per_image_entries(indices: torch.Tensor, values: torch.Tensor, rows: torch.T
     if not maps:
         return uniq // d_sae, uniq % d_sae, best
     return uniq // d_sae, uniq % d_sae, best, TokenValues(inverse, token, val, len(uniq), t)
+
+
+def firing_entries(sae: "TopKSAE", x: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``per_image_entries`` of ``[images, tokens, d]`` SAE inputs, on the CPU; with ``maps``, also
+    their token maps when the SAE reads several tokens (else None)."""
+    b, t, d = x.shape
+    code = sae.encode(x.reshape(b * t, d).float())
+    rows = torch.arange(b, device=code.indices.device)
+    want = maps and t > 1
+    img, feat, val, *tokens = per_image_entries(code.indices, code.values, rows, t, sae.d_sae, maps=want)
+    return img.cpu(), feat.cpu(), val.cpu(), tokens[0].maps().cpu() if want else None
 
 
 def quantise(maps: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:

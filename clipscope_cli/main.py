@@ -259,21 +259,13 @@ def report(
 def _sae_session(key: str):
     from contextlib import contextmanager
 
-    from sqlalchemy import select
-
-    from clipscope.db.models import Sae
     from clipscope.db.session import session_scope
+    from clipscope.inventory import sae_row
 
     @contextmanager
     def scope():
-        ctx = _setup()
-        with session_scope(ctx.database_url) as session:
-            row = session.scalar(select(Sae).where(Sae.key == key))
-            if row is None:
-                known = session.scalars(select(Sae.key).order_by(Sae.created_at.desc())).all()
-                there = f"its SAEs: {', '.join(known)}" if known else "it has none yet (`clipscope run CONFIG` makes one)"
-                raise ClipScopeError(f"No SAE {key!r} in {ctx.database_url}; {there}.")
-            yield session, row
+        with session_scope(_setup().database_url) as session:
+            yield session, sae_row(session, key)
 
     return scope()
 

@@ -20,7 +20,7 @@ from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
 from clipscope.steering import Steering, steer
-from clipscope.token_maps import occlusions, per_image_entries
+from clipscope.token_maps import firing_entries, occlusions
 
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 from backend.services.prediction import Question
@@ -74,17 +74,6 @@ class Analysis(Firing):
             return None
         act = self.activations[feature]
         return ((act - self.occluded[self._row(feature)].double()) / act).tolist()
-
-
-def firing_entries(sae: TopKSAE, x: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``per_image_entries`` of ``[images, tokens, d]`` SAE inputs, on the CPU; with ``maps``, also
-    their token maps when the SAE reads several tokens (else None)."""
-    b, t, d = x.shape
-    code = sae.encode(x.reshape(b * t, d).float())
-    rows = torch.arange(b, device=code.indices.device)
-    want = maps and t > 1
-    img, feat, val, *tokens = per_image_entries(code.indices, code.values, rows, t, sae.d_sae, maps=want)
-    return img.cpu(), feat.cpu(), val.cpu(), tokens[0].maps().cpu() if want else None
 
 
 class _Loaded:

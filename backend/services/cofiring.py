@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from backend.services.features import feature_cards
-from backend.services.precompute_cache import open_precompute_cache
 from backend.services.recently_used import RecentlyUsed
+from clipscope.activation_cache import open_precompute_cache
 from clipscope.cofiring import FiringTable
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae

@@ -13,17 +13,17 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.services.analyze import Analyzer, Firing, firing_entries, rank_features
+from backend.services.analyze import Analyzer, Firing, rank_features
 from backend.services.features import label_dict, labels_of, maxima_of
-from backend.services.precompute_cache import open_precompute_cache
 from backend.services.recently_used import RecentlyUsed
-from clipscope.activation_cache import ActivationCache
+from clipscope.activation_cache import ActivationCache, open_precompute_cache
 from clipscope.config import parse_config
 from clipscope.datasets.base import Selection, build_dataset
 from clipscope.db.models import FeatureExample, Image, Sae
 from clipscope.errors import ClipScopeError
 from clipscope.storage import DataLayout
 from clipscope.thumbnails import content_hash
+from clipscope.token_maps import firing_entries
 
 
 class NotInSet(LookupError):
