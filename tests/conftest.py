@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated data dir per test, a small random-initialised CLIP, tiny caches."""
+"""Shared fixtures: an isolated data dir per test, a small random-initialised CLIP, tiny caches, and a ready
+SAE built by the real pipeline (random CLIP, synthetic images) that the web, worker and notebook tests share."""
 
 from __future__ import annotations
 
@@ -9,9 +10,43 @@ import pytest
 import torch
 
 from clipscope.activation_cache import ActivationCache
-from clipscope.config import ModelConfig
+from clipscope.config import ModelConfig, parse_config
 from clipscope.settings import Settings
 from worker.context import Context
+from worker.pipeline import run_all
+
+
+TINY = {
+    "name": "web",
+    "model": {"pretrained": "none", "layer": 10},
+    "data": {"name": "synthetic", "synthetic_size": 40, "image_size": 64},
+    "extract": {"batch_size": 20},
+    "sae": {"d_sae": 64, "k": 8},
+    "train": {"epochs": 3, "batch_size": 8, "holdout_fraction": 0.2, "log_every": 2, "eval_every": 4},
+    "evaluate": {"batch_size": 10, "templates": ["a photo of a {}."], "datasets": [{"name": "synthetic", "split": "test", "synthetic_size": 10, "image_size": 64}]},
+    "precompute": {
+        "top_k": 6, "intervals": 2, "per_interval": 2, "neighbours": 3, "thumbnail_size": 32,
+        "names": {"vocabulary": ["stripes", "grass", "a circle", "a square", "something red"], "templates": ["a photo of {}."], "batch_size": 16},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def web_data(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("web") / "data"
+    settings = Settings(data_dir=data_dir, device="cpu", num_workers=0, progress=False, allow_downloads=False)
+    trained = run_all(Context(settings), parse_config(TINY))
+    return settings, trained.sae_key
+
+
+@pytest.fixture(scope="session")
+def patch_web_data(tmp_path_factory):
+    """Like ``web_data``, for an SAE over the 49 patch tokens: its top examples keep token maps."""
+    data_dir = tmp_path_factory.mktemp("patch-web") / "data"
+    settings = Settings(data_dir=data_dir, device="cpu", num_workers=0, progress=False, allow_downloads=False)
+    config = {**TINY, "name": "patches", "model": {**TINY["model"], "tokens": "patches"}}
+    trained = run_all(Context(settings), parse_config(config))
+    return settings, trained.sae_key
 
 
 @pytest.fixture(autouse=True)

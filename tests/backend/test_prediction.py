@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from tests.backend.conftest import TINY, private_app, with_token
+from tests.backend.conftest import private_app, with_token
+from tests.conftest import TINY
 
 
 def _png(seed=0):

@@ -15,7 +15,7 @@ from clipscope.errors import ClipScopeError
 from clipscope.inventory import FILES_ONLY, folder_bytes, list_saes, plan_removal, remove_caches, remove_sae
 from clipscope.settings import Settings
 from clipscope.storage import DataLayout
-from tests.backend.conftest import TINY
+from tests.conftest import TINY
 from worker.context import Context
 from worker.pipeline import run_all
 

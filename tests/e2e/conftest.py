@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backend.conftest import private_app, web_data  # noqa: F401  (the ready SAE fixture)
+from tests.backend.conftest import private_app
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -12,7 +12,7 @@ from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.sae.io import load_sae
 from clipscope.settings import Settings
-from tests.backend.conftest import TINY
+from tests.conftest import TINY
 from tests.clipscope.test_external_sae import saelens_folder
 from worker.context import Context
 from worker.pipeline import run_all, run_train

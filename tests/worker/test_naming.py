@@ -9,8 +9,7 @@ from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.naming import directions_file, name_features, output_directions, output_names
 from clipscope.sae.io import load_sae
-from tests.backend.conftest import TINY, web_data  # noqa: F401  (a ready SAE built by run_all, names included)
-from tests.conftest import array_cache, make_context
+from tests.conftest import TINY, array_cache, make_context
 from tests.worker.test_precompute import PC, trained  # noqa: F401  (a trained SAE over a cache, on both databases)
 from clipscope.datasets import build_dataset
 from clipscope.activation_cache import EMBEDDINGS, ActivationCache

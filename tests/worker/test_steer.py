@@ -10,7 +10,7 @@ import torch
 
 from clipscope.config import parse_config
 from clipscope.errors import ClipScopeError
-from tests.backend.conftest import TINY, web_data  # noqa: F401  (the trained SAE the web tests share)
+from tests.conftest import TINY
 from worker.context import Context
 from worker.pipeline import run_steer
 

@@ -1,0 +1,84 @@
+"""``clipscope.notebook``: an SAE from Python gives the numbers its pages show, over its precompute set and
+for any image, on the ready SAEs the web tests share (CLS-only, and over the 49 patch tokens)."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from clipscope.db.models import Feature, FeatureExample, Image, Sae
+from clipscope.db.session import session_scope
+from clipscope.errors import ClipScopeError
+from clipscope.notebook import open_sae, saes
+
+
+@pytest.fixture(params=["web_data", "patch_web_data"])
+def ready(request):
+    settings, key = request.getfixturevalue(request.param)
+    return settings, open_sae(key, data_dir=settings.data_dir, device="cpu")
+
+
+def _stored(settings, key):
+    with session_scope(settings.resolved_database_url) as s:
+        sae_id = s.scalar(select(Sae.id).where(Sae.key == key))
+        features = {f.idx: (f.n_active, f.max_activation) for f in s.scalars(select(Feature).where(Feature.sae_id == sae_id))}
+        tops = s.execute(select(FeatureExample.feature, Image.index, FeatureExample.activation).join(Image, Image.id == FeatureExample.image_id)
+                         .where(FeatureExample.sae_id == sae_id, FeatureExample.bucket == -1)).all()
+    return features, tops
+
+
+def test_set_activations_are_the_precomputes_statistics_and_top_images(ready):
+    settings, s = ready
+    features, tops = _stored(settings, s.key)
+    on = s.set_activations(list(range(s.sae.d_sae)), batch_size=16)  # three batches
+    assert on.values.shape == (40, s.sae.d_sae) and on.values.dtype == np.float32 and on.features == list(range(s.sae.d_sae))
+    assert [int((on.values[:, f] > 0).sum()) for f in range(s.sae.d_sae)] == [features[f][0] for f in range(s.sae.d_sae)]
+    assert np.allclose(on.values.max(0), [features[f][1] for f in range(s.sae.d_sae)], rtol=1e-5)
+    row_of = {int(i): r for r, i in enumerate(on.indices)}
+    assert tops and all(abs(on.values[row_of[index], f] - act) <= 1e-5 * abs(act) for f, index, act in tops)
+    assert on.classes and len(on.labels) == 40 and set(on.labels) <= set(range(len(on.classes)))
+
+
+def test_every_feature_comes_sparse_with_the_same_values_and_at_most_k_an_image(ready):
+    _, s = ready
+    few = s.set_activations([7, 3, 7], batch_size=16)
+    every = s.set_activations(batch_size=16)
+    assert every.features is None and every.values.is_sparse and every.values.shape == (40, s.sae.d_sae)
+    dense = every.values.to_dense().numpy()
+    assert np.array_equal(few.values, dense[:, [7, 3, 7]])
+    assert ((dense > 0).sum(1) <= s.row.k * (49 if s.row.tokens == "patches" else 1)).all() and every.values._nnz() == (dense > 0).sum()
+
+
+def test_an_image_encoded_live_gives_its_cached_activations_from_a_picture_or_a_path(ready, tmp_path):
+    _, s = ready
+    on = s.set_activations()
+    dense = on.values.to_dense()
+    row = int(dense.sum(1).argmax())
+    picture, label = s.dataset()[row]
+    assert label == on.labels[row]
+    picture.save(tmp_path / "one.png")
+    live = s.encode([picture, tmp_path / "one.png", str(tmp_path / "one.png")], batch_size=2)
+    assert live.shape == (3, s.sae.d_sae) and torch.equal(live[0], live[1]), "a picture and its file are one image"
+    assert torch.allclose(live[1], live[2], rtol=1e-4, atol=1e-5), "a batch of one: the same up to the products' rounding"
+    assert torch.allclose(live[0], dense[row], atol=2e-2 * float(dense[row].max())), "the cache holds the same stream in fp16"
+    assert s.encode([]).shape == (0, s.sae.d_sae)
+    assert s.residual([picture]).shape == (1, 49 if s.row.tokens == "patches" else 1, 768)
+
+
+def test_what_cannot_be_answered_is_one_sentence(web_data, tmp_path):
+    settings, key = web_data
+    assert key in [e.key for e in saes(settings.data_dir)]
+    with pytest.raises(ClipScopeError, match=rf"No SAE 'nope' in .*; its SAEs: .*{key}"):
+        open_sae("nope", data_dir=settings.data_dir)
+    s = open_sae(key, data_dir=settings.data_dir, device="cpu")
+    with pytest.raises(ClipScopeError, match=r"Features must lie in 0\.\.63"):
+        s.set_activations([64])
+    copy = tmp_path / "data"
+    shutil.copytree(settings.data_dir, copy, ignore=shutil.ignore_patterns("saes", "activations"))
+    with pytest.raises(ClipScopeError, match=rf"The weights of SAE {key} are not on this machine .*copy its folder"):
+        open_sae(key, data_dir=copy, device="cpu")
+    shutil.copytree(settings.data_dir / "saes", copy / "saes")
+    with pytest.raises(ClipScopeError, match="its precompute's activation cache is not on this server"):
+        open_sae(key, data_dir=copy, device="cpu").set_activations([1])
