@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint
+from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, SaeOverlap, TrainingPoint
 from clipscope.errors import ClipScopeError
 from clipscope.storage import DataLayout
 
@@ -209,6 +209,7 @@ def remove_sae(session: Session, layout: DataLayout, plan: Removal) -> Removed:
         done.features = session.execute(delete(Feature).where(Feature.sae_id == sid)).rowcount
         session.execute(delete(Evaluation).where(Evaluation.sae_id == sid))
         session.execute(delete(TrainingPoint).where(TrainingPoint.sae_id == sid))
+        session.execute(delete(SaeOverlap).where((SaeOverlap.sae_id == sid) | (SaeOverlap.other_id == sid)))
         session.execute(delete(Sae).where(Sae.id == sid))
         ids = [i for i, _ in orphans]
         for start in range(0, len(ids), _CHUNK):

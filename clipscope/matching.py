@@ -34,3 +34,36 @@ def chance_level(n: int, d: int) -> float:
     """About the largest cosine between a fixed direction and ``n`` random ones in ``d`` dimensions,
     ``sqrt(2 ln n / d)`` (each cosine is close to normal with variance ``1 / d``)."""
     return math.sqrt(2 * math.log(max(n, 2)) / d)
+
+
+SHARED_AT = (0.5, 0.7, 0.9)
+"""Cosines at which a feature counts as shared with another SAE (0.9: nearly the same atom)."""
+
+
+@torch.no_grad()
+def best_cosines(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """For unit rows ``a`` ``[n_a, d]`` and ``b`` ``[n_b, d]`` (:func:`unit_atoms`): each row's largest cosine
+    to any row of the other, ``([n_a], [n_b])``, from one product taken ``chunk`` rows of ``a`` at a time."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"atoms of width {a.shape[1]} cannot be matched to atoms of width {b.shape[1]}")
+    best_a = torch.full((len(a),), -1.0, device=a.device)
+    best_b = torch.full((len(b),), -1.0, device=a.device)
+    if not len(a) or not len(b):
+        return best_a.cpu(), best_b.cpu()
+    for lo in range(0, len(a), chunk):
+        cos = a[lo : lo + chunk] @ b.T
+        best_a[lo : lo + chunk] = cos.amax(dim=1)
+        torch.maximum(best_b, cos.amax(dim=0), out=best_b)
+    return best_a.cpu(), best_b.cpu()
+
+
+def overlap_summary(best: torch.Tensor, chance: float, bins: int = 20) -> dict:
+    """What share of one SAE's features another SAE has too: their best cosines (:func:`best_cosines`) on
+    ``bins`` bins from 0 to 1 (a negative best counts in the first), their median, the share at or above each
+    of :data:`SHARED_AT`, and the other dictionary's chance level."""
+    best = best.float()
+    counts = torch.histc(best.clamp(0, 1), bins=bins, min=0, max=1).round().long().tolist() if len(best) else [0] * bins
+    return {
+        "features": len(best), "median": float(best.median()) if len(best) else None, "bins": bins, "counts": counts,
+        "shared": {f"{t:g}": float((best >= t).float().mean()) if len(best) else None for t in SHARED_AT}, "chance": chance,
+    }

@@ -49,6 +49,29 @@ def patch_web_data(tmp_path_factory):
     return settings, trained.sae_key
 
 
+@pytest.fixture(scope="session")
+def two_saes(tmp_path_factory):
+    """Two ready SAEs at one hook site over one image set: ``a`` as ``web_data``'s, precomputed over all 40
+    images; ``b`` with 48 latents, precomputed over the first 20. Read-only: copy its data dir to change it."""
+    data = tmp_path_factory.mktemp("two-saes") / "data"
+    settings = Settings(data_dir=data, device="cpu", num_workers=0, progress=False, allow_downloads=False)
+    b_images = {**TINY["data"], "limit": 20}
+    configs = [{**TINY, "name": "a"}, {**TINY, "name": "b", "sae": {"d_sae": 48, "k": 8}, "precompute": {**TINY["precompute"], "data": b_images}}]
+    keys = [run_all(Context(settings), parse_config(c)).sae_key for c in configs]
+    return settings, keys
+
+
+def copy_data_dir(src: Path, dst: Path) -> str:
+    """A private copy of a data dir, its SQLite database copied consistently (WAL included); returns the copy's database URL."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("clipscope.db*"))
+    with sqlite3.connect(src / "clipscope.db") as a, sqlite3.connect(dst / "clipscope.db") as b:
+        a.backup(b)
+    return f"sqlite:///{dst / 'clipscope.db'}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """No test reads the developer's .env or data dir."""

@@ -20,6 +20,7 @@ from worker.steer import SteerResult, format_steer, steer_dataset
 from clipscope.datasets import build_dataset
 from worker.extract import cache_path, extract, is_complete
 from worker.precompute.naming import Namer
+from worker.precompute.overlaps import update_overlaps
 from worker.precompute.stage import PrecomputeResult, precompute
 from worker.train.imported import import_sae
 from worker.train.loop import TrainResult, train
@@ -125,9 +126,11 @@ def run_precompute(
         dataset = build_dataset(cfg.precompute_data, ctx.layout.datasets, ctx.settings.allow_downloads)
         result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute, namer=Namer(clip.get, cfg.model))
         verb = "reused" if result.reused else "committed"
+        measured = update_overlaps(ctx, trained.sae_key)
         report["did"] = (
             f"{verb}: {result.n_features} features over {result.n_images} images, {result.n_examples} examples, "
             f"{result.n_thumbnails} thumbnails; SAE {trained.sae_key} is ready"
+            + (f"; features shared with {', '.join(measured)} measured" if measured else "")
         )
     return result
 

@@ -28,7 +28,9 @@ from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.dataset_images import NotInSet
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
-from backend.services.saes import decoder_redundancy, evaluation_table, feature_density, list_saes, sae_summary, training_curve
+from backend.services.saes import (
+    decoder_redundancy, evaluation_table, feature_density, list_saes, sae_summary, shared_features, training_curve,
+)
 
 T = TypeVar("T")
 
@@ -61,10 +63,12 @@ def api_saes(session: SessionDep) -> list[dict[str, Any]]:
     return [sae_summary(s) for s in list_saes(session)]
 
 
-@router.get("/saes/{sae}", summary="One SAE with its training curve, evaluation table, feature density and dictionary redundancy")
+@router.get("/saes/{sae}", summary="One SAE with its training curve, evaluation table, feature density, dictionary redundancy "
+            "and the features other SAEs at its hook site share")
 def api_sae(request: Request, sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     return {**sae_summary(sae), "curve": training_curve(session, sae.id), "evaluations": evaluation_table(session, sae.id),
-            "density": density_of(request, session, sae), "redundancy": redundancy_of(request, session, sae)}
+            "density": density_of(request, session, sae), "redundancy": redundancy_of(request, session, sae),
+            "shared": shared_features(session, sae)}
 
 
 def density_of(request: Request, session, sae) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from backend.services.feature_order import FeatureOrders
 from backend.services.features import FeatureFilter, feature_detail
 from backend.services.label_sample import label_summary
 from backend.services.labels import CATEGORY_NAMES
-from backend.services.saes import decoder_redundancy, evaluation_table, feature_density
+from backend.services.saes import decoder_redundancy, evaluation_table, feature_density, shared_features
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.errors import ClipScopeError
 
@@ -103,6 +103,10 @@ def _summary(session: Session, sae: Sae) -> list[str]:
     if redundancy and redundancy["n_features"]:
         lines.append(f"- Each live feature's dictionary atom against its nearest other atom: median cosine {redundancy['median']:.2f}, "
                      f"{redundancy['near_duplicates']:,} above 0.9; the nearest of this many random directions reaches {redundancy['chance']:.2f} by chance.")
+    for o in shared_features(session, sae):
+        lines.append(f"- Shared with {md(o['sae'])} ({md(o['recipe'])}, {o['d_sae']:,} latents, k = {o['k']}): median best cosine {num(o['median'], '.2f')}; "
+                     + ", ".join(f"{pct(share, 0)} at {t} or more" for t, share in o["shared"].items())
+                     + f" (chance {o['chance']:.2f}).")
     labels = label_summary(session, sae)
     sample = labels["sample"]
     lines += ["", "## Labels", "", f"{labels['labelled']:,} features labelled by hand"

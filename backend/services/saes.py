@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clipscope.clip.zeroshot import class_drops
-from clipscope.db.models import Evaluation, Feature, Sae, SaeStatus, TrainingPoint
+from clipscope.db.models import Evaluation, Feature, Sae, SaeOverlap, SaeStatus, TrainingPoint
 from clipscope.matching import chance_level
 
 
@@ -68,6 +68,22 @@ def decoder_redundancy(session: Session, sae: Sae, bins: int = 20) -> dict[str, 
         "below": int((nearest < 0).sum()), "median": float(np.median(nearest)) if nearest.size else None,
         "near_duplicates": int((nearest > 0.9).sum()), "chance": chance_level(sae.d_sae, sae.d_in),
     }
+
+
+def shared_features(session: Session, sae: Sae) -> list[dict[str, Any]]:
+    """Per other ready SAE at the same hook site, newest first: how many of this SAE's live features it has
+    too (each one's best decoder cosine among its live atoms, ``SaeOverlap.summary``), as the precompute
+    measured it for both SAEs' current precomputes; a pair not measured since either changed is left out."""
+    if sae.status != SaeStatus.READY:
+        return []
+    rows = session.execute(
+        select(SaeOverlap.versions, SaeOverlap.summary, Sae.key, Sae.name, Sae.recipe, Sae.tokens, Sae.d_sae, Sae.k, Sae.precompute)
+        .join(Sae, Sae.id == SaeOverlap.other_id).where(SaeOverlap.sae_id == sae.id, Sae.status == SaeStatus.READY)
+        .order_by(Sae.created_at.desc(), Sae.id.desc())
+    ).all()
+    mine = (sae.precompute or {}).get("key")
+    return [{"sae": r.key, "name": r.name, "recipe": r.recipe, "tokens": r.tokens, "d_sae": r.d_sae, "k": r.k, **r.summary}
+            for r in rows if r.versions == {"sae": mine, "other": (r.precompute or {}).get("key")}]
 
 
 def list_saes(session: Session) -> list[Sae]:

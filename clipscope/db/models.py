@@ -142,6 +142,24 @@ class Evaluation(Base):
     sae: Mapped[Sae] = relationship(back_populates="evaluations")
 
 
+class SaeOverlap(Base):
+    """How many of one SAE's live features another SAE at the same hook site has too, by the cosine of each
+    one's dictionary atom to its best match among the other's live atoms (:mod:`clipscope.matching`).
+    Written by the precompute for both directions of a pair; current while both precompute keys match."""
+
+    __tablename__ = "sae_overlaps"
+    __table_args__ = (UniqueConstraint("sae_id", "other_id", name="uq_sae_overlaps_pair"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True, doc="The SAE whose features are matched.")
+    other_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True, doc="The SAE they are matched in.")
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON, doc="{sae, other}: the precompute keys of both when it was measured.")
+    summary: Mapped[dict[str, Any]] = mapped_column(
+        JSON, doc="{features, median, bins, counts, shared: {threshold: share}, chance}: clipscope.matching.overlap_summary."
+    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
 class Image(Base):
     """An image some feature example points at; shared by every SAE over the same dataset."""
 

@@ -1,47 +1,27 @@
-"""Listing the SAEs of a data dir and removing one with what only it used (``clipscope saes``), on two SAEs
-built by the real pipeline over one image set: ``a`` precomputed over all 40 images, ``b`` over the first 20."""
+"""Listing the SAEs of a data dir and removing one with what only it used (``clipscope saes``), on the two
+SAEs of ``two_saes`` (tests/conftest.py): ``a`` precomputed over all 40 images, ``b`` over the first 20."""
 
-import shutil
-import sqlite3
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 
-from clipscope.config import parse_config
-from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint
+from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, SaeOverlap, TrainingPoint
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import FILES_ONLY, folder_bytes, list_saes, plan_removal, remove_caches, remove_sae
-from clipscope.settings import Settings
 from clipscope.storage import DataLayout
-from tests.conftest import TINY
-from worker.context import Context
-from worker.pipeline import run_all
+from tests.conftest import copy_data_dir
 
 PER_SAE = (Feature, FeatureExample, Label, LabelRevision, TrainingPoint, Evaluation)
 
 
-@pytest.fixture(scope="module")
-def two_saes(tmp_path_factory):
-    data = tmp_path_factory.mktemp("two-saes") / "data"
-    settings = Settings(data_dir=data, device="cpu", num_workers=0, progress=False, allow_downloads=False)
-    b_images = {**TINY["data"], "limit": 20}
-    configs = [{**TINY, "name": "a"}, {**TINY, "name": "b", "sae": {"d_sae": 48, "k": 8}, "precompute": {**TINY["precompute"], "data": b_images}}]
-    keys = [run_all(Context(settings), parse_config(c)).sae_key for c in configs]
-    return settings, keys
-
-
 @pytest.fixture
 def copied(two_saes, tmp_path):
-    """A private copy of the data dir (the database copied consistently): layout, database URL, keys, settings."""
+    """A private copy of the data dir: layout, database URL, keys, settings."""
     settings, keys = two_saes
-    dst = tmp_path / "data"
-    shutil.copytree(settings.data_dir, dst, ignore=shutil.ignore_patterns("clipscope.db*"))
-    with sqlite3.connect(settings.data_dir / "clipscope.db") as src, sqlite3.connect(dst / "clipscope.db") as out:
-        src.backup(out)
-    url = f"sqlite:///{dst / 'clipscope.db'}"
-    return DataLayout(dst), url, keys, settings.model_copy(update={"data_dir": dst, "database_url": url})
+    url = copy_data_dir(settings.data_dir, tmp_path / "data")
+    return DataLayout(tmp_path / "data"), url, keys, settings.model_copy(update={"data_dir": tmp_path / "data", "database_url": url})
 
 
 def _label(url: str, key: str, feature: int = 1) -> None:
@@ -118,12 +98,14 @@ def test_removing_an_sae_takes_its_rows_files_and_the_images_only_it_shows_and_l
         _remove(layout, url, [a])
     assert _rows(url, ids[a])["labels"] == 1 and (layout.saes / a).is_dir(), "refused: nothing removed"
 
+    with session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(SaeOverlap)) == 2, "a's features in b, b's in a"
     plan, (done,) = _remove(layout, url, [a], discard_labels=True)
     assert plan.own_caches == [], "b still reads the cache"
     assert _rows(url, ids[a]) == dict.fromkeys(_rows(url, ids[a]), 0)
     assert _rows(url, ids[b]) == b_rows
     with session_scope(url) as s:
-        assert s.scalar(select(Sae).where(Sae.key == a)) is None
+        assert s.scalar(select(Sae).where(Sae.key == a)) is None and s.scalar(select(func.count()).select_from(SaeOverlap)) == 0
         left = set(s.scalars(select(Image.id)))
     assert left == set(thumbs) - only_a and shared <= left
     assert (done.images, done.thumbnails, done.revisions, done.features) == (len(only_a), len(only_a) - 1, 1, 64)
@@ -192,7 +174,8 @@ def test_removal_on_postgresql_takes_the_same_rows_as_on_sqlite(copied, postgres
         _remove(layout, engine_url, [a], discard_labels=True)
         engine = create_engine(engine_url)
         with engine.connect() as conn:
-            counts[engine_url] = {t.name: conn.execute(select(func.count()).select_from(t)).scalar() for t in (Sae.__table__, Image.__table__, *[m.__table__ for m in PER_SAE])}
+            tables = (Sae.__table__, Image.__table__, SaeOverlap.__table__, *[m.__table__ for m in PER_SAE])
+            counts[engine_url] = {t.name: conn.execute(select(func.count()).select_from(t)).scalar() for t in tables}
         engine.dispose()
     assert counts[url] == counts[pg_url] and counts[url]["saes"] == 1
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clipscope.matching import best_matches, chance_level, unit_atoms
+from clipscope.matching import best_cosines, best_matches, chance_level, overlap_summary, unit_atoms
 
 
 def test_best_matches_are_the_largest_cosines_best_first():
@@ -33,3 +33,25 @@ def test_the_chance_level_is_what_the_best_of_as_many_random_directions_reaches(
     best = [float(best_matches(torch.randn(d, generator=g), unit_atoms(torch.randn(n, d, generator=g)), 1)[0][1]) for _ in range(20)]
     assert sum(best) / len(best) == pytest.approx(chance_level(n, d), rel=0.2)
     assert chance_level(49_152, 768) == pytest.approx(math.sqrt(2 * math.log(49_152) / 768)) and 0.16 < chance_level(49_152, 768) < 0.18
+
+
+def test_best_cosines_are_each_rows_largest_cosine_to_the_other_set_in_both_directions_whatever_the_chunk():
+    g = torch.Generator().manual_seed(0)
+    a, b = unit_atoms(torch.randn(37, 12, generator=g)), unit_atoms(torch.randn(23, 12, generator=g))
+    full = a @ b.T
+    for chunk in (1, 5, 37, 100):
+        best_a, best_b = best_cosines(a, b, chunk=chunk)
+        assert torch.allclose(best_a, full.amax(1)) and torch.allclose(best_b, full.amax(0)), chunk
+    same_a, same_b = best_cosines(a, a[:10])
+    assert torch.allclose(same_a[:10], torch.ones(10)) and torch.allclose(same_b, torch.ones(10)), "an atom both SAEs have: cosine 1"
+    with pytest.raises(ValueError, match="width 12 cannot be matched to atoms of width 5"):
+        best_cosines(a, b[:, :5])
+
+
+def test_the_overlap_summary_counts_every_feature_once_and_the_shares_at_each_threshold():
+    best = torch.tensor([-0.2, 0.1, 0.5, 0.69, 0.7, 0.95, 1.0])
+    got = overlap_summary(best, chance=0.17, bins=10)
+    assert got["features"] == 7 and sum(got["counts"]) == 7 and got["counts"][:2] == [1, 1], "-0.2 counts in the first bin"
+    assert got["counts"][9] == 2, "0.95 and 1.0 in the last bin"
+    assert got["shared"] == pytest.approx({"0.5": 5 / 7, "0.7": 3 / 7, "0.9": 2 / 7}) and got["median"] == pytest.approx(0.69)
+    assert overlap_summary(torch.zeros(0), chance=0.1)["median"] is None
