@@ -1,7 +1,6 @@
 """Listing the SAEs of a data dir and removing one with what only it used (``clipscope saes``), on the two
 SAEs of ``two_saes`` (tests/conftest.py): ``a`` precomputed over all 40 images, ``b`` over the first 20."""
 
-
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
