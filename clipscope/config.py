@@ -7,9 +7,11 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -345,8 +347,9 @@ class RunConfig(_Strict):
         return self
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run config; errors name the file and the offending key."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read and validate a TOML run config, with ``overrides`` (``KEY=VALUE``, :func:`apply_overrides`)
+    applied first; errors name the file and the offending key."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -354,7 +357,32 @@ def load_config(path: str | Path) -> RunConfig:
         raise ClipScopeError(f"Config file {path} does not exist.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ClipScopeError(f"Config file {path} is not valid TOML: {exc}.") from None
-    return parse_config(raw, source=str(path))
+    source = str(path) + "".join(f" --set {o}" for o in overrides)
+    return parse_config(apply_overrides(raw, overrides), source=source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` with each ``KEY=VALUE`` of ``overrides`` set, in order: ``KEY`` is a dotted path of tables
+    (``sae.k``; missing tables are made), ``VALUE`` a TOML value (``64``, ``1e-3``, ``true``,
+    ``["a photo of a {}."]``, ``{name = "cifar10"}``) or else the text itself (``data.root=/data/food``).
+    A list is set whole. The result is validated like the file: an unknown key is an error."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ClipScopeError(f"--set {item!r} is not KEY=VALUE with a dotted KEY, e.g. --set sae.k=64.")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        table = out
+        for depth, part in enumerate(p.strip() for p in parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ClipScopeError(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a table; set it whole.")
+        table[parts[-1].strip()] = value
+    return out
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:

@@ -77,7 +77,11 @@ def render() -> str:
     ]
     for name, field in Settings.model_fields.items():
         out.append(f"| `CLIPSCOPE_{name.upper()}` | {_default(field)} | {field.description} |")
-    out += ["", "## Run config (TOML)", "", (RunConfig.__doc__ or "").strip() + " Unknown keys are errors.", ""]
+    out += ["", "## Run config (TOML)", "", (RunConfig.__doc__ or "").strip() + " Unknown keys are errors.",
+            "", "Any key can also be set on the command line of every command that takes a config, without editing the file: "
+            "`--set sae.k=64 --set train.epochs=1` (repeatable, the last wins; the value is TOML — a number, `true`, "
+            "`[\"a photo of a {}.\"]` — or else text, as in `--set data.root=/data/food`; a list is set whole). A value "
+            "changes the SAE's key as the file would, so a sweep is a loop of `clipscope run` with one `--set` each.", ""]
     _table(RunConfig, "", out, {"RunConfig"})
     return "\n".join(out).rstrip() + "\n"
 

@@ -54,6 +54,11 @@ def _options(
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 ConfigArg = typer.Argument(..., dir_okay=False, help="Run config (TOML), e.g. configs/seed.toml.")
+SetOpt = typer.Option(
+    None, "--set", metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set sae.k=64 --set train.epochs=1 (repeatable; the value is TOML, or else text). "
+    "The SAE's key follows the config, so each variant is an SAE of its own.",
+)
 
 
 def _setup() -> "Context":
@@ -67,48 +72,49 @@ def _setup() -> "Context":
 
 
 @app.command()
-def extract(config: Path = ConfigArg) -> None:
+def extract(config: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Extract CLIP activations at the hooked block into the activation cache (resumes, or reuses)."""
     from worker.pipeline import run_extract
 
-    run_extract(_setup(), load_config(config))
+    run_extract(_setup(), load_config(config, overrides or ()))
 
 
 @app.command()
-def train(config: Path = ConfigArg) -> None:
+def train(config: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Train the SAE (extracting first if needed), resuming from the last checkpoint; or import sae.import_from."""
     from worker.pipeline import run_train
 
-    run_train(_setup(), load_config(config))
+    run_train(_setup(), load_config(config, overrides or ()))
 
 
 @app.command()
-def evaluate(config: Path = ConfigArg) -> None:
+def evaluate(config: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Zero-shot accuracy clean vs with the SAE spliced in (training first if needed); prints the table."""
     from worker.pipeline import run_evaluate
 
-    run_evaluate(_setup(), load_config(config))
+    run_evaluate(_setup(), load_config(config, overrides or ()))
 
 
 @app.command()
-def precompute(config: Path = ConfigArg) -> None:
+def precompute(config: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Per-feature statistics, top and interval examples, neighbours and thumbnails into the database."""
     from worker.pipeline import run_precompute
 
-    run_precompute(_setup(), load_config(config))
+    run_precompute(_setup(), load_config(config, overrides or ()))
 
 
 @app.command()
-def run(config: Path = ConfigArg) -> None:
+def run(config: Path = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Run every stage of the pipeline in order; finished stages are reused."""
     from worker.pipeline import run_all
 
-    run_all(_setup(), load_config(config))
+    run_all(_setup(), load_config(config, overrides or ()))
 
 
 @app.command()
 def steer(
     config: Path = ConfigArg,
+    overrides: list[str] = SetOpt,
     edits: str = typer.Option(..., help="Features to edit in every image's stream, e.g. '1234=0, 567*3': "
                               "feature=value sets its activation, feature*factor scales it where it fires."),
     dataset: list[str] = typer.Option(None, help="An evaluation set of the config to use (repeat for several; default: all)."),
@@ -118,7 +124,7 @@ def steer(
     """Zero-shot accuracy with SAE features edited in every image's residual stream, against clean CLIP (stores nothing)."""
     from worker.pipeline import run_steer
 
-    results = run_steer(_setup(), load_config(config), edits, dataset or None)
+    results = run_steer(_setup(), load_config(config, overrides or ()), edits, dataset or None)
     if json_out is not None:
         json_out.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
 
@@ -126,6 +132,7 @@ def steer(
 @app.command()
 def demo(
     config: Path = typer.Option(CONFIGS_DIR / "demo.toml", help="Config of the demo run."),
+    overrides: list[str] = SetOpt,
     serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Serve the explorer when the pipeline is done."),
     host: str = typer.Option("127.0.0.1", help="Interface to serve on."),
     port: int = typer.Option(8000, min=1, max=65535, help="Port to serve on."),
@@ -136,7 +143,7 @@ def demo(
     if serve_after:
         _check_listenable(host, port)  # a port in use is said before minutes of pipeline, not after
     ctx = _setup()
-    run_all(ctx, load_config(config))
+    run_all(ctx, load_config(config, overrides or ()))
     if serve_after:
         serve(host=host, port=port, workers=1)
 

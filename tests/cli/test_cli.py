@@ -220,3 +220,17 @@ def test_saes_list_then_remove_asks_for_yes_without_a_terminal_and_vacuum_gives_
     before = sqlite_bytes(db)
     out = runner.invoke(app, ["db", "vacuum"])
     assert out.exit_code == 0 and out.output.startswith(f"vacuumed {db}") and sqlite_bytes(db) < before, out.output
+
+
+def test_set_overrides_make_a_variant_of_the_config_an_sae_of_its_own(env):
+    import json
+
+    (env / "run.toml").write_text(CONFIG)
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(env / "run.toml")]).exit_code == 0
+    out = runner.invoke(app, ["train", str(env / "run.toml"), "--set", "sae.k=4", "--set", "sae.d_sae=128"])
+    assert out.exit_code == 0, out.output
+    shapes = {(e["d_sae"], e["k"]) for e in json.loads(runner.invoke(app, ["saes", "list", "--json"]).output)}
+    assert shapes == {(256, 8), (128, 4)}
+    out = runner.invoke(app, ["train", str(env / "run.toml"), "--set", "sae.width=3"])
+    assert isinstance(out.exception, ClipScopeError) and "run.toml --set sae.width=3 is invalid: sae.width:" in str(out.exception)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from clipscope.config import RunConfig, load_config, parse_config
+from clipscope.config import RunConfig, apply_overrides, load_config, parse_config
 from clipscope.errors import ClipScopeError
 from worker.train.data import EpochOrder
 
@@ -97,3 +97,26 @@ def test_auto_decoding_workers_follow_the_cores_this_process_may_use(monkeypatch
     monkeypatch.setenv("CLIPSCOPE_NUM_WORKERS", "-1")
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         Settings()
+
+
+def test_set_overrides_keys_by_dotted_path_with_toml_values_or_else_text():
+    raw = {"sae": {"k": 500}, "evaluate": {"datasets": [{"name": "cifar10"}]}}
+    got = apply_overrides(raw, ["sae.k=64", "train.lr=1e-3", "data.root=/data/food", "model.pretrained=none",
+                                'evaluate.templates=["a {}."]', "train.b_dec_init = mean", "sae.k=32"])
+    assert got == {"sae": {"k": 32}, "evaluate": {"datasets": [{"name": "cifar10"}], "templates": ["a {}."]}, "train": {"lr": 0.001, "b_dec_init": "mean"},
+                   "data": {"root": "/data/food"}, "model": {"pretrained": "none"}}, "typed where TOML reads it, text where not; the last one wins"
+    assert raw == {"sae": {"k": 500}, "evaluate": {"datasets": [{"name": "cifar10"}]}}, "the file's table is left as it was"
+    for bad, says in (("sae.k", "is not KEY=VALUE"), ("sae..k=1", "is not KEY=VALUE"), ("evaluate.datasets.0.name=x", "evaluate.datasets is not a table; set it whole"),
+                      ("sae.k.x=1", "sae.k is not a table")):
+        with pytest.raises(ClipScopeError, match=says):
+            apply_overrides(raw, [bad])
+
+
+def test_a_config_read_with_overrides_is_validated_and_named_with_them():
+    path = CONFIGS / "seed.toml"
+    cfg = load_config(path, ["sae.k=64", "train.epochs=1", "name=seed-k64"])
+    assert (cfg.sae.k, cfg.train.epochs, cfg.name, cfg.sae.d_sae) == (64, 1, "seed-k64", load_config(path).sae.d_sae)
+    with pytest.raises(ClipScopeError, match=r"Config .*seed\.toml --set sae\.kk=3 is invalid: sae\.kk: "):
+        load_config(path, ["sae.kk=3"])
+    with pytest.raises(ClipScopeError, match=r"--set sae\.k=many is invalid: sae\.k: "):
+        load_config(path, ["sae.k=many"])
