@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
-        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, swagger_ui=SWAGGER_UI, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, category_names=CATEGORY_NAMES,
+        version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, swagger_ui=SWAGGER_UI, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, scatter=charts.scatter, category_names=CATEGORY_NAMES,
         veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri, figures=figures,
     )
     app.state.templates = templates

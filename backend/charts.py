@@ -83,3 +83,55 @@ def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, wid
     parts.append(f'<text x="{width - 8}" y="{height - 12}" text-anchor="end">{edges[-1]:.3g}{" (log scale)" if log else ""}</text>')
     parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">{below} {escape(below_label)}</text></svg>')
     return Markup("".join(parts))
+
+
+Point = tuple[float, float, str, str]
+"""``(x, y, title, href)``: a point, its tooltip and the link it leads to."""
+
+
+def scatter(series: dict[str, Sequence[Point]], width: int = 420, height: int = 220, x_label: str = "", y_label: str = "",
+            named: bool = True) -> Markup:
+    """Points, each series in its own colour with a legend entry; the x axis is logarithmic when every x is
+    positive and they span a factor of 4 or more. With ``named``, each point's title stands beside it
+    (for a few points; the tooltip has it always)."""
+    colours = ["#2563eb", "#dc2626", "#059669", "#d97706"]
+    pad_l, pad_r, pad_t, pad_b = 48, 14, 10, 34
+    points = [p for ps in series.values() for p in ps if math.isfinite(p[0]) and math.isfinite(p[1])]
+    if not points:
+        return Markup('<p class="muted">No data yet.</p>')
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    log = min(xs) > 0 and max(xs) >= 4 * min(xs)
+    tx = math.log10 if log else (lambda v: v)
+    x0, x1, y0, y1 = tx(min(xs)), tx(max(xs)), min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    mx, my = (x1 - x0) * 0.06, (y1 - y0) * 0.08  # a margin, so no point sits on the frame
+    x0, x1, y0, y1 = x0 - mx, x1 + mx, y0 - my, y1 + my
+    sx = lambda v: pad_l + (tx(v) - x0) / (x1 - x0) * (width - pad_l - pad_r)  # noqa: E731
+    sy = lambda v: pad_t + (y1 - v) / (y1 - y0) * (height - pad_t - pad_b)  # noqa: E731
+    parts = [f'<svg class="chart scatter" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)} against {escape(x_label)}">']
+    for frac in (0, 0.5, 1):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    parts.append(f'<text x="{pad_l}" y="{height - 4}">{min(xs):g}</text>'
+                 f'<text x="{width - pad_r}" y="{height - 4}" text-anchor="end">{max(xs):g}{" (log scale)" if log else ""}</text>')
+    if x_label:
+        parts.append(f'<text x="{(pad_l + width - pad_r) / 2:.0f}" y="{height - 4}" text-anchor="middle" class="axis">{escape(x_label)}</text>')
+    for i, (name, ps) in enumerate(series.items()):
+        colour = colours[i % len(colours)]
+        for x, y, title, href in ps:
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            parts.append(f'<a href="{escape(href)}"><circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{colour}">'
+                         f"<title>{escape(title)}: {escape(y_label)} {y:.4g}, {escape(x_label)} {x:g}</title></circle></a>")
+            if named:  # beside the point, on the side with room
+                right = sx(x) > (pad_l + width - pad_r) / 2
+                parts.append(f'<text x="{sx(x) + (-6 if right else 6):.1f}" y="{sy(y) - 5:.1f}" text-anchor="{"end" if right else "start"}" '
+                             f'class="point-name">{escape(title)}</text>')
+        if len(series) > 1:
+            parts.append(f'<text x="{pad_l + 8 + 130 * i}" y="{height - 18}" fill="{colour}">● {escape(name)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -25,7 +25,7 @@ from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
 from backend.services.saes import (
-    comparison_columns, drops_by_set, evaluation_table, list_saes, sae_summary, shared_features, training_curve,
+    comparison_columns, drops_by_set, evaluation_table, frontier, list_saes, sae_summary, shared_features, training_curve,
 )
 from clipscope.accounts import authenticate
 from clipscope.db.models import SaeStatus
@@ -97,7 +97,7 @@ def overview(request: Request, session: SessionDep):
         saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations),
                      "density": density_of(request, session, s), "redundancy": redundancy_of(request, session, s),
                      "shared": shared_features(session, s), "labels": request.app.state.label_summaries.of(session, s) if s.status == SaeStatus.READY else None})
-    return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes))
+    return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes), frontier=frontier(saes))
 
 
 @router.get("/saes/{sae}/features", response_class=HTMLResponse)

@@ -131,6 +131,25 @@ def comparison_columns(saes: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(f"{e['dataset']}/{e['split']}" for s in saes for e in s["evaluations"]))
 
 
+def frontier(saes: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
+    """The overview's sparsity-fidelity charts over ``saes`` (summaries with their ``drops``): each SAE's
+    held-out EVR, and its zero-shot drop per evaluated set, against its L0, as :func:`backend.charts.scatter`
+    points leading to its card. An SAE without an L0 has no point."""
+    evr: list[tuple] = []
+    drops: dict[str, list[tuple]] = {}
+    for s in saes:
+        l0 = s["metrics"].get("l0")
+        if l0 is None:
+            continue
+        title, href = s["key"], f"#sae-{s['key']}"
+        if s["metrics"].get("evr") is not None:
+            evr.append((l0, s["metrics"]["evr"], title, href))
+        for name, drop in s["drops"].items():
+            if drop is not None:
+                drops.setdefault(name, []).append((l0, drop, title, href))
+    return {"evr": {"held-out EVR": evr}, "drops": drops}
+
+
 def drops_by_set(evaluations: list[dict[str, Any]]) -> dict[str, float | None]:
     """Each evaluated image set's top-1 drop with the SAE spliced in, in percentage points."""
     return {f"{e['dataset']}/{e['split']}": e.get("drop_pp") for e in evaluations}

@@ -1,6 +1,6 @@
 import re
 
-from backend.charts import line_chart
+from backend.charts import line_chart, scatter
 
 
 def _lines(svg: str) -> list[list[tuple[float, float]]]:
@@ -30,3 +30,26 @@ def test_the_x_axis_is_named_between_its_end_values():
     svg = line_chart([50, 340], {"EVR": [0.6, 0.9]}, x_label="training <step>")
     assert re.search(r'<text x="\d+"[^>]*>50</text>.*>340</text>.*>training &lt;step&gt;</text>', svg)
     assert "class=\"axis\"" not in line_chart([50, 340], {"EVR": [0.6, 0.9]})
+
+
+def _points(svg: str) -> list[tuple[str, float, float]]:
+    return [(href, float(x), float(y)) for href, x, y in re.findall(r'<a href="([^"]*)"><circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+
+
+def test_a_scatter_places_each_point_by_its_values_and_links_it():
+    svg = str(scatter({"EVR": [(8, 0.91, "k8", "#sae-k8"), (32, 0.94, "k32", "#sae-k32"), (64, 0.95, "k64", "#sae-k64")]}, x_label="L0", y_label="EVR"))
+    (h8, x8, y8), (h32, x32, y32), (h64, x64, y64) = _points(svg)
+    assert (h8, h32, h64) == ("#sae-k8", "#sae-k32", "#sae-k64")
+    assert x8 < x32 < x64 and y8 > y32 > y64, "right with L0, up with EVR (SVG's y grows downwards)"
+    assert abs((x32 - x8) - 2 * (x64 - x32)) < 0.5 and "(log scale)" in svg, "8 -> 64 spans 8x: log scale, 8 -> 32 twice 32 -> 64"
+    assert svg.count('class="point-name"') == 3 and "<title>k32: EVR 0.94, L0 32</title>" in svg
+    linear = str(scatter({"EVR": [(30, 0.9, "a", "#a"), (32, 0.9, "b", "#b"), (60, 0.8, "c", "#c")]}))
+    (_, xa, _), (_, xb, _), (_, xc, _) = _points(linear)
+    assert abs((xb - xa) * 14 - (xc - xb)) < 0.5 and "log scale" not in linear
+
+
+def test_a_scatter_escapes_titles_skips_what_is_not_finite_and_names_several_series():
+    svg = str(scatter({"cifar10": [(8, 1.5, "<b>", "#x"), (16, float("nan"), "nan", "#y")], "cifar100": [(8, 9.0, "z", "#z")]}, named=False))
+    assert len(_points(svg)) == 2 and "<b>" not in svg and "&lt;b&gt;" in svg
+    assert "● cifar10" in svg and "● cifar100" in svg and 'class="point-name"' not in svg
+    assert "No data yet" in scatter({"EVR": []})
