@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -67,3 +68,15 @@ def overlap_summary(best: torch.Tensor, chance: float, bins: int = 20) -> dict:
         "features": len(best), "median": float(best.median()) if len(best) else None, "bins": bins, "counts": counts,
         "shared": {f"{t:g}": float((best >= t).float().mean()) if len(best) else None for t in SHARED_AT}, "chance": chance,
     }
+
+
+def best_bytes(best: torch.Tensor, live: np.ndarray, d_sae: int) -> bytes:
+    """``SaeOverlap.best``: the live features' best cosines at their indices, NaN elsewhere, float16 little-endian."""
+    out = np.full(d_sae, np.nan, dtype="<f2")
+    out[live] = best.numpy()
+    return out.tobytes()
+
+
+def best_of(stored: bytes) -> np.ndarray:
+    """:func:`best_bytes` read back as float32."""
+    return np.frombuffer(stored, dtype="<f2").astype(np.float32)

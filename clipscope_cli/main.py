@@ -208,7 +208,7 @@ def export_labels(
             if row.status != SaeStatus.READY:
                 raise ClipScopeError(f"SAE {sae} has no feature table yet (status: {row.status}); run `clipscope precompute` first.")
             rows = feature_service.feature_table(session, row, feature_service.FeatureFilter(), FeatureOrders())
-            fields = feature_service.table_fields(concept=False)
+            fields = feature_service.table_fields()
         else:
             rows, fields = labels.export_rows(session, row), labels.EXPORT_FIELDS
         text = labels.to_jsonl(rows) if fmt is LabelFormat.jsonl else csv_text(rows, fields)

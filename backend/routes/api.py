@@ -27,9 +27,10 @@ from clipscope.errors import ClipScopeError
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.dataset_images import NotInSet
-from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, table_fields
+from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, ranking_of, table_fields
+from backend.services.feature_order import Ranking
 from backend.services.saes import (
-    decoder_redundancy, evaluation_table, feature_density, list_saes, sae_summary, shared_features, training_curve,
+    NotShared, decoder_redundancy, evaluation_table, feature_density, list_saes, sae_summary, shared_features, training_curve,
 )
 
 T = TypeVar("T")
@@ -86,41 +87,45 @@ def invalid_query(field: str, message: str, value: Any) -> RequestValidationErro
     return RequestValidationError([{"type": "value_error", "loc": ("query", field), "msg": message, "input": value}])
 
 
-def _refuse_frequency_mistake(query: FeatureFilter) -> None:
-    """A frequency range no feature can fall in is a 422."""
-    if mistake := query.frequency_mistake():
-        raise invalid_query("min_freq", mistake, query.min_freq)
-
-
-def _concept_scores(request: Request, sae, query: FeatureFilter):
-    """The concept search's score of every feature (None without one); 409 when this SAE cannot be searched."""
+def _ranking(request: Request, session, sae, query: FeatureFilter) -> Ranking | None:
+    """:func:`ranking_of`; 409 when this SAE cannot be searched by concept, 422 when the pair named is not measured."""
     try:
-        return request.app.state.concepts.scores(sae, query.concept) if query.concept else None
+        return ranking_of(request.app.state.concepts, session, sae, query)
     except ConceptsUnavailable as exc:
         raise HTTPException(409, str(exc)) from None
+    except NotShared as exc:
+        raise invalid_query("matched_in", str(exc), query.matched_in) from None
+
+
+def _refuse_mistakes(query: FeatureFilter) -> None:
+    """A frequency range no feature can fall in, or two rankings at once, is a 422."""
+    if mistake := query.frequency_mistake():
+        raise invalid_query("min_freq", mistake, query.min_freq)
+    if mistake := query.ranking_mistake():
+        raise invalid_query("matched_in", mistake, query.matched_in)
 
 
 @router.get("/saes/{sae}/features", summary="A page of features, sorted and filtered")
 async def api_features(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]) -> dict[str, Any]:
-    _refuse_frequency_mistake(query)
+    _refuse_mistakes(query)
 
     def work(session, sae):
         require_ready(sae)
-        rows, total = list_features(session, sae, query, orders, scores=_concept_scores(request, sae, query))
+        rows, total = list_features(session, sae, query, orders, ranking=_ranking(request, session, sae, query))
         return {"total": total, "page": query.page, "per_page": query.per_page, "features": rows}
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 
 
 @router.get("/saes/{sae}/features.csv", response_class=CSVResponse,
-            summary="Every feature the filters select, in their order, as CSV: statistics, current label, concept match")
+            summary="Every feature the filters select, in their order, as CSV: statistics, current label, concept match or best cosine in another SAE")
 async def api_features_csv(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureFilter, Query()]):
-    _refuse_frequency_mistake(query)
+    _refuse_mistakes(query)
 
     def work(session, sae):
         require_ready(sae)
-        scores = _concept_scores(request, sae, query)
-        body = csv_text(feature_table(session, sae, query, orders, scores), table_fields(scores is not None))
+        ranking = _ranking(request, session, sae, query)
+        body = csv_text(feature_table(session, sae, query, orders, ranking), table_fields(ranking))
         return download(CSVResponse, body, f"{sae.key}-features.csv")
 
     return await read_sae(request, sae, work, threaded=True)  # up to every feature of the SAE: off the event loop

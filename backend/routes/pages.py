@@ -23,9 +23,10 @@ from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
 from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
-from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature
+from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature, ranking_of
 from backend.services.saes import (
-    comparison_columns, drops_by_set, evaluation_table, frontier, list_saes, sae_summary, shared_features, training_curve,
+    NotShared, comparison_columns, drops_by_set, evaluation_table, frontier, list_saes, matchable, sae_summary,
+    shared_features, training_curve,
 )
 from clipscope.accounts import authenticate
 from clipscope.db.models import SaeStatus
@@ -107,17 +108,19 @@ async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, qu
         asked, errors = query, []
         if mistake := query.frequency_mistake():  # the list without the range, and why; the form keeps what was typed
             asked, errors = asked.model_copy(update={"min_freq": None, "max_freq": None}), [f"{mistake} The list is shown without it."]
+        if mistake := query.ranking_mistake():
+            asked, errors = asked.model_copy(update={"matched_in": ""}), [*errors, f"{mistake} The list is ranked by the concept."]
         try:
-            scores = request.app.state.concepts.scores(sae, asked.concept) if asked.concept else None
-        except ConceptsUnavailable as exc:  # the list without the search, and why
-            asked, scores = asked.model_copy(update={"concept": ""}), None
+            ranking = ranking_of(request.app.state.concepts, session, sae, asked)
+        except (ConceptsUnavailable, NotShared) as exc:  # the list without that ranking, and why
+            asked, ranking = asked.model_copy(update={"concept": "", "matched_in": ""}), None
             errors.append(str(exc))
-        rows, total = list_features(session, sae, asked, orders, scores=scores)
+        rows, total = list_features(session, sae, asked, orders, ranking=ranking)
         pages = max(1, -(-total // query.per_page))
         params = query.model_dump(exclude_defaults=True, exclude={"page"})
         return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
-                      params=params, categories=CATEGORIES, error=" ".join(errors), ranked_by=asked.concept,
-                      csv_params=asked.model_dump(exclude_defaults=True, exclude={"page", "per_page"}))
+                      params=params, categories=CATEGORIES, error=" ".join(errors), ranked_by=asked.concept, matched_in=asked.matched_in,
+                      matchable=matchable(session, sae), csv_params=asked.model_dump(exclude_defaults=True, exclude={"page", "per_page"}))
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
 

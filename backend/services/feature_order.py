@@ -12,7 +12,8 @@ process (web, API, ``clipscope import``) is seen on the next request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import and_, func, select
@@ -25,6 +26,19 @@ from clipscope.db.models import Feature, Label, LabelRevision, Sae
 if TYPE_CHECKING:
     from backend.services.features import FeatureQuery
 
+@dataclass(frozen=True, eq=False)
+class Ranking:
+    """Per-feature scores that rank a list instead of its sort: a concept search's match, or each feature's
+    best decoder cosine in another SAE. A feature whose score is NaN is left out."""
+
+    scores: np.ndarray
+    field: str
+    """The name each row carries its score under (``concept_score``, ``match_cosine``)."""
+    descending: bool = True
+    version: Any = None
+    """What the scores depend on beyond the query (kept orderings are keyed by it)."""
+
+
 def reads_labels(query: FeatureQuery) -> bool:
     return query.labelled != "any" or bool(query.category) or bool(query.q) or query.sort == "label"
 
@@ -35,24 +49,26 @@ class FeatureOrders:
     def __init__(self, max_entries: int = 64):
         self._entries: RecentlyUsed[np.ndarray] = RecentlyUsed(max_entries)
 
-    def get(self, session: Session, sae: Sae, query: FeatureQuery, scores: np.ndarray | None = None) -> np.ndarray:
-        """The ordering of ``query``; with ``scores`` (``query.concept``'s, which the key holds), the filtered
-        features that have a score, best first (ties by index)."""
+    def get(self, session: Session, sae: Sae, query: FeatureQuery, ranking: Ranking | None = None) -> np.ndarray:
+        """The ordering of ``query``; with a ``ranking`` (the query names it: a concept, another SAE), the
+        filtered features that have a score, by it (ties by index)."""
         labels_version = session.scalar(select(func.max(LabelRevision.id))) if reads_labels(query) else None
         filters = query.model_dump(exclude={"page", "per_page"})  # every other field shapes the ordering
-        key = (sae.id, sae.updated_at, labels_version, *filters.values())
-        return self._entries.get(key, lambda: _fetch(session, sae, query, scores))
+        ranked = (ranking.descending, ranking.version) if ranking is not None else None
+        key = (sae.id, sae.updated_at, labels_version, ranked, *filters.values())
+        return self._entries.get(key, lambda: _fetch(session, sae, query, ranking))
 
 
-def _fetch(session: Session, sae: Sae, query: FeatureQuery, scores: np.ndarray | None) -> np.ndarray:
-    if scores is None and query.sort != "sample":
+def _fetch(session: Session, sae: Sae, query: FeatureQuery, ranking: Ranking | None) -> np.ndarray:
+    if ranking is None and query.sort != "sample":
         return np.fromiter(session.scalars(ordering(sae, query)), dtype=np.int32)
     ids = np.fromiter(session.scalars(ordering(sae, query.model_copy(update={"sort": "index", "order": "asc"}))), dtype=np.int32)
-    if scores is None:  # the sample order, kept in no column
+    if ranking is None:  # the sample order, kept in no column
         ids = ids[np.argsort(sample_rank(sae.key, sae.d_sae)[ids], kind="stable")]
         return ids[::-1].copy() if query.order == "desc" else ids
-    ids = ids[~np.isnan(scores[ids])]
-    return ids[np.argsort(-scores[ids], kind="stable")]
+    scores = ranking.scores[ids]
+    ids, scores = ids[~np.isnan(scores)], scores[~np.isnan(scores)]
+    return ids[np.argsort(-scores if ranking.descending else scores, kind="stable")]
 
 
 def _like_escaped(text: str) -> str:

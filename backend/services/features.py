@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
-from backend.services.feature_order import FeatureOrders
+from backend.services.feature_order import FeatureOrders, Ranking
+from backend.services.saes import match_ranking
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae
 from clipscope.token_maps import fractions
+
+if TYPE_CHECKING:
+    from backend.services.concepts import ConceptSearch
 
 
 class FeatureFilter(BaseModel):
@@ -41,6 +44,11 @@ class FeatureFilter(BaseModel):
         description="Rank by how well each feature's top images match this text through CLIP, best first (the score its automatic "
         "name gets, for any words); replaces sort and order. Features without top images are left out.",
     )
+    matched_in: str = Field(
+        "", max_length=128,
+        description="Rank by each feature's best decoder cosine among the live atoms of this other SAE at the same hook site (its key): "
+        "order=asc puts first the features it lacks, order=desc those it shares; replaces sort. Dead features are left out.",
+    )
 
     @field_validator("min_freq", "max_freq", mode="before")
     @classmethod
@@ -53,6 +61,12 @@ class FeatureFilter(BaseModel):
     def _one_spaced(cls, value: str) -> str:
         """Spaces collapsed: "  berries  on cream " is the search "berries on cream" (and only spaces, none)."""
         return " ".join(value.split())
+
+    def ranking_mistake(self) -> str | None:
+        """Why the list cannot be ranked as asked (two rankings at once), or None."""
+        if self.concept and self.matched_in:
+            return "concept and matched_in both rank the list: ask for one of them."
+        return None
 
     def frequency_mistake(self) -> str | None:
         """Why the frequency range is one no feature can fall in (a mistake to point out, not an empty list), or None."""
@@ -114,12 +128,22 @@ def _rows(session: Session, statement, **params) -> list:
     return session.connection().execute(statement, params).all()
 
 
+def ranking_of(concepts: "ConceptSearch", session: Session, sae: Sae, query: FeatureFilter) -> Ranking | None:
+    """What ranks the list instead of its sort: a concept search's match, or each feature's best cosine in
+    another SAE; None for neither. Raises ConceptsUnavailable or NotShared when it cannot be had."""
+    if query.concept:
+        return Ranking(concepts.scores(sae, query.concept), "concept_score")
+    if query.matched_in:
+        return match_ranking(session, sae, query.matched_in, descending=query.order == "desc")
+    return None
+
+
 def list_features(
-    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6, scores: np.ndarray | None = None
+    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6, ranking: Ranking | None = None
 ) -> tuple[list[dict[str, Any]], int]:
     """One page of features (with their label and first ``strip`` top images) and the total matching;
-    with ``scores`` (a concept search's, per feature), ranked by them and each row carries its ``concept_score``."""
-    order = orders.get(session, sae, query, scores)
+    with a ``ranking``, ranked by it and each row carries its score (under ``ranking.field``)."""
+    order = orders.get(session, sae, query, ranking)
     ids = [int(i) for i in order[(query.page - 1) * query.per_page : query.page * query.per_page]]
     if not ids:
         return [], len(order)
@@ -127,23 +151,24 @@ def list_features(
     labels = labels_of(session, sae.id, ids)
     strips = top_examples(session, sae.id, ids, limit=strip)
     out = [{**feature_stats(rows[i]), "label": label_dict(labels.get(i)), "examples": strips.get(i, [])} for i in ids]
-    if scores is not None:
+    if ranking is not None:
         for row in out:
-            row["concept_score"] = float(scores[row["index"]])
+            row[ranking.field] = float(ranking.scores[row["index"]])
     return out, len(order)
 
 
-def table_fields(concept: bool) -> tuple[str, ...]:
+def table_fields(ranking: Ranking | None = None) -> tuple[str, ...]:
     """The columns of :func:`feature_table`'s rows, in order."""
-    return (*STAT_FIELDS, *(f"label_{k}" for k in ("text", "category", "author", "revision", "updated_at")), *(("concept_score",) if concept else ()))
+    labels = tuple(f"label_{k}" for k in ("text", "category", "author", "revision", "updated_at"))
+    return (*STAT_FIELDS, *labels, *((ranking.field,) if ranking is not None else ()))
 
 
 def feature_table(
-    session: Session, sae: Sae, query: FeatureFilter, orders: FeatureOrders, scores: np.ndarray | None = None
+    session: Session, sae: Sae, query: FeatureFilter, orders: FeatureOrders, ranking: Ranking | None = None
 ) -> list[dict[str, Any]]:
     """Every feature ``query`` selects, in its order, as flat rows (:func:`table_fields`): the list's statistics,
-    the current label, and with ``scores`` (a concept search's) each feature's match."""
-    ids = orders.get(session, sae, query, scores).tolist()
+    the current label, and with a ``ranking`` each feature's score."""
+    ids = orders.get(session, sae, query, ranking).tolist()
     if len(ids) <= _IN_LIST_LIMIT:
         found, labelled = _rows(session, _FEATURE_ROWS, sae=sae.id, features=ids), labels_of(session, sae.id, ids)
     else:
@@ -154,8 +179,8 @@ def feature_table(
     for i in ids:
         label = label_dict(labelled.get(i)) or {}
         row = {**feature_stats(stats[i]), **{f"label_{k}": v for k, v in label.items()}}
-        if scores is not None:
-            row["concept_score"] = float(scores[i])
+        if ranking is not None:
+            row[ranking.field] = float(ranking.scores[i])
         out.append(row)
     return out
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from backend.services.feature_order import Ranking
 from clipscope.clip.zeroshot import class_drops
 from clipscope.db.models import Evaluation, Feature, Sae, SaeOverlap, SaeStatus, TrainingPoint
-from clipscope.matching import chance_level
+from clipscope.matching import best_of, chance_level
 
 
 def sae_summary(sae: Sae) -> dict[str, Any]:
@@ -84,6 +85,34 @@ def shared_features(session: Session, sae: Sae) -> list[dict[str, Any]]:
     mine = (sae.precompute or {}).get("key")
     return [{"sae": r.key, "name": r.name, "recipe": r.recipe, "tokens": r.tokens, "d_sae": r.d_sae, "k": r.k, **r.summary}
             for r in rows if r.versions == {"sae": mine, "other": (r.precompute or {}).get("key")}]
+
+
+_MATCHABLE = (select(Sae.key).join(SaeOverlap, SaeOverlap.other_id == Sae.id)
+              .where(SaeOverlap.sae_id == bindparam("sae"), Sae.status == SaeStatus.READY).order_by(Sae.key))
+
+
+def matchable(session: Session, sae: Sae) -> list[str]:
+    """The keys of the other SAEs the list can rank ``sae``'s features against (``matched_in``): one small
+    indexed query, built once, as the list page asks it on every request."""
+    return list(session.connection().execute(_MATCHABLE, {"sae": sae.id}).scalars())
+
+
+class NotShared(LookupError):
+    """No other SAE of that key whose shared features with this one are measured; the sentence names those that are."""
+
+
+def match_ranking(session: Session, sae: Sae, other: str, descending: bool) -> Ranking:
+    """Each of ``sae``'s features ranked by its best decoder cosine among ``other``'s live atoms (as the
+    precompute measured it for both current precomputes); dead features have none."""
+    found = session.execute(
+        select(SaeOverlap.best, SaeOverlap.versions, Sae.precompute).join(Sae, Sae.id == SaeOverlap.other_id)
+        .where(SaeOverlap.sae_id == sae.id, Sae.key == other, Sae.status == SaeStatus.READY)
+    ).first()
+    current = {"sae": (sae.precompute or {}).get("key"), "other": (found.precompute or {}).get("key")} if found else None
+    if found is None or found.versions != current:
+        there = ", ".join(o["sae"] for o in shared_features(session, sae)) or "none yet (`clipscope run` measures them after each precompute)"
+        raise NotShared(f"No SAE {other!r} at this SAE's hook site has its shared features measured with it; those that have: {there}.")
+    return Ranking(best_of(found.best), "match_cosine", descending, version=(other, current["other"]))
 
 
 def list_saes(session: Session) -> list[Sae]:

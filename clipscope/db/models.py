@@ -157,6 +157,9 @@ class SaeOverlap(Base):
     summary: Mapped[dict[str, Any]] = mapped_column(
         JSON, doc="{features, median, bins, counts, shared: {threshold: share}, chance}: clipscope.matching.overlap_summary."
     )
+    best: Mapped[bytes] = mapped_column(
+        LargeBinary, doc="float16 little-endian [the SAE's d_sae]: each feature's best cosine in the other SAE; NaN where it is not live."
+    )
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 

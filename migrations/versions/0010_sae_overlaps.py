@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column('other_id', sa.Integer(), nullable=False),
         sa.Column('versions', sa.JSON(), nullable=False),
         sa.Column('summary', sa.JSON(), nullable=False),
+        sa.Column('best', sa.LargeBinary(), nullable=False),
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(['sae_id'], ['saes.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['other_id'], ['saes.id'], ondelete='CASCADE'),

@@ -1,6 +1,7 @@
 """Listing the SAEs of a data dir and removing one with what only it used (``clipscope saes``), on the two
 SAEs of ``two_saes`` (tests/conftest.py): ``a`` precomputed over all 40 images, ``b`` over the first 20."""
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
@@ -168,6 +169,13 @@ def test_removal_on_postgresql_takes_the_same_rows_as_on_sqlite(copied, postgres
     layout, url, (a, b), _ = copied
     _label(url, a)
     pg_url = _copy_to_postgresql(url, postgres_server)
+    from backend.services.saes import match_ranking
+
+    ranked = []
+    for engine_url in (url, pg_url):  # the stored cosines read back alike (a binary column on PostgreSQL)
+        with session_scope(engine_url) as s:
+            ranked.append(match_ranking(s, s.scalar(select(Sae).where(Sae.key == a)), b, descending=False).scores)
+    assert np.array_equal(ranked[0], ranked[1], equal_nan=True) and not np.isnan(ranked[0]).all()
     counts = {}
     for engine_url in (url, pg_url):
         _remove(layout, engine_url, [a], discard_labels=True)

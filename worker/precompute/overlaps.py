@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from sqlalchemy import delete, select
 
 from clipscope.db.models import Feature, Sae, SaeOverlap, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
-from clipscope.matching import best_cosines, chance_level, overlap_summary, unit_atoms
+from clipscope.matching import best_bytes, best_cosines, chance_level, overlap_summary, unit_atoms
 from clipscope.sae.io import load_sae
 from worker.context import Context
 
@@ -28,12 +29,12 @@ def same_site(a: Sae, b: Sae) -> bool:
     return (a.model, a.pretrained, a.layer, a.d_in) == (b.model, b.pretrained, b.layer, b.d_in)
 
 
-def _live_atoms(ctx: Context, sae_id: int, key: str) -> torch.Tensor:
-    """Unit atoms of the features that fire on the SAE's precompute set, on the context's device."""
+def _live_atoms(ctx: Context, sae_id: int, key: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit atoms of the features that fire on the SAE's precompute set (on the context's device), and those features."""
     with session_scope(ctx.database_url) as s:
-        live = s.scalars(select(Feature.idx).where(Feature.sae_id == sae_id, Feature.n_active > 0).order_by(Feature.idx)).all()
+        live = np.array(s.scalars(select(Feature.idx).where(Feature.sae_id == sae_id, Feature.n_active > 0).order_by(Feature.idx)).all(), dtype=np.int64)
     atoms = load_sae(ctx.layout.saes / key / "sae", ctx.device)[0].W_dec
-    return unit_atoms(atoms[torch.as_tensor(live, dtype=torch.long, device=atoms.device)])
+    return unit_atoms(atoms[torch.from_numpy(live).to(atoms.device)]), live
 
 
 def update_overlaps(ctx: Context, sae_key: str) -> list[str]:
@@ -47,27 +48,29 @@ def update_overlaps(ctx: Context, sae_key: str) -> list[str]:
         others = [o for o in s.scalars(select(Sae).where(Sae.status == SaeStatus.READY, Sae.id != me.id).order_by(Sae.id)) if same_site(me, o)]
         kept = {o.other_id: o.versions for o in s.scalars(select(SaeOverlap).where(SaeOverlap.sae_id == me.id))}
         mine = (me.precompute or {}).get("key")
-        todo = [(o.id, o.key, o.d_in, (o.precompute or {}).get("key")) for o in others
+        todo = [(o.id, o.key, o.d_in, o.d_sae, (o.precompute or {}).get("key")) for o in others
                 if kept.get(o.id) != {"sae": mine, "other": (o.precompute or {}).get("key")}]
-        my_id, my_d_in = me.id, me.d_in
+        my_id, my_d_in, my_d_sae = me.id, me.d_in, me.d_sae
     if not todo:
         return []
-    atoms = _live_atoms(ctx, my_id, sae_key)
+    atoms, live = _live_atoms(ctx, my_id, sae_key)
     measured = []
-    for other_id, other_key, other_d_in, yours in todo:
+    for other_id, other_key, other_d_in, other_d_sae, yours in todo:
         try:
-            theirs = _live_atoms(ctx, other_id, other_key)
+            theirs, their_live = _live_atoms(ctx, other_id, other_key)
         except ClipScopeError as exc:
             log.info("overlap with %s skipped: %s", other_key, exc)
             continue
         best_mine, best_theirs = best_cosines(atoms, theirs)
         rows = [
-            (my_id, other_id, {"sae": mine, "other": yours}, overlap_summary(best_mine, chance_level(len(theirs), other_d_in))),
-            (other_id, my_id, {"sae": yours, "other": mine}, overlap_summary(best_theirs, chance_level(len(atoms), my_d_in))),
+            (my_id, other_id, {"sae": mine, "other": yours}, overlap_summary(best_mine, chance_level(len(theirs), other_d_in)),
+             best_bytes(best_mine, live, my_d_sae)),
+            (other_id, my_id, {"sae": yours, "other": mine}, overlap_summary(best_theirs, chance_level(len(atoms), my_d_in)),
+             best_bytes(best_theirs, their_live, other_d_sae)),
         ]
         with session_scope(ctx.database_url) as w:
-            for sae_id, against, versions, summary in rows:
+            for sae_id, against, versions, summary, best in rows:
                 w.execute(delete(SaeOverlap).where(SaeOverlap.sae_id == sae_id, SaeOverlap.other_id == against))
-                w.add(SaeOverlap(sae_id=sae_id, other_id=against, versions=versions, summary=summary))
+                w.add(SaeOverlap(sae_id=sae_id, other_id=against, versions=versions, summary=summary, best=best))
         measured.append(other_key)
     return measured
