@@ -350,6 +350,43 @@ def saes_remove(
         typer.echo("the database keeps the space of the removed rows for later runs; `clipscope db vacuum` gives it back")
 
 
+@saes_app.command("export")
+def saes_export(
+    key: str = typer.Argument(..., help="SAE key."),
+    output: Path = typer.Option(..., "--output", "-o", dir_okay=False, help="The bundle to write (a tar file)."),
+    caches: bool = typer.Option(False, "--caches", help="Also bundle its activation caches (for its images' pages, "
+                                "\"fires together with\" and the notebook; large with patch tokens)."),
+) -> None:
+    """Write one SAE to one file: its rows (features, examples, labels with their history, curve, evaluations),
+    the image rows and thumbnails it shows, its weights; `clipscope saes import` reads it into another installation."""
+    from clipscope.bundle import export_bundle
+    from clipscope.db.session import session_scope
+    from clipscope.inventory import human_bytes
+
+    ctx = _setup()
+    with session_scope(ctx.database_url) as session:
+        counts = export_bundle(session, ctx.layout, key, output, caches=caches)
+    typer.echo(f"wrote {output} ({human_bytes(output.stat().st_size)}): "
+               + ", ".join(f"{n:,} {table.replace('_', ' ')}" for table, n in counts.items()))
+
+
+@saes_app.command("import")
+def saes_import(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A bundle from `clipscope saes export`.")) -> None:
+    """Add the SAE of a bundle to this installation: its rows under new ids (image rows and thumbnails already
+    here are shared), its files; then how many features it shares with the SAEs at its hook site here."""
+    from clipscope.bundle import import_bundle
+    from clipscope.db.session import session_scope
+    from worker.precompute.overlaps import update_overlaps
+
+    ctx = _setup()
+    with session_scope(ctx.database_url) as session:
+        key, added = import_bundle(session, ctx.layout, path)
+    typer.echo(f"imported {key}: " + ", ".join(f"{n:,} {table.replace('_', ' ')}" for table, n in added.items()))
+    measured = update_overlaps(ctx, key)
+    if measured:
+        typer.echo(f"features shared with {', '.join(measured)} measured")
+
+
 @users_app.command("add")
 def users_add(
     username: str = typer.Argument(..., help="Login name (also the author of this user's labels)."),

@@ -234,3 +234,21 @@ def test_set_overrides_make_a_variant_of_the_config_an_sae_of_its_own(env):
     assert shapes == {(256, 8), (128, 4)}
     out = runner.invoke(app, ["train", str(env / "run.toml"), "--set", "sae.width=3"])
     assert isinstance(out.exception, ClipScopeError) and "run.toml --set sae.width=3 is invalid: sae.width:" in str(out.exception)
+
+
+def test_saes_export_then_import_brings_an_sae_back_whole(env, tmp_path):
+    import json
+
+    (env / "run.toml").write_text(CONFIG)
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", str(env / "run.toml")]).exit_code == 0
+    (before,) = json.loads(runner.invoke(app, ["saes", "list", "--json"]).output)
+    out = runner.invoke(app, ["saes", "export", before["key"], "-o", str(tmp_path / "one.tar")])
+    assert out.exit_code == 0 and f"wrote {tmp_path / 'one.tar'}" in out.output and "0 features" in out.output, out.output
+    assert runner.invoke(app, ["saes", "remove", before["key"], "--yes"]).exit_code == 0
+    out = runner.invoke(app, ["saes", "import", str(tmp_path / "one.tar")])
+    assert out.exit_code == 0 and out.output.startswith(f"imported {before['key']}: 0 features"), out.output
+    (after,) = json.loads(runner.invoke(app, ["saes", "list", "--json"]).output)
+    assert after == before
+    out = runner.invoke(app, ["saes", "import", str(tmp_path / "one.tar")])
+    assert isinstance(out.exception, ClipScopeError) and "is already in this database" in str(out.exception)

@@ -1,0 +1,249 @@
+"""One SAE as one file, to move it between ClipScope installations (a GPU server's PostgreSQL to a laptop's
+SQLite, or to a colleague): ``clipscope saes export KEY -o FILE`` and ``clipscope saes import FILE``.
+
+A bundle is an uncompressed tar holding
+
+* ``clipscope-bundle.json``: the format, the database schema revision it was written at, the SAE's row;
+* ``rows/<table>.jsonl.gz``: the SAE's rows of every table that belongs to it (features, examples, labels
+  with their history, training curve, evaluations) and the image rows its examples show, without
+  database ids: an example names its image by ``(dataset_key, index)``;
+* ``files/``: its folder under ``saes/`` (weights and concept-search directions; checkpoints left out),
+  the thumbnails of its images and, when asked, its activation caches.
+
+Importing inserts the rows under new ids in one transaction, reusing image rows (and thumbnails) the
+target already has, then copies the files; an SAE whose key the target has is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import LargeBinary, select, tuple_
+from sqlalchemy.orm import Session
+
+from clipscope.db.migrate import head_revision
+from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint, UtcDateTime
+from clipscope.errors import ClipScopeError
+from clipscope.inventory import caches_of, sae_row
+from clipscope.storage import DataLayout
+
+FORMAT = 1
+MANIFEST = "clipscope-bundle.json"
+OWN_TABLES = (Feature, Label, LabelRevision, TrainingPoint, Evaluation)
+"""The tables whose rows belong to one SAE by ``sae_id`` alone (examples name their images, so they go apart)."""
+_CHUNK = 5000  # rows per INSERT
+_LOOKUP = 500  # (dataset_key, index) pairs per IN (...)
+
+
+def _plain(table, row: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
+    """A row as JSON values: times as ISO text, bytes as base64; ``drop`` (ids) left out."""
+    out = {}
+    for column in table.__table__.columns:
+        if column.key in drop:
+            continue
+        value = row[column.key]
+        if value is not None and isinstance(column.type, LargeBinary):
+            value = base64.b64encode(value).decode()
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        out[column.key] = value
+    return out
+
+
+def _typed(table, row: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_plain` read back; a column the bundle does not name is left to its default."""
+    columns = table.__table__.columns
+    out = {}
+    for key, value in row.items():
+        if key not in columns:
+            raise ClipScopeError(f"The bundle's {table.__tablename__} rows have a column {key!r} this ClipScope does not know.")
+        kind = columns[key].type
+        if value is not None and isinstance(kind, LargeBinary):
+            value = base64.b64decode(value)
+        elif value is not None and isinstance(kind, UtcDateTime):
+            value = datetime.fromisoformat(value)
+        out[key] = value
+    return out
+
+
+def _mapped(session: Session, statement) -> Iterator[dict[str, Any]]:
+    for row in session.execute(statement).mappings():
+        yield dict(row)
+
+
+def _add_jsonl(tar: tarfile.TarFile, name: str, rows: Iterator[dict[str, Any]]) -> int:
+    buf, n = io.BytesIO(), 0
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
+        for row in rows:
+            gz.write((json.dumps(row, sort_keys=True) + "\n").encode())
+            n += 1
+    info = tarfile.TarInfo(name)
+    info.size = buf.tell()
+    buf.seek(0)
+    tar.addfile(info, buf)
+    return n
+
+
+def export_bundle(session: Session, layout: DataLayout, key: str, out: Path, caches: bool = False) -> dict[str, int]:
+    """Write the SAE ``key`` to ``out`` (a temporary sibling renamed at the end); returns the rows per table."""
+    sae = sae_row(session, key)
+    if Path(key).name != key:
+        raise ClipScopeError(f"{key!r} is not an SAE key that names a folder; it cannot be bundled.")
+    counts: dict[str, int] = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as tmp:
+        try:
+            with tarfile.open(fileobj=tmp, mode="w") as tar:
+                for table in OWN_TABLES:
+                    drop = ("id", "sae_id")
+                    rows = (_plain(table, r, drop) for r in _mapped(session, select(table.__table__).where(table.sae_id == sae.id)))
+                    counts[table.__tablename__] = _add_jsonl(tar, f"rows/{table.__tablename__}.jsonl.gz", rows)
+                shown = select(Image.__table__).where(Image.id.in_(select(FeatureExample.image_id).where(FeatureExample.sae_id == sae.id)))
+                images = {r["id"]: r for r in _mapped(session, shown)}
+                counts["images"] = _add_jsonl(tar, "rows/images.jsonl.gz", (_plain(Image, r, ("id",)) for r in images.values()))
+                examples = (
+                    {**_plain(FeatureExample, r, ("id", "sae_id", "image_id")), "image": [images[r["image_id"]]["dataset_key"], images[r["image_id"]]["index"]]}
+                    for r in _mapped(session, select(FeatureExample.__table__).where(FeatureExample.sae_id == sae.id))
+                )
+                counts["feature_examples"] = _add_jsonl(tar, "rows/feature_examples.jsonl.gz", examples)
+                folder = layout.saes / key
+                tar.add(folder, f"files/saes/{key}", filter=lambda info: None if "/checkpoints" in info.name else info)
+                for rel in sorted({r["thumbnail"] for r in images.values()}):
+                    if (layout.root / rel).is_file():
+                        tar.add(layout.root / rel, f"files/{rel}")
+                if caches:
+                    for name in caches_of(sae):
+                        if (layout.activations / name).is_dir():
+                            tar.add(layout.activations / name, f"files/activations/{name}")
+                manifest = {"format": FORMAT, "schema": head_revision(), "sae": _plain(Sae, _row_dict(sae), ("id",)), "counts": counts}
+                data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+                info = tarfile.TarInfo(MANIFEST)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            tmp.flush()
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
+    Path(tmp.name).replace(out)
+    return counts
+
+
+def _row_dict(sae: Sae) -> dict[str, Any]:
+    return {c.key: getattr(sae, c.key) for c in Sae.__table__.columns}
+
+
+def _rows(tar: tarfile.TarFile, table: str) -> Iterator[dict[str, Any]]:
+    member = tar.extractfile(f"rows/{table}.jsonl.gz")
+    if member is None:
+        raise ClipScopeError(f"The bundle has no rows/{table}.jsonl.gz.")
+    with gzip.GzipFile(fileobj=member) as gz:
+        for line in gz:
+            yield json.loads(line)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The bundle's manifest; ClipScopeError for a file that is no bundle or one of another format or schema."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            member = tar.extractfile(MANIFEST)
+            manifest = json.loads(member.read()) if member else None
+    except (tarfile.TarError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ClipScopeError(f"{path} is not a ClipScope bundle ({exc}).") from None
+    if not manifest or manifest.get("format") != FORMAT:
+        raise ClipScopeError(f"{path} is not a ClipScope bundle of format {FORMAT}.")
+    if manifest.get("schema") != head_revision():
+        raise ClipScopeError(f"{path} was written at database schema {manifest.get('schema')}, this ClipScope is at {head_revision()}: "
+                             "export it again with this version of ClipScope.")
+    return manifest
+
+
+def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str, dict[str, int]]:
+    """Insert the bundle's rows in the session's transaction (committed here), then copy its files; returns
+    the SAE's key and the rows added per table. An SAE whose key is already here is refused, before anything."""
+    manifest = read_manifest(path)
+    fields = _typed(Sae, manifest["sae"])
+    key = fields["key"]
+    if Path(key).name != key or key in ("", ".", ".."):
+        raise ClipScopeError(f"The bundle's SAE key {key!r} is not a folder name.")
+    if session.scalar(select(Sae.id).where(Sae.key == key)) is not None:
+        raise ClipScopeError(f"SAE {key} is already in this database: remove it first (`clipscope saes remove {key}`) to import it again.")
+    added: dict[str, int] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        sae = Sae(**fields)
+        files = _files(tar, key, caches_of(sae))
+        session.add(sae)
+        session.flush()
+        for table in OWN_TABLES:
+            added[table.__tablename__] = _insert(session, table, ({**_typed(table, r), "sae_id": sae.id} for r in _rows(tar, table.__tablename__)))
+        incoming = [_typed(Image, r) for r in _rows(tar, "images")]
+        wanted = [(r["dataset_key"], r["index"]) for r in incoming]
+        here = _image_ids(session, wanted)  # shared with the SAEs over the same images already here
+        added["images"] = _insert(session, Image, (r for r in incoming if (r["dataset_key"], r["index"]) not in here))
+        ids = _image_ids(session, wanted)
+        examples = ({**_typed(FeatureExample, {k: v for k, v in r.items() if k != "image"}), "sae_id": sae.id, "image_id": ids[tuple(r["image"])]}
+                    for r in _rows(tar, "feature_examples"))
+        added["feature_examples"] = _insert(session, FeatureExample, examples)
+        session.commit()
+        _copy_files(tar, layout, files, key)
+    return key, added
+
+
+def _image_ids(session: Session, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The ids of the image rows here among ``keys`` ``(dataset_key, index)``."""
+    ids = {}
+    for start in range(0, len(keys), _LOOKUP):
+        found = session.execute(select(Image.dataset_key, Image.index, Image.id).where(tuple_(Image.dataset_key, Image.index).in_(keys[start : start + _LOOKUP])))
+        ids.update({(k, i): id_ for k, i, id_ in found})
+    return ids
+
+
+def _insert(session: Session, table, rows: Iterator[dict[str, Any]]) -> int:
+    n, chunk = 0, []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == _CHUNK:
+            session.execute(table.__table__.insert(), chunk)
+            n, chunk = n + len(chunk), []
+    if chunk:
+        session.execute(table.__table__.insert(), chunk)
+        n += len(chunk)
+    return n
+
+
+def _files(tar: tarfile.TarFile, key: str, caches: tuple[str, ...]) -> list[tuple[tarfile.TarInfo, str]]:
+    """The bundle's files with their paths under the data dir: its SAE's folder, thumbnails, its caches' files;
+    ClipScopeError, before anything is imported, for any other."""
+    allowed = (f"saes/{key}/", "thumbnails/", *(f"activations/{name}/" for name in caches))
+    out = []
+    for member in tar.getmembers():
+        if not member.name.startswith("files/") or member.isdir():
+            continue
+        rel = member.name.removeprefix("files/")
+        if not member.isfile() or not rel.startswith(allowed) or ".." in Path(rel).parts:
+            raise ClipScopeError(f"The bundle's file {member.name} is not one of its SAE's files: nothing was imported.")
+        out.append((member, rel))
+    return out
+
+
+def _copy_files(tar: tarfile.TarFile, layout: DataLayout, files: list[tuple[tarfile.TarInfo, str]], key: str) -> None:
+    """Each file to its place under the data dir (a temporary sibling renamed); a thumbnail or cache file already
+    here is kept (the same name holds the same content)."""
+    for member, rel in files:
+        target = layout.root / rel
+        if target.exists() and not rel.startswith(f"saes/{key}/"):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        with open(tmp, "wb") as fh:
+            shutil.copyfileobj(tar.extractfile(member), fh)
+        tmp.replace(target)
