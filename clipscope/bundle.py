@@ -77,7 +77,8 @@ def _typed(table, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mapped(session: Session, statement) -> Iterator[dict[str, Any]]:
-    for row in session.execute(statement).mappings():
+    """Rows as dicts, fetched in batches (a server-side cursor on PostgreSQL): an SAE has millions of examples."""
+    for row in session.execute(statement.execution_options(yield_per=10_000)).mappings():
         yield dict(row)
 
 
