@@ -100,3 +100,32 @@ def test_resizing_on_the_gpu_gives_the_cpus_model_input():
     assert on_gpu.device.type == "cuda"
     level = 1 / 255 / min(pre.descriptor["std"])
     assert float((on_gpu.cpu() - on_cpu).abs().max()) <= 1.01 * level
+
+
+def test_the_overlap_of_two_dictionaries_on_the_gpu_is_the_cpus():
+    from clipscope.matching import best_cosines, unit_atoms
+
+    g = torch.Generator().manual_seed(0)
+    a, b = unit_atoms(torch.randn(3000, 768, generator=g)), unit_atoms(torch.randn(2500, 768, generator=g))
+    on_cpu = best_cosines(a, b, chunk=512)
+    on_gpu = best_cosines(a.to(CUDA), b.to(CUDA), chunk=512)
+    assert all(t.device.type == "cpu" for t in on_gpu), "answered on the CPU wherever it ran"
+    assert torch.allclose(on_cpu[0], on_gpu[0], atol=1e-5) and torch.allclose(on_cpu[1], on_gpu[1], atol=1e-5)
+
+
+def test_the_notebook_encodes_a_precompute_set_on_the_gpu_as_on_the_cpu(tmp_path):
+    import types
+
+    from clipscope.notebook import OpenedSae
+    from tests.conftest import array_cache
+
+    cache = array_cache(tmp_path, np.random.default_rng(0).standard_normal((300, 1, D_IN)).astype(np.float16))
+    sae = TopKSAE(D_IN, D_SAE, K)
+    sae.init_weights(generator=torch.Generator().manual_seed(0))
+    answers = []
+    for device in ("cpu", "cuda"):
+        s = object.__new__(OpenedSae)
+        s.sae, s.device, s.cache = sae.to(device).eval(), device, (lambda: cache)
+        s.row = types.SimpleNamespace(precompute={"classes": []}, key="x", status="ready")
+        answers.append(s.set_activations([3, 9, 3], batch_size=64).values)
+    assert np.allclose(answers[0], answers[1], atol=1e-4)
