@@ -70,6 +70,12 @@ def overlap_summary(best: torch.Tensor, chance: float, bins: int = 20) -> dict:
     }
 
 
+def pair_versions(mine: dict | None, theirs: dict | None) -> dict:
+    """``SaeOverlap.versions`` of a pair measured over these two precomputes (``Sae.precompute`` of each):
+    a stored pair is current while it equals this."""
+    return {"sae": (mine or {}).get("key"), "other": (theirs or {}).get("key")}
+
+
 def best_bytes(best: torch.Tensor, live: np.ndarray, d_sae: int) -> bytes:
     """``SaeOverlap.best``: the live features' best cosines at their indices, NaN elsewhere, float16 little-endian."""
     out = np.full(d_sae, np.nan, dtype="<f2")

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from backend.services.feature_order import Ranking
 from clipscope.clip.zeroshot import class_drops
 from clipscope.db.models import Evaluation, Feature, Sae, SaeOverlap, SaeStatus, TrainingPoint
-from clipscope.matching import best_of, chance_level
+from clipscope.matching import best_of, chance_level, pair_versions
 
 
 def sae_summary(sae: Sae) -> dict[str, Any]:
@@ -82,9 +82,8 @@ def shared_features(session: Session, sae: Sae) -> list[dict[str, Any]]:
         .join(Sae, Sae.id == SaeOverlap.other_id).where(SaeOverlap.sae_id == sae.id, Sae.status == SaeStatus.READY)
         .order_by(Sae.created_at.desc(), Sae.id.desc())
     ).all()
-    mine = (sae.precompute or {}).get("key")
     return [{"sae": r.key, "name": r.name, "recipe": r.recipe, "tokens": r.tokens, "d_sae": r.d_sae, "k": r.k, **r.summary}
-            for r in rows if r.versions == {"sae": mine, "other": (r.precompute or {}).get("key")}]
+            for r in rows if r.versions == pair_versions(sae.precompute, r.precompute)]
 
 
 _MATCHABLE = (select(Sae.key).join(SaeOverlap, SaeOverlap.other_id == Sae.id)
@@ -108,11 +107,10 @@ def match_ranking(session: Session, sae: Sae, other: str, descending: bool) -> R
         select(SaeOverlap.best, SaeOverlap.versions, Sae.precompute).join(Sae, Sae.id == SaeOverlap.other_id)
         .where(SaeOverlap.sae_id == sae.id, Sae.key == other, Sae.status == SaeStatus.READY)
     ).first()
-    current = {"sae": (sae.precompute or {}).get("key"), "other": (found.precompute or {}).get("key")} if found else None
-    if found is None or found.versions != current:
+    if found is None or found.versions != pair_versions(sae.precompute, found.precompute):
         there = ", ".join(o["sae"] for o in shared_features(session, sae)) or "none yet (`clipscope run` measures them after each precompute)"
         raise NotShared(f"No SAE {other!r} at this SAE's hook site has its shared features measured with it; those that have: {there}.")
-    return Ranking(best_of(found.best), "match_cosine", descending, version=(other, current["other"]))
+    return Ranking(best_of(found.best), "match_cosine", descending, version=(other, found.versions["other"]))
 
 
 def list_saes(session: Session) -> list[Sae]:

@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 from clipscope.db.models import Feature, Sae, SaeOverlap, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
-from clipscope.matching import best_bytes, best_cosines, chance_level, overlap_summary, unit_atoms
+from clipscope.matching import best_bytes, best_cosines, chance_level, overlap_summary, pair_versions, unit_atoms
 from clipscope.sae.io import load_sae
 from worker.context import Context
 
@@ -47,15 +47,14 @@ def update_overlaps(ctx: Context, sae_key: str) -> list[str]:
             return []
         others = [o for o in s.scalars(select(Sae).where(Sae.status == SaeStatus.READY, Sae.id != me.id).order_by(Sae.id)) if same_site(me, o)]
         kept = {o.other_id: o.versions for o in s.scalars(select(SaeOverlap).where(SaeOverlap.sae_id == me.id))}
-        mine = (me.precompute or {}).get("key")
-        todo = [(o.id, o.key, o.d_in, o.d_sae, (o.precompute or {}).get("key")) for o in others
-                if kept.get(o.id) != {"sae": mine, "other": (o.precompute or {}).get("key")}]
+        todo = [(o.id, o.key, o.d_in, o.d_sae, pair_versions(me.precompute, o.precompute)) for o in others
+                if kept.get(o.id) != pair_versions(me.precompute, o.precompute)]
         my_id, my_d_in, my_d_sae = me.id, me.d_in, me.d_sae
     if not todo:
         return []
     atoms, live = _live_atoms(ctx, my_id, sae_key)
     measured = []
-    for other_id, other_key, other_d_in, other_d_sae, yours in todo:
+    for other_id, other_key, other_d_in, other_d_sae, versions in todo:
         try:
             theirs, their_live = _live_atoms(ctx, other_id, other_key)
         except ClipScopeError as exc:
@@ -63,9 +62,9 @@ def update_overlaps(ctx: Context, sae_key: str) -> list[str]:
             continue
         best_mine, best_theirs = best_cosines(atoms, theirs)
         rows = [
-            (my_id, other_id, {"sae": mine, "other": yours}, overlap_summary(best_mine, chance_level(len(theirs), other_d_in)),
+            (my_id, other_id, versions, overlap_summary(best_mine, chance_level(len(theirs), other_d_in)),
              best_bytes(best_mine, live, my_d_sae)),
-            (other_id, my_id, {"sae": yours, "other": mine}, overlap_summary(best_theirs, chance_level(len(atoms), my_d_in)),
+            (other_id, my_id, {"sae": versions["other"], "other": versions["sae"]}, overlap_summary(best_theirs, chance_level(len(atoms), my_d_in)),
              best_bytes(best_theirs, their_live, other_d_sae)),
         ]
         with session_scope(ctx.database_url) as w:
