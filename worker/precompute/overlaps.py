@@ -47,8 +47,8 @@ def update_overlaps(ctx: Context, sae_key: str) -> list[str]:
             return []
         others = [o for o in s.scalars(select(Sae).where(Sae.status == SaeStatus.READY, Sae.id != me.id).order_by(Sae.id)) if same_site(me, o)]
         kept = {o.other_id: o.versions for o in s.scalars(select(SaeOverlap).where(SaeOverlap.sae_id == me.id))}
-        todo = [(o.id, o.key, o.d_in, o.d_sae, pair_versions(me.precompute, o.precompute)) for o in others
-                if kept.get(o.id) != pair_versions(me.precompute, o.precompute)]
+        pairs = [(o.id, o.key, o.d_in, o.d_sae, pair_versions(me.precompute, o.precompute)) for o in others]
+        todo = [pair for pair in pairs if kept.get(pair[0]) != pair[-1]]
         my_id, my_d_in, my_d_sae = me.id, me.d_in, me.d_sae
     if not todo:
         return []
@@ -68,8 +68,8 @@ def update_overlaps(ctx: Context, sae_key: str) -> list[str]:
              best_bytes(best_theirs, their_live, other_d_sae)),
         ]
         with session_scope(ctx.database_url) as w:
-            for sae_id, against, versions, summary, best in rows:
+            for sae_id, against, pair, summary, best in rows:
                 w.execute(delete(SaeOverlap).where(SaeOverlap.sae_id == sae_id, SaeOverlap.other_id == against))
-                w.add(SaeOverlap(sae_id=sae_id, other_id=against, versions=versions, summary=summary, best=best))
+                w.add(SaeOverlap(sae_id=sae_id, other_id=against, versions=pair, summary=summary, best=best))
         measured.append(other_key)
     return measured
