@@ -74,6 +74,12 @@ def test_the_feature_page_loads_the_matches_after_it(site):
     first = re.search(r'<a href="/saes/perm/features/(\d+)">', fragment)
     assert first and int(first.group(1)) == int((order == 5).nonzero())
     assert "block-9" not in fragment and "laion" not in fragment
+    assert "use its label" not in fragment, "no match is labelled yet"
+    twin = int((order == 5).nonzero())
+    client.post(f"/api/saes/perm/features/{twin}/labels", json={"text": 'berries "on" cream', "category": "semantic", "author": "ann"})
+    fragment = client.get(f"/saes/{key}/features/5/matches").text
+    assert fragment.count("use its label") == 1
+    assert 'data-fill-label="berries &#34;on&#34; cream" data-fill-category="semantic"' in fragment, "the label's text and category, escaped"
 
 
 def test_a_retrained_sae_s_atoms_are_read_again(site):

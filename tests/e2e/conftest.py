@@ -7,6 +7,7 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,13 +41,11 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def server(web_data, tmp_path):  # noqa: F811
-    """The explorer on a free loopback port, over a private copy of the ready database."""
+@contextmanager
+def serving(app):
+    """``app`` on a free loopback port, in a thread of this process: its base URL."""
     import uvicorn
 
-    key = web_data[1]
-    app = private_app(web_data, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -58,9 +57,18 @@ def server(web_data, tmp_path):  # noqa: F811
         if time.time() > deadline:
             raise RuntimeError("server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", key
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(web_data, tmp_path):  # noqa: F811
+    """The explorer on a free loopback port, over a private copy of the ready database."""
+    with serving(private_app(web_data, tmp_path)) as base:
+        yield base, web_data[1]
 
 
 @pytest.fixture

@@ -219,3 +219,25 @@ def test_labelling_the_random_sample_from_the_keyboard(browser, server):
     page.wait_for_url(lambda url: url.split("?")[0].rsplit("/", 1)[1] not in (first, "next-to-label"))
     summary = page.request.get(f"{base}/api/saes/{key}/labels/summary").json()
     assert summary["sample"]["n"] >= 1 and page.url.endswith(f"/features/{summary['sample']['next']}")
+
+
+def test_a_labelled_match_in_another_sae_fills_the_label_editor_with_its_text_and_category(browser, two_saes, tmp_path):
+    from backend.app import create_app
+    from tests.conftest import copy_data_dir
+    from tests.e2e.conftest import serving
+
+    settings, (a, b) = two_saes
+    url = copy_data_dir(settings.data_dir, tmp_path / "data")
+    with serving(create_app(settings.model_copy(update={"data_dir": tmp_path / "data", "database_url": url}))) as base:
+        page = browser.new_page()
+        best = page.request.get(f"{base}/api/saes/{a}/features/1/matches").json()["matches"][0]["features"][0]
+        label = {"text": "berries on cream", "category": "visual", "author": "ann"}
+        assert page.request.post(f"{base}/api/saes/{b}/features/{best['index']}/labels", data=label).status == 201
+        page.goto(f"{base}/saes/{a}/features/1")
+        posts = []
+        page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+        page.click("#matches [data-fill-label]")  # waits for the section htmx loads after the page
+        assert page.input_value("textarea[name=text]") == "berries on cream" and page.input_value("select[name=category]") == "visual"
+        assert page.evaluate("document.activeElement.name") == "text"
+        assert not posts and page.request.get(f"{base}/api/saes/{a}/features/1").json()["label"] is None, "nothing saved"
+        page.close()
