@@ -11,7 +11,7 @@ from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import FILES_ONLY, folder_bytes, list_saes, plan_removal, remove_caches, remove_sae
 from clipscope.storage import DataLayout
-from tests.conftest import copy_data_dir
+from tests.conftest import copy_data_dir, fresh_postgresql_database
 
 PER_SAE = (Feature, FeatureExample, Label, LabelRevision, TrainingPoint, Evaluation)
 
@@ -196,3 +196,13 @@ def test_removal_on_postgresql_takes_the_same_rows_as_on_sqlite(copied, postgres
     with engine.connect() as conn:
         assert conn.execute(text(size)).scalar() < before, "VACUUM FULL gives the removed rows' space back"
     engine.dispose()
+
+
+def test_a_key_that_names_nothing_is_said_without_the_database_password(postgres_server):
+    from clipscope.inventory import sae_row
+
+    url = fresh_postgresql_database(postgres_server).replace("clipscope@", "clipscope:hunter2@")  # trust auth: any password passes
+    with session_scope(url) as s, pytest.raises(ClipScopeError) as caught:
+        sae_row(s, "nope")
+    assert "No SAE 'nope' in postgresql+psycopg://clipscope:***@/" in str(caught.value) and "hunter2" not in str(caught.value)
+    assert str(caught.value).endswith("; it has none yet (`clipscope run CONFIG` makes one).")
