@@ -72,6 +72,9 @@ def test_a_pair_is_measured_again_only_when_either_precompute_changed(copied, ca
         assert (shared["sae"], shared["d_sae"]) == (b, 48) and shared["counts"] == _stored(ctx)[(a, b)]["counts"]
         page = client.get("/").text
         assert "Features shared with other SAEs at this site" in page and f'<a href="#sae-{b}">{b}</a>' in page
+        lacks = f'/saes/{a}/features?matched_in={b}&amp;dead=hide'
+        assert f'<a href="{lacks}">features it lacks</a>' in page
+        assert client.get(lacks.replace("&amp;", "&")).status_code == 200 and f"best cosine in {b}" in client.get(lacks.replace("&amp;", "&")).text
     shutil.rmtree(ctx.layout.saes / b)
     with session_scope(ctx.database_url) as s:
         row = s.scalar(select(Sae).where(Sae.key == b))
