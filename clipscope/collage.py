@@ -13,11 +13,11 @@ from clipscope.storage import atomic_write_bytes
 
 
 def render_collage(
-    thumbnails: Sequence[Path], activations: Sequence[float], cols: int = 4, rows: int = 3, cell: int = 160, title: str = "",
+    thumbnails: Sequence[Path | Image.Image], activations: Sequence[float], cols: int = 4, rows: int = 3, cell: int = 160, title: str = "",
     veils: Sequence[Image.Image | None] = (),
 ) -> bytes:
-    """PNG bytes: up to ``cols * rows`` thumbnails in rank order, each captioned with its activation and
-    covered by its veil when ``veils`` has one (``clipscope.token_maps.veil_image``)."""
+    """PNG bytes: up to ``cols * rows`` thumbnails (files, or images) in rank order, each captioned with its
+    activation and covered by its veil when ``veils`` has one (``clipscope.token_maps.veil_image``)."""
     header = 24 if title else 0
     caption = 18
     canvas = Image.new("RGB", (cols * cell, header + rows * (cell + caption)), "white")
@@ -26,8 +26,11 @@ def render_collage(
         draw.text((6, 5), title, fill="black")
     for i, (path, act) in enumerate(zip(list(thumbnails)[: cols * rows], activations)):
         x, y = (i % cols) * cell, header + (i // cols) * (cell + caption)
-        with Image.open(path) as thumb:
-            tile = thumb.convert("RGBA").resize((cell, cell))
+        if isinstance(path, Image.Image):
+            tile = path.convert("RGBA").resize((cell, cell))
+        else:
+            with Image.open(path) as thumb:
+                tile = thumb.convert("RGBA").resize((cell, cell))
         veil = veils[i] if i < len(veils) else None
         if veil is not None:
             tile.alpha_composite(veil.resize((cell, cell), Image.Resampling.NEAREST))

@@ -7,12 +7,14 @@ activations over the image set it was precomputed on (the numbers its pages show
     acts = s.encode(["cat.jpg", pil_image])  # [2, d_sae]: each feature's activation on each image
     on_set = s.set_activations([1234, 567])  # over the precompute set: .values [n_images, 2], .indices, .labels
     picture, label = s.dataset()[int(on_set.values[:, 0].argmax())]
+    s.collage(1234)                          # its top images, as the study's 4 x 3 collage
 
 An image's activation of a feature is its maximum over the tokens the SAE reads, as on every page.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,6 +28,7 @@ from clipscope.activation_cache import ActivationCache, open_precompute_cache
 from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
+from clipscope.collage import render_collage
 from clipscope.config import RunConfig, parse_config
 from clipscope.datasets.base import Selection, build_dataset
 from clipscope.db import migrate
@@ -166,6 +169,18 @@ class OpenedSae:
             values = dense[:, inverse.numpy()]
         classes = list((self.row.precompute or {}).get("classes") or [])
         return SetActivations(values, None if wanted is None else wanted.tolist(), np.asarray(cache.indices()), np.asarray(cache.labels()), classes)
+
+    def top(self, feature: int, k: int = 12) -> list[tuple[int, float]]:
+        """The rows of the precompute set the feature fires on most, ``(row, activation)``, highest first (at
+        most ``k``; the feature page's top images, recomputed from the cache)."""
+        values = self.set_activations([feature]).values[:, 0]
+        return [(int(r), float(values[r])) for r in np.argsort(-values, kind="stable")[:k] if values[r] > 0]
+
+    def collage(self, feature: int, k: int = 12) -> Image.Image:
+        """The feature's top images with their activations as the study's 4 x 3 collage (a notebook shows it)."""
+        dataset, top = self.dataset(), self.top(feature, k)
+        png = render_collage([dataset[row][0] for row, _ in top], [a for _, a in top], title=f"{self.key} feature {feature}")
+        return Image.open(io.BytesIO(png))
 
     def dataset(self) -> Selection:
         """The precompute image set: ``dataset()[row]`` is ``(PIL image, class index)`` of a row of

@@ -82,3 +82,23 @@ def test_what_cannot_be_answered_is_one_sentence(web_data, tmp_path):
     shutil.copytree(settings.data_dir / "saes", copy / "saes")
     with pytest.raises(ClipScopeError, match="its precompute's activation cache is not on this server"):
         open_sae(key, data_dir=copy, device="cpu").set_activations([1])
+
+
+def test_a_feature_s_top_rows_are_its_pages_top_images_and_its_collage_draws_them(ready):
+    settings, s = ready
+    features, tops = _stored(settings, s.key)
+    on = s.set_activations()
+    by_feature: dict[int, list] = {}
+    for f, index, act in tops:
+        by_feature.setdefault(f, []).append((index, act))
+    for f in list(by_feature)[:5]:
+        stored = sorted(by_feature[f], key=lambda e: -e[1])
+        got = s.top(f, k=len(stored))
+        assert [round(a, 4) for _, a in got] == [round(a, 4) for _, a in stored]
+        assert {int(on.indices[row]) for row, _ in got} == {index for index, _ in stored}, "the same images"
+    dead = next((f for f, (n, _) in features.items() if n == 0), None)
+    if dead is not None:  # (the patch-token SAE may have none)
+        assert s.top(dead) == [], "a dead feature has no top images"
+    picture = s.collage(next(iter(by_feature)))
+    assert picture.size == (4 * 160, 24 + 3 * (160 + 18))
+    assert len(np.unique(np.asarray(picture.convert("L")))) > 10, "drawn, not blank"
