@@ -8,6 +8,19 @@ from typing import Sequence
 from markupsafe import Markup, escape
 
 
+def _axes(width: int, height: int, pad_l: int, pad_r: int, y0: float, y1: float, sy, x_first: str, x_last: str, x_label: str) -> list[str]:
+    """Three horizontal grid lines with their values, the x axis's end values and its name between them."""
+    parts = []
+    for frac in (0, 0.5, 1):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    parts.append(f'<text x="{pad_l}" y="{height - 4}">{x_first}</text><text x="{width - pad_r}" y="{height - 4}" text-anchor="end">{x_last}</text>')
+    if x_label:
+        parts.append(f'<text x="{(pad_l + width - pad_r) / 2:.0f}" y="{height - 4}" text-anchor="middle" class="axis">{escape(x_label)}</text>')
+    return parts
+
+
 def line_chart(
     xs: Sequence[float], series: dict[str, Sequence[float | None]], width: int = 560, height: int = 200, y_label: str = "",
     x_label: str = "",
@@ -29,14 +42,8 @@ def line_chart(
         y0, y1 = y0 - 0.5, y1 + 0.5
     sx = lambda x: pad_l + (x - x0) / ((x1 - x0) or 1) * (width - pad_l - pad_r)  # noqa: E731
     sy = lambda y: pad_t + (y1 - y) / (y1 - y0) * (height - pad_t - pad_b)  # noqa: E731
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)}">']
-    for frac in (0, 0.5, 1):
-        y = y0 + frac * (y1 - y0)
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
-        parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    parts.append(f'<text x="{pad_l}" y="{height - 4}">{x0:g}</text><text x="{width - pad_r}" y="{height - 4}" text-anchor="end">{x1:g}</text>')
-    if x_label:
-        parts.append(f'<text x="{(pad_l + width - pad_r) / 2:.0f}" y="{height - 4}" text-anchor="middle" class="axis">{escape(x_label)}</text>')
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)}">',
+             *_axes(width, height, pad_l, pad_r, y0, y1, sy, f"{x0:g}", f"{x1:g}", x_label)]
     for i, (name, ys) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         segments, current = [], []
@@ -111,15 +118,8 @@ def scatter(series: dict[str, Sequence[Point]], width: int = 420, height: int = 
     x0, x1, y0, y1 = x0 - mx, x1 + mx, y0 - my, y1 + my
     sx = lambda v: pad_l + (tx(v) - x0) / (x1 - x0) * (width - pad_l - pad_r)  # noqa: E731
     sy = lambda v: pad_t + (y1 - v) / (y1 - y0) * (height - pad_t - pad_b)  # noqa: E731
-    parts = [f'<svg class="chart scatter" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)} against {escape(x_label)}">']
-    for frac in (0, 0.5, 1):
-        y = y0 + frac * (y1 - y0)
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" class="grid"/>')
-        parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    parts.append(f'<text x="{pad_l}" y="{height - 4}">{min(xs):g}</text>'
-                 f'<text x="{width - pad_r}" y="{height - 4}" text-anchor="end">{max(xs):g}{" (log scale)" if log else ""}</text>')
-    if x_label:
-        parts.append(f'<text x="{(pad_l + width - pad_r) / 2:.0f}" y="{height - 4}" text-anchor="middle" class="axis">{escape(x_label)}</text>')
+    parts = [f'<svg class="chart scatter" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(y_label)} against {escape(x_label)}">',
+             *_axes(width, height, pad_l, pad_r, y0, y1, sy, f"{min(xs):g}", f"{max(xs):g}{' (log scale)' if log else ''}", x_label)]
     for i, (name, ps) in enumerate(series.items()):
         colour = colours[i % len(colours)]
         for x, y, title, href in ps:
