@@ -23,7 +23,7 @@ db_app = typer.Typer(no_args_is_help=True, help="Database maintenance.")
 app.add_typer(db_app, name="db")
 users_app = typer.Typer(no_args_is_help=True, help="Accounts for CLIPSCOPE_AUTH=password.")
 app.add_typer(users_app, name="users")
-saes_app = typer.Typer(no_args_is_help=True, help="The SAEs of the database and data dir: list them, remove them.")
+saes_app = typer.Typer(no_args_is_help=True, help="The SAEs of the database and data dir: list, remove, export and import them.")
 app.add_typer(saes_app, name="saes")
 
 def _print_versions(asked: bool) -> None:
@@ -282,7 +282,7 @@ def saes_list(as_json: bool = typer.Option(False, "--json", help="One JSON array
     """Every SAE, newest first: status, recipe, shape, site, held-out EVR and L0, labels, its own disk use;
     then the folders under <data_dir>/saes that no database row names ("files only")."""
     from clipscope.db.session import session_scope
-    from clipscope.inventory import human_bytes, list_saes
+    from clipscope.inventory import FILES_ONLY, human_bytes, list_saes
 
     ctx = _setup()
     with session_scope(ctx.database_url) as session:
@@ -298,7 +298,7 @@ def saes_list(as_json: bool = typer.Option(False, "--json", help="One JSON array
         table.append((
             e.key, e.status, e.recipe or "", f"{e.d_sae:,}" if e.d_sae else "", str(e.k or ""),
             f"L{e.layer} {e.tokens}" if e.tokens else "", f"{e.evr:.4f}" if e.evr is not None else "",
-            f"{e.l0:.1f}" if e.l0 is not None else "", str(e.labelled) if e.status != "files only" else "",
+            f"{e.l0:.1f}" if e.l0 is not None else "", str(e.labelled) if e.status != FILES_ONLY else "",
             human_bytes(e.disk_bytes), f"{e.updated_at:%Y-%m-%d %H:%M}" if e.updated_at else "",
         ))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
