@@ -114,3 +114,18 @@ def test_a_pair_measured_again_reorders_the_kept_list(private):
         other.precompute = {**other.precompute, "key": "again"}
     again = [r["index"] for r in client.get(f"/api/saes/{a}/features", params={"matched_in": b, "per_page": 500}).json()["features"]]
     assert sorted(again) == sorted(first) and again != first, "the same server, the new cosines' ordering"
+
+
+def test_the_side_by_side_table_compares_what_each_sae_s_random_sample_estimates(private):
+    from backend.services.label_sample import sample_order, wilson
+
+    client, _, (a, b) = private
+    alive = {r["index"] for r in client.get(f"/api/saes/{a}/features", params={"dead": "hide", "per_page": 500}).json()["features"]}
+    first = [int(f) for f in sample_order(a, 64) if int(f) in alive][:3]
+    for idx, category in zip(first, ("semantic", "semantic", "noise")):
+        assert client.post(f"/api/saes/{a}/features/{idx}/labels", json={"text": "x", "category": category, "author": "ann"}).status_code == 201
+    table = client.get("/").text.split('<section class="card compare">')[1].split("</table>")[0]
+    cells = dict(re.findall(r'<a href="#sae-([^"]+)">.*?<td class="semantic-share">(.*?)</td>', table, flags=re.S))
+    low, high = wilson(2, 3)
+    assert cells[a] == f'67 % <span class="small muted">({100 * low:.0f} %–{100 * high:.0f} %, n = 3)</span>'
+    assert cells[b] == "–", "nothing labelled in b's sample"
