@@ -20,6 +20,7 @@ import base64
 import gzip
 import io
 import json
+import re
 import shutil
 import tarfile
 import tempfile
@@ -36,6 +37,7 @@ from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Labe
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import caches_of, sae_row
 from clipscope.storage import DataLayout
+from clipscope.thumbnails import thumbnail_relpath
 
 FORMAT = 1
 MANIFEST = "clipscope-bundle.json"
@@ -43,6 +45,7 @@ OWN_TABLES = (Feature, Label, LabelRevision, TrainingPoint, Evaluation)
 """The tables whose rows belong to one SAE by ``sae_id`` alone (examples name their images, so they go apart)."""
 _CHUNK = 5000  # rows per INSERT
 _LOOKUP = 500  # (dataset_key, index) pairs per IN (...)
+_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def _plain(table, row: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
@@ -182,11 +185,15 @@ def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str
     with tarfile.open(path, mode="r:") as tar:
         sae = Sae(**fields)
         files = _files(tar, key, caches_of(sae))
+        incoming = [_typed(Image, r) for r in _rows(tar, "images")]
+        for image in incoming:  # the server opens a thumbnail by this path: it must be the one its hash names
+            if not _HASH.fullmatch(str(image["content_hash"])) or image["thumbnail"] != thumbnail_relpath(image["content_hash"]):
+                raise ClipScopeError(f"The bundle's image {image['dataset']} #{image['index']} names the thumbnail {image['thumbnail']!r}, "
+                                     "not the one of its content hash: nothing was imported.")
         session.add(sae)
         session.flush()
         for table in OWN_TABLES:
             added[table.__tablename__] = _insert(session, table, ({**_typed(table, r), "sae_id": sae.id} for r in _rows(tar, table.__tablename__)))
-        incoming = [_typed(Image, r) for r in _rows(tar, "images")]
         wanted = [(r["dataset_key"], r["index"]) for r in incoming]
         here = _image_ids(session, wanted)  # shared with the SAEs over the same images already here
         added["images"] = _insert(session, Image, (r for r in incoming if (r["dataset_key"], r["index"]) not in here))

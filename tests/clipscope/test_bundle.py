@@ -1,6 +1,7 @@
 """One SAE as one file (``clipscope saes export`` / ``import``): the SAEs of ``two_saes`` (tests/conftest.py)
 moved into fresh installations, SQLite and PostgreSQL, answer as they did where they were made."""
 
+import gzip
 import io
 import json
 import tarfile
@@ -140,6 +141,21 @@ def test_what_cannot_be_imported_is_refused_before_anything_is(source, tmp_path)
         import_bundle(s, DataLayout(other.data_dir), forged)
     with session_scope(other.resolved_database_url) as s:
         assert s.scalar(select(func.count()).select_from(Sae)) == 0 and not (other.data_dir / "saes").exists()
+
+    sneaky = tmp_path / "sneaky.tar"  # an image row that points its thumbnail at another file of the server
+    with tarfile.open(bundle) as src, tarfile.open(sneaky, "w") as out:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name == "rows/images.jsonl.gz":
+                rows = [json.loads(line) for line in gzip.decompress(data).splitlines()]
+                rows[0]["thumbnail"] = "thumbnails/../clipscope.db"
+                data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+                member.size = len(data)
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    with session_scope(other.resolved_database_url) as s, pytest.raises(ClipScopeError, match="names the thumbnail 'thumbnails/../clipscope.db', not the one of its content hash"):
+        import_bundle(s, DataLayout(other.data_dir), sneaky)
+    with session_scope(other.resolved_database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Sae)) == 0
 
     (tmp_path / "not.tar").write_bytes(b"not a tar at all")
     with session_scope(other.resolved_database_url) as s, pytest.raises(ClipScopeError, match="is not a ClipScope bundle"):
