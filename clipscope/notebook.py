@@ -8,6 +8,7 @@ activations over the image set it was precomputed on (the numbers its pages show
     on_set = s.set_activations([1234, 567])  # over the precompute set: .values [n_images, 2], .indices, .labels
     picture, label = s.dataset()[int(on_set.values[:, 0].argmax())]
     s.collage(1234)                          # its top images, as the study's 4 x 3 collage
+    s.features()                             # every feature's statistics and current label (the list's columns)
 
 An image's activation of a feature is its maximum over the tokens the SAE reads, as on every page.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from sqlalchemy import select
 
 from clipscope.activation_cache import ActivationCache, open_precompute_cache
 from clipscope.clip.hooks import residual_at, token_slice
@@ -32,7 +34,7 @@ from clipscope.collage import render_collage
 from clipscope.config import RunConfig, parse_config
 from clipscope.datasets.base import Selection, build_dataset
 from clipscope.db import migrate
-from clipscope.db.models import Sae, SaeStatus
+from clipscope.db.models import Feature, Label, Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import SaeEntry, list_saes, sae_row
@@ -169,6 +171,23 @@ class OpenedSae:
             values = dense[:, inverse.numpy()]
         classes = list((self.row.precompute or {}).get("classes") or [])
         return SetActivations(values, None if wanted is None else wanted.tolist(), np.asarray(cache.indices()), np.asarray(cache.labels()), classes)
+
+    def features(self) -> list[dict]:
+        """Every feature's statistics over the precompute set and its current label, in index order, as plain
+        dicts (``pandas.DataFrame(s.features())`` makes a table of them): what the feature list shows."""
+        columns = (Feature.idx, Feature.n_active, Feature.frequency, Feature.mean_active, Feature.max_activation, Feature.is_dead,
+                   Feature.is_dense, Feature.top_class, Feature.top_class_share, Feature.auto_name, Feature.coherence)
+        with session_scope(_database(self.settings)) as session:
+            rows = session.execute(select(*columns).where(Feature.sae_id == self.row.id).order_by(Feature.idx)).all()
+            labels = {r.feature: r for r in session.execute(
+                select(Label.feature, Label.text, Label.category, Label.author, Label.revision).where(Label.sae_id == self.row.id))}
+        out = []
+        for r in rows:
+            label = labels.get(r.idx)
+            out.append({"index": r.idx, **{c.key: getattr(r, c.key) for c in columns[1:]},
+                        "label": label.text if label else None, "category": label.category if label else None,
+                        "author": label.author if label else None, "revision": label.revision if label else None})
+        return out
 
     def top(self, feature: int, k: int = 12) -> list[tuple[int, float]]:
         """The rows of the precompute set the feature fires on most, ``(row, activation)``, highest first (at

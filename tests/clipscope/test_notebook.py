@@ -102,3 +102,27 @@ def test_a_feature_s_top_rows_are_its_pages_top_images_and_its_collage_draws_the
     picture = s.collage(next(iter(by_feature)))
     assert picture.size == (4 * 160, 24 + 3 * (160 + 18))
     assert len(np.unique(np.asarray(picture.convert("L")))) > 10, "drawn, not blank"
+
+
+def test_the_feature_table_holds_the_lists_statistics_and_each_current_label(web_data, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+    from backend.services.labels import save_label
+    from tests.conftest import copy_data_dir
+
+    settings, key = web_data
+    url = copy_data_dir(settings.data_dir, tmp_path / "data")
+    with session_scope(url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        save_label(s, sae, 3, "berries", "semantic", "ann", 0)
+        save_label(s, sae, 3, "berries on cream", "visual", "bob", 1)
+    rows = open_sae(key, data_dir=tmp_path / "data", device="cpu").features()
+    assert [r["index"] for r in rows] == list(range(64))
+    with TestClient(create_app(settings.model_copy(update={"data_dir": tmp_path / "data", "database_url": url}))) as client:
+        listed = client.get(f"/api/saes/{key}/features", params={"per_page": 500}).json()["features"]
+    for mine, theirs in zip(rows, listed):
+        assert {k: mine[k] for k in ("index", "n_active", "frequency", "max_activation", "is_dead", "top_class", "auto_name", "coherence")} == \
+            {k: theirs[k] for k in ("index", "n_active", "frequency", "max_activation", "is_dead", "top_class", "auto_name", "coherence")}
+    assert (rows[3]["label"], rows[3]["category"], rows[3]["author"], rows[3]["revision"]) == ("berries on cream", "visual", "bob", 2)
+    assert rows[4]["label"] is None and rows[4]["revision"] is None
