@@ -92,8 +92,9 @@ def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, wid
     return Markup("".join(parts))
 
 
-Point = tuple[float, float, str, str]
-"""``(x, y, title, href)``: a point, its tooltip and the link it leads to."""
+Point = tuple
+"""``(x, y, title, href)``: a point, its tooltip and the link it leads to; ``(x, y, title, href, (low, high))``
+draws the point's interval as a vertical bar."""
 
 
 def scatter(series: dict[str, Sequence[Point]], width: int = 420, height: int = 220, x_label: str = "", y_label: str = "",
@@ -106,7 +107,7 @@ def scatter(series: dict[str, Sequence[Point]], width: int = 420, height: int = 
     points = [p for ps in series.values() for p in ps if math.isfinite(p[0]) and math.isfinite(p[1])]
     if not points:
         return Markup('<p class="muted">No data yet.</p>')
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xs, ys = [p[0] for p in points], [y for p in points for y in (p[1], *(p[4] if len(p) > 4 else ()))]
     log = min(xs) > 0 and max(xs) >= 4 * min(xs)
     tx = math.log10 if log else (lambda v: v)
     x0, x1, y0, y1 = tx(min(xs)), tx(max(xs)), min(ys), max(ys)
@@ -122,9 +123,12 @@ def scatter(series: dict[str, Sequence[Point]], width: int = 420, height: int = 
              *_axes(width, height, pad_l, pad_r, y0, y1, sy, f"{min(xs):g}", f"{max(xs):g}{' (log scale)' if log else ''}", x_label)]
     for i, (name, ps) in enumerate(series.items()):
         colour = colours[i % len(colours)]
-        for x, y, title, href in ps:
+        for x, y, title, href, *interval in ps:
             if not (math.isfinite(x) and math.isfinite(y)):
                 continue
+            if interval:
+                low, high = interval[0]
+                parts.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(low):.1f}" y2="{sy(high):.1f}" stroke="{colour}" stroke-width="1.5" class="interval"/>')
             parts.append(f'<a href="{escape(href)}"><circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{colour}">'
                          f"<title>{escape(title)}: {escape(y_label)} {y:.4g}, {escape(x_label)} {x:g}</title></circle></a>")
             if named:  # beside the point, on the side with room

@@ -159,11 +159,13 @@ def comparison_columns(saes: list[dict[str, Any]]) -> list[str]:
 
 
 def frontier(saes: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
-    """The overview's sparsity-fidelity charts over ``saes`` (summaries with their ``drops``): each SAE's
-    held-out EVR, and its zero-shot drop per evaluated set, against its L0, as :func:`backend.charts.scatter`
-    points leading to its card. An SAE without an L0 has no point."""
+    """The overview's sparsity-fidelity charts over ``saes`` (summaries with their ``drops`` and ``labels``): each
+    SAE's held-out EVR, its zero-shot drop per evaluated set and the semantic share its labelled random sample
+    estimates (with its interval), against its L0, as :func:`backend.charts.scatter` points leading to its
+    card. An SAE without an L0 has no point, one without a labelled sample no semantic share."""
     evr: list[tuple] = []
     drops: dict[str, list[tuple]] = {}
+    semantic: list[tuple] = []
     for s in saes:
         l0 = s["metrics"].get("l0")
         if l0 is None:
@@ -174,7 +176,11 @@ def frontier(saes: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
         for name, drop in s["drops"].items():
             if drop is not None:
                 drops.setdefault(name, []).append((l0, drop, title, href))
-    return {"evr": {"held-out EVR": evr}, "drops": drops}
+        sample = (s.get("labels") or {}).get("sample") or {}
+        if sample.get("n"):
+            share = next(r for r in sample["shares"] if r["category"] == "semantic")
+            semantic.append((l0, share["share"], f"{title} (n = {sample['n']})", href, (share["low"], share["high"])))
+    return {"evr": {"held-out EVR": evr}, "drops": drops, "semantic": {"semantic share": semantic}}
 
 
 def drops_by_set(evaluations: list[dict[str, Any]]) -> dict[str, float | None]:

@@ -53,3 +53,12 @@ def test_a_scatter_escapes_titles_skips_what_is_not_finite_and_names_several_ser
     assert len(_points(svg)) == 2 and "<b>" not in svg and "&lt;b&gt;" in svg
     assert "● cifar10" in svg and "● cifar100" in svg and 'class="point-name"' not in svg
     assert "No data yet" in scatter({"EVR": []})
+
+
+def test_a_point_with_an_interval_draws_it_as_a_bar_inside_the_frame():
+    svg = str(scatter({"semantic share": [(8, 0.4, "a", "#a", (0.2, 0.9)), (64, 0.5, "b", "#b")]}, height=220))
+    (bar,) = re.findall(r'<line x1="([\d.]+)" x2="([\d.]+)" y1="([\d.]+)" y2="([\d.]+)"[^>]*class="interval"', svg)
+    (_, xa, ya), _ = _points(svg)
+    x1, x2, low, high = map(float, bar)
+    assert x1 == x2 == xa and high < ya < low, "through the point, from its low (below) to its high (above)"
+    assert 10 <= high and low <= 220 - 34, "the interval widens the y range: the bar stays inside the frame"

@@ -40,10 +40,13 @@ def test_each_sae_is_a_point_of_both_charts_leading_to_its_card(overview):
 
 
 def test_the_frontier_leaves_out_an_sae_without_an_l0_and_an_unmeasured_drop():
-    saes = [{"key": "a", "metrics": {"l0": 8.0, "evr": 0.9}, "drops": {"cifar10/test": 1.5, "cifar100/test": None}},
-            {"key": "b", "metrics": {"l0": 32.0, "evr": 0.95}, "drops": {"cifar100/test": 4.0}},
-            {"key": "c", "metrics": {}, "drops": {"cifar10/test": 2.0}}]
+    sample = {"n": 40, "shares": [{"category": "visual", "share": 0.5, "low": 0.35, "high": 0.65},
+                                  {"category": "semantic", "share": 0.25, "low": 0.14, "high": 0.4}]}
+    saes = [{"key": "a", "metrics": {"l0": 8.0, "evr": 0.9}, "drops": {"cifar10/test": 1.5, "cifar100/test": None}, "labels": {"sample": sample}},
+            {"key": "b", "metrics": {"l0": 32.0, "evr": 0.95}, "drops": {"cifar100/test": 4.0}, "labels": {"sample": {"n": 0, "shares": []}}},
+            {"key": "c", "metrics": {}, "drops": {"cifar10/test": 2.0}, "labels": None}]
     got = frontier(saes)
+    assert got["semantic"] == {"semantic share": [(8.0, 0.25, "a (n = 40)", "#sae-a", (0.14, 0.4))]}, "only a labelled sample has a point"
     assert got["evr"] == {"held-out EVR": [(8.0, 0.9, "a", "#sae-a"), (32.0, 0.95, "b", "#sae-b")]}
     assert got["drops"] == {"cifar10/test": [(8.0, 1.5, "a", "#sae-a")], "cifar100/test": [(32.0, 4.0, "b", "#sae-b")]}
 
@@ -129,3 +132,5 @@ def test_the_side_by_side_table_compares_what_each_sae_s_random_sample_estimates
     low, high = wilson(2, 3)
     assert cells[a] == f'67 % <span class="small muted">({100 * low:.0f} %–{100 * high:.0f} %, n = 3)</span>'
     assert cells[b] == "–", "nothing labelled in b's sample"
+    (chart,) = [c for c in re.findall(r'<svg class="chart scatter".*?</svg>', client.get("/").text, flags=re.S) if "semantic share" in c]
+    assert f'<a href="#sae-{a}"><circle' in chart and f'href="#sae-{b}"' not in chart and chart.count('class="interval"') == 1
