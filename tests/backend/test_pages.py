@@ -70,7 +70,7 @@ def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_
     table = page.split("Side by side", 1)[1].split("</table>", 1)[0]
     header = re.findall(r"<th[^>]*>([^<]*)</th>", table)
     assert sorted(header[-2:]) == ["cifar10/test drop", "synthetic/test drop"], "one column per set either SAE was evaluated on"
-    rows = {re.search(r'href="#sae-([^"]+)"', r).group(1): dict(zip(header, re.findall(r"<td>(.*?)</td>", r))) for r in table.split("<tr>")[2:]}
+    rows = {re.search(r'href="#sae-([^"]+)"', r).group(1): dict(zip(header, re.findall(r"<td[^>]*>(.*?)</td>", r, flags=re.S))) for r in table.split("<tr>")[2:]}
     assert list(rows) == ["seed-b", key], "newest first, as the cards"
     assert [rows["seed-b"][h] for h in ("recipe", "block · tokens", "latents · k", "EVR", "L0", "dead", "coherence")] == [
         "seed", "10 · cls", "49152 · 500", "80.57 %", "500.0", "1.25 %", "–"]
@@ -78,6 +78,7 @@ def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_
     assert rows[key]["EVR"] == f"{100 * first_evr:.2f} %" and rows[key]["cifar10/test drop"] == "–"
     assert rows[key]["synthetic/test drop"].endswith(" pp") and rows[key]["coherence"] != "–"
     assert "trained" in table and "random CLIP" in table
+    assert rows["seed-b"]["semantic (random sample)"] == rows[key]["semantic (random sample)"] == "–", "no labelled sample yet"
 
 
 def test_every_page_of_a_random_weights_sae_carries_the_banner(web):
