@@ -34,7 +34,7 @@ from clipscope.collage import render_collage
 from clipscope.config import RunConfig, parse_config
 from clipscope.datasets.base import Selection, build_dataset
 from clipscope.db import migrate
-from clipscope.db.models import Feature, Label, Sae, SaeStatus
+from clipscope.db.models import FEATURE_STAT_NAMES, FEATURE_STATS, Feature, Label, Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import SaeEntry, list_saes, sae_row
@@ -175,16 +175,14 @@ class OpenedSae:
     def features(self) -> list[dict]:
         """Every feature's statistics over the precompute set and its current label, in index order, as plain
         dicts (``pandas.DataFrame(s.features())`` makes a table of them): what the feature list shows."""
-        columns = (Feature.idx, Feature.n_active, Feature.frequency, Feature.mean_active, Feature.max_activation, Feature.is_dead,
-                   Feature.is_dense, Feature.top_class, Feature.top_class_share, Feature.auto_name, Feature.coherence)
         with session_scope(_database(self.settings)) as session:
-            rows = session.execute(select(*columns).where(Feature.sae_id == self.row.id).order_by(Feature.idx)).all()
+            rows = session.execute(select(*FEATURE_STATS).where(Feature.sae_id == self.row.id).order_by(Feature.idx)).all()
             labels = {r.feature: r for r in session.execute(
                 select(Label.feature, Label.text, Label.category, Label.author, Label.revision).where(Label.sae_id == self.row.id))}
         out = []
         for r in rows:
             label = labels.get(r.idx)
-            out.append({"index": r.idx, **{c.key: getattr(r, c.key) for c in columns[1:]},
+            out.append({**dict(zip(FEATURE_STAT_NAMES, r)),
                         "label": label.text if label else None, "category": label.category if label else None,
                         "author": label.author if label else None, "revision": label.revision if label else None})
         return out

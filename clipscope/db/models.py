@@ -228,6 +228,16 @@ class Feature(Base):
     )
 
 
+FEATURE_STATS = (
+    Feature.idx, Feature.frequency, Feature.n_active, Feature.mean_active, Feature.max_activation, Feature.is_dead, Feature.is_dense,
+    Feature.top_class, Feature.top_class_share, Feature.auto_name, Feature.auto_score, Feature.coherence,
+)
+"""What a table of features shows (the explorer's list and its CSV, the notebook's ``features()``): the
+JSON columns (histogram, intervals, neighbours) stay unread."""
+FEATURE_STAT_NAMES = tuple("index" if column.key == "idx" else column.key for column in FEATURE_STATS)
+""":data:`FEATURE_STATS` as the API names them."""
+
+
 class FeatureExample(Base):
     """One image of a feature's top examples (bucket -1) or of an interval sample (bucket = interval)."""
 
