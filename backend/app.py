@@ -19,7 +19,7 @@ from backend import charts, errors
 from backend.assets import ImmutableFiles, static_url
 from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.deps import SaeRows
-from backend.figures import figures
+from backend.figures import feature_rows, figures, label_badge
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.kept_uploads import KeptUploads
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
         version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, swagger_ui=SWAGGER_UI, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, scatter=charts.scatter, category_names=CATEGORY_NAMES,
-        veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri, figures=figures,
+        veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri, figures=figures, feature_rows=feature_rows, label_badge=label_badge,
     )
     app.state.templates = templates
     errors.install(app)

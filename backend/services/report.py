@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from backend.figures import percent as pct
 from backend.services.collages import feature_collage
 from backend.services.feature_order import FeatureOrders
 from backend.services.features import FeatureFilter, feature_detail
@@ -34,10 +35,6 @@ _MARKDOWN = re.compile(r"([\\`*_{}\[\]<>|#])")
 def md(text: Any) -> str:
     """``text`` as literal Markdown inline text (a label may hold ``*``, ``|`` or ``<``), on one line."""
     return _MARKDOWN.sub(r"\\\1", " ".join(str(text).split()))
-
-
-def pct(x: float | None, digits: int = 1) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f} %"
 
 
 def num(x: float | None, fmt: str) -> str:

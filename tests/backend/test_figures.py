@@ -1,6 +1,9 @@
-"""The thumbnail strips' markup, written in Python for speed: escaped, veiled and linked as the macro was."""
+"""The markup written in Python for speed (thumbnail strips, label badges, the list's rows): escaped, veiled,
+linked and formatted as the templates were."""
 
-from backend.figures import figures
+import re
+
+from backend.figures import feature_rows, figures, label_badge
 
 
 def _example(**over):
@@ -28,3 +31,35 @@ def test_a_token_map_veils_the_image_only_for_an_sae_over_patches_and_links_wrap
     assert html.startswith('<figure class="mapped"><a class="to-image" href="/saes/k/images/42"')
     assert html.index('<img class="veil" src="data:image/png;base64,') < html.index("</a>") < html.index("<figcaption>")
     assert "veil" not in str(figures([mapped])), "without the SAE's token mode: no veil"
+
+
+def _row(**over):
+    return {"index": 12, "frequency": 0.001234, "max_activation": 7.891, "is_dead": False, "is_dense": False, "top_class": None,
+            "top_class_share": None, "auto_name": None, "coherence": None, "label": None, "examples": [_example()], **over}
+
+
+def test_a_label_badge_names_its_category_and_escapes_its_text():
+    html = str(label_badge({"category": "visual", "text": 'stripes <b>& "dots"'}))
+    assert html == '<span class="cat cat-visual">visual pattern</span> stripes &lt;b&gt;&amp; &#34;dots&#34;'
+    assert str(label_badge(None)) == '<span class="muted">unlabelled</span>'
+
+
+def test_a_list_row_links_its_feature_and_shows_its_numbers_and_strip():
+    html = str(feature_rows([_row()], "demo"))
+    assert html.count('<li class="feature-row">') == 1 and '<a class="idx" href="/saes/demo/features/12">#12</a>' in html
+    facts = re.search(r'<div class="small muted">(.*?)</div>', html).group(1)
+    assert facts == "freq 0.123 % · max 7.89", "only what the row has: no flags, class, name or coherence"
+    assert '<span class="muted">unlabelled</span>' in html and str(figures([_example()])) in html
+
+
+def test_a_list_row_shows_flags_class_name_coherence_and_rankings_escaped():
+    row = _row(is_dead=True, is_dense=True, top_class="<i>sushi</i>", top_class_share=0.426, auto_name='a "dog"', coherence=0.1234,
+               concept_score=0.01234, match_cosine=0.876, label={"category": "semantic", "text": "fish"})
+    html = str(feature_rows([row, _row(index=13, frequency=None, coherence=0.0)], '"k', concept="<red>", matched_in="b&c"))
+    facts = re.findall(r'<div class="small muted">(.*?)</div>', html)
+    assert facts[0].startswith("freq 0.123 % · max 7.89 · <span class=\"flag\">dead</span> · <span class=\"flag\">dense</span>")
+    assert ' · mostly <span class="top-class">&lt;i&gt;sushi&lt;/i&gt;</span> (43 %) · auto: <span class="auto-name">a &#34;dog&#34;</span>' in facts[0]
+    assert " · coherence 0.12" in facts[0] and "&lt;red&gt;" in facts[0] and "match +0.012</span>" in facts[0]
+    assert "live atom of b&amp;c" in facts[0] and "best cosine in b&amp;c 0.88</span>" in facts[0]
+    assert facts[1] == "freq – · max 7.89 · coherence 0.00", "no frequency, a coherence of 0, no ranking fields"
+    assert 'href="/saes/&#34;k/features/13"' in html and '<span class="cat cat-semantic">semantic</span> fish' in html
