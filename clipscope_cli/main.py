@@ -387,6 +387,34 @@ def saes_import(path: Path = typer.Argument(..., exists=True, dir_okay=False, he
         typer.echo(f"features shared with {', '.join(measured)} measured")
 
 
+@saes_app.command("overlaps")
+def saes_overlaps(keys: list[str] = typer.Argument(None, help="SAE keys; default: every ready SAE.")) -> None:
+    """Measure how many features the SAEs at one hook site share, for each pair not yet measured or whose
+    precompute changed since: what the precompute does unless `precompute.overlaps = false`."""
+    from sqlalchemy import select
+
+    from clipscope.db.models import Sae, SaeStatus
+    from clipscope.db.session import session_scope
+    from clipscope.inventory import sae_row
+    from worker.precompute.overlaps import update_overlaps
+
+    ctx = _setup()
+    with session_scope(ctx.database_url) as session:
+        if keys:
+            rows = [sae_row(session, key) for key in keys]  # every key checked before anything is measured
+            if not_ready := [f"{r.key} ({r.status})" for r in rows if r.status != SaeStatus.READY]:
+                raise ClipScopeError(f"Nothing measured: only a ready SAE has features to compare; not ready: {', '.join(not_ready)}.")
+            keys = [r.key for r in rows]
+        else:
+            keys = list(session.scalars(select(Sae.key).where(Sae.status == SaeStatus.READY).order_by(Sae.id)))
+    if not keys:
+        typer.echo("no ready SAEs yet (`clipscope run CONFIG` makes one)")
+        return
+    for key in keys:
+        measured = update_overlaps(ctx, key)
+        typer.echo(f"{key}: " + (f"measured against {', '.join(measured)}" if measured else "every pair at its site current"))
+
+
 @users_app.command("add")
 def users_add(
     username: str = typer.Argument(..., help="Login name (also the author of this user's labels)."),

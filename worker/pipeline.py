@@ -126,11 +126,13 @@ def run_precompute(
         dataset = build_dataset(cfg.precompute_data, ctx.layout.datasets, ctx.settings.allow_downloads)
         result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute, namer=Namer(clip.get, cfg.model))
         verb = "reused" if result.reused else "committed"
-        measured = update_overlaps(ctx, trained.sae_key)
+        measured = update_overlaps(ctx, trained.sae_key) if cfg.precompute.overlaps else None
         report["did"] = (
             f"{verb}: {result.n_features} features over {result.n_images} images, {result.n_examples} examples, "
             f"{result.n_thumbnails} thumbnails; SAE {trained.sae_key} is ready"
             + (f"; features shared with {', '.join(measured)} measured" if measured else "")
+            + ("; features shared with other SAEs not measured (precompute.overlaps = false: `clipscope saes overlaps`)"
+               if measured is None else "")
         )
     return result
 

@@ -105,3 +105,33 @@ def test_the_report_names_what_each_other_sae_shares(copied, tmp_path):
     line = next(t for t in text.splitlines() if t.startswith(f"- Shared with {b} (topk, 48 latents, k = 8)"))
     assert f"median best cosine {summary['median']:.2f}" in line and f"{100 * summary['shared']['0.7']:.0f} % at 0.7 or more" in line
     assert line.endswith(f"(chance {summary['chance']:.2f}).")
+
+
+def test_with_overlaps_off_a_run_measures_nothing_and_saes_overlaps_measures_later(copied, monkeypatch, caplog):
+    from typer.testing import CliRunner
+
+    from clipscope.config import parse_config
+    from clipscope_cli.main import app
+    from tests.conftest import TINY
+    from worker.pipeline import run_precompute
+
+    ctx, (a, b) = copied
+    with session_scope(ctx.database_url) as s:
+        s.query(SaeOverlap).delete()
+    caplog.set_level(logging.INFO, logger="clipscope")
+    off = parse_config({**TINY, "name": "a", "precompute": {**TINY["precompute"], "overlaps": False}})
+    assert run_precompute(ctx, off).reused, "the knob is no part of the precompute's key: the finished one is reused"
+    assert _stored(ctx) == {} and "not measured (precompute.overlaps = false" in caplog.text
+    monkeypatch.setenv("CLIPSCOPE_DATA_DIR", str(ctx.settings.data_dir))
+    monkeypatch.setenv("CLIPSCOPE_DEVICE", "cpu")
+    runner = CliRunner()
+    out = runner.invoke(app, ["saes", "overlaps", b, "no-such-sae"])
+    assert "No SAE 'no-such-sae'" in str(out.exception) and _stored(ctx) == {}, "every key checked before any is measured"
+    out = runner.invoke(app, ["saes", "overlaps"])
+    assert out.exit_code == 0 and out.output.splitlines() == [f"{a}: measured against {b}", f"{b}: every pair at its site current"]
+    assert set(_stored(ctx)) == {(a, b), (b, a)}
+    assert runner.invoke(app, ["saes", "overlaps", a]).output.strip() == f"{a}: every pair at its site current"
+    with session_scope(ctx.database_url) as s:
+        s.scalar(select(Sae).where(Sae.key == b)).status = "training"
+    out = runner.invoke(app, ["saes", "overlaps", b])
+    assert f"not ready: {b} (training)" in str(out.exception)

@@ -138,7 +138,7 @@ class; 3: automatic names and coherence), so a finished precompute of an older f
 
 def precompute_key(sae_key: str, cache: ActivationCache, pc: PrecomputeConfig) -> str:
     """Changes with anything that changes what is written, the vocabulary file's contents included."""
-    config = pc.model_dump(mode="json")
+    config = pc.model_dump(mode="json", exclude={"overlaps"})  # measured after, into another table
     if pc.names.enabled:
         config["names"]["concepts"] = stable_hash(read_vocabulary(pc.names.vocabulary))
     else:
