@@ -139,6 +139,14 @@ def random_page(sae: SaeDep, session: SessionDep):
     return RedirectResponse(f"/saes/{sae.key}/features/{random_feature(session, sae)}", status_code=303)
 
 
+@router.get("/saes/{sae}/features/go")
+def go_to_feature(sae: SaeDep, idx: int = Query(..., description="A feature's index, as the header's box takes it.")):
+    """The header's "go to feature" box: to that feature's page; a number out of range is the page's 404 here."""
+    require_ready(sae)
+    require_feature(sae, idx)
+    return RedirectResponse(f"/saes/{sae.key}/features/{idx}", status_code=303)
+
+
 def _feature_page(request: Request, sae, session, idx: int, status_code: int = 200, **extra):
     require_ready(sae)
     require_feature(sae, idx)

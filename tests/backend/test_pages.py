@@ -147,6 +147,17 @@ def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
     assert client.get("/saes/nope/features/1").status_code == 404
 
 
+def test_the_header_box_goes_to_a_feature_by_its_number(web):
+    client, key = web
+    page = client.get(f"/saes/{key}/features/3").text
+    assert f'<form class="goto" method="get" action="/saes/{key}/features/go"><input type="number" name="idx" min="0" max="63" required' in page
+    r = client.get(f"/saes/{key}/features/go?idx=7", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/saes/{key}/features/7"
+    for bad, says in (("64", "Feature 64 does not exist (0..63)."), ("-1", "Feature -1 does not exist (0..63)."), ("x", "idx")):
+        r = client.get(f"/saes/{key}/features/go?idx={bad}", headers={"Accept": "text/html"}, follow_redirects=False)
+        assert r.status_code in (404, 422) and says in r.text and "<html" in r.text, bad
+
+
 def test_the_list_filters_by_leading_class_and_sorts_by_its_share(web):
     client, key = web
     everything = client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]

@@ -77,6 +77,13 @@ def test_a_researcher_browses_labels_and_analyzes(browser, server, shot, tmp_pat
     with page.expect_navigation():
         page.keyboard.press("r")
     assert re.search(r"/features/\d+$", page.url)
+    page.locator("h1").click()
+    page.keyboard.press("g")  # the header's box, empty: the key is not typed into it
+    assert page.evaluate("document.activeElement.name") == "idx" and page.input_value("input[name=idx]") == ""
+    page.keyboard.type("5")
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.url.endswith(f"/saes/{key}/features/5") and page.locator("h1").inner_text() == "Feature #5"
 
     page.goto(f"{base}/saes/{key}/features?labelled=yes")
     rows = page.locator(".feature-row")
