@@ -3,7 +3,8 @@ examples in SQLite, each against a static file of its own size served by the sam
 latency of analyzing a 512 x 512 JPEG, of explaining its zero-shot prediction over ten classes, of
 three feature edits and the prediction after them, and the throughput under 8 concurrent uploads; a
 feature's closest features in a second SAE at the same site (the first request reads both SAEs' atoms);
-and the page of an image of the precompute set (every feature it fires, from the activation cache).
+the page of an image of the precompute set (every feature it fires, from the activation cache); and the
+features a set of eight uploads shares, against eight single analyses.
 
 The server is a real `clipscope serve` process; the load comes from threads in this process, on
 loopback only, bounded in count and time.
@@ -52,7 +53,6 @@ def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
     sae = TopKSAE(768, d_sae, k, use_b_dec=False)
     save_sae(sae, data_dir / "saes" / key / "sae", {"layer": 10, "tokens": "cls", "model": "ViT-B-32"})
     cfg = parse_config({"name": "bench", "model": ModelConfig(pretrained="none").model_dump(mode="json"), "sae": {"d_sae": d_sae, "k": k}})
-    rng = np.random.default_rng(0)
     rng = np.random.default_rng(0)
     cache = ActivationCache.create_or_open(
         data_dir / "activations", {"dataset": {"dataset": "bench"}, "split": "train", "layer": 10, "tokens": "cls"}, n_images, 1, 768, np.arange(n_images))
@@ -143,8 +143,8 @@ def load(client: httpx.Client, urls, seconds: float, concurrency: int, server_pi
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def jpeg_512() -> bytes:
-    rng = np.random.default_rng(1)
+def jpeg_512(seed: int = 1) -> bytes:
+    rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((512, 512)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -220,6 +220,12 @@ def main() -> None:
                 t = time.perf_counter()
                 assert client.get(f"/saes/{key}/images/{i}").status_code == 200
                 imaged.append(time.perf_counter() - t)
+            image_set = [("files", (f"{i}.jpg", jpeg_512(i), "image/jpeg")) for i in range(8)]
+            set_times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                assert client.post(f"/api/saes/{key}/analyze-set", files=image_set).status_code == 200
+                set_times.append(time.perf_counter() - t)
             started = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lambda _: post().status_code, range(32)))
@@ -246,6 +252,8 @@ def main() -> None:
         "image_page_first_request_ms": 1000 * image_first,
         "image_page_p50_ms": 1000 * statistics.median(imaged),
         "image_page_p50_over_analyze_p50": statistics.median(imaged) / statistics.median(lat),
+        "analyze_set_of_8_median_ms": 1000 * statistics.median(set_times),
+        "analyze_set_of_8_over_8_analyze_p50": statistics.median(set_times) / (8 * statistics.median(lat)),
     }, indent=2))
 
 

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         default=16, description="Uploads waiting for analysis at most; when full the server answers 503 with Retry-After."
     )
     analyze_batch: int = Field(default=8, description="Queued uploads analysed together in one forward pass.")
+    analyze_set_max: int = Field(
+        default=16, ge=2,
+        description="Most images one \"which features do these images share\" request may send (all of them together "
+        "within max_upload_bytes); they are analysed analyze_batch at a time.",
+    )
     analyze_kept: int = Field(
         default=64,
         description="Analysed images the analyze page keeps in memory, as CLIP saw them (224 x 224, ~150 KB each), so "

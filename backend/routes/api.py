@@ -27,6 +27,7 @@ from clipscope.errors import ClipScopeError
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
 from backend.services.csv_export import csv_text
 from backend.services.dataset_images import NotInSet
+from backend.services.image_sets import features_of_set
 from backend.services.features import FeatureFilter, FeatureQuery, feature_detail, feature_table, list_features, ranking_of, table_fields
 from backend.services.feature_order import Ranking
 from backend.services.saes import (
@@ -346,6 +347,49 @@ async def analyze_image(request: Request, sae, image: Image.Image, occlude: bool
         raise HTTPException(503, "The server is shutting down; try again in a moment.", headers={"Retry-After": "5"}) from None
     except ClipScopeError as exc:  # this server lacks what the SAE needs (its CLIP weights, its files): say which
         raise HTTPException(503, f"This server cannot analyze with SAE {sae.key}: {exc}") from None
+
+
+async def analyze_uploads(request: Request, sae, files: list[UploadFile]) -> list[Analysis]:
+    """Check, decode and analyse a set of uploads, ``analyze_batch`` of them at a time (queued together, so
+    the pool runs each lot in one pass; at most that many decoded images are held at once).
+
+    Raises HTTPException: 422 (fewer than two images or more than ``analyze_set_max``), an image's own
+    refusal (:func:`analyze_upload`) with its file name, and those of :func:`analyze_image`. The request's
+    body, every image together, is bounded by ``max_upload_bytes`` before it is read.
+    """
+    settings = request.app.state.settings
+    files = [f for f in files if f.filename]  # a form with no file chosen sends one empty, unnamed part
+    if not 2 <= len(files) <= settings.analyze_set_max:
+        raise HTTPException(422, f"Choose from 2 to {settings.analyze_set_max} images to compare (chosen: {len(files)}).")
+    out: list[Analysis] = []
+    for start in range(0, len(files), settings.analyze_batch):
+        images = []
+        for f in files[start : start + settings.analyze_batch]:
+            try:
+                images.append(await run_in_threadpool(decode_upload, await f.read(), settings.max_image_pixels))
+            except BadUpload as exc:
+                raise HTTPException(exc.status, f"{f.filename}: {exc}") from None
+        out += await asyncio.gather(*(analyze_image(request, sae, image) for image in images))
+    return out
+
+
+@router.post("/saes/{sae}/analyze-set", summary="Which features a set of uploaded images shares",
+             responses={413: {"description": "Too large: every image together, or one image's pixels"},
+                        415: {"description": "An image is not of an accepted format"},
+                        400: {"description": "An image is empty, truncated, corrupt or a polyglot"},
+                        422: {"description": "Fewer than two images, or more than this server's analyze_set_max"},
+                        503: {"description": "Analysis queue full"}})
+async def api_analyze_set(
+    request: Request, sae: SaeDep, session: SessionDep,
+    files: list[UploadFile] = File(..., description="The images, from 2 to the server's `analyze_set_max` (16 by default), "
+                                   "together at most `max_upload_bytes`."),
+    limit: int = Query(30, ge=1, le=500, description="Features returned, the first of the ranking."),
+) -> dict[str, Any]:
+    """The features that fire on any of the images, ranked by how many of them each fires on and then by
+    its lift (that share over its firing frequency on the precompute set: what is particular to these images
+    rather than what fires on nearly every image); each with its activation on every image, in upload order."""
+    require_ready(sae)
+    return features_of_set(session, sae, await analyze_uploads(request, sae, files), limit=limit)
 
 
 @router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image, or on an image of the precompute set",

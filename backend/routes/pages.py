@@ -7,12 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from PIL import ImageOps
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
 from backend.routes.api import (
-    analyze_image, analyze_upload, answers, dataset_image, dataset_picture, density_of, feature_cofiring, feature_matches, image_name,
+    analyze_image, analyze_upload, analyze_uploads, answers, dataset_image, dataset_picture, density_of, feature_cofiring, feature_matches, image_name,
     image_of_set, redundancy_of,
 )
 from backend.auth import auth_enabled, author_for_write, current_user
@@ -21,6 +23,7 @@ from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
+from backend.services.image_sets import features_of_set
 from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature, ranking_of
@@ -235,6 +238,29 @@ def analyze_form(request: Request, sae: SaeDep, session: SessionDep, edits: str 
     require_ready(sae)
     return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae, edits=edits),
                   image=_set_image(request, session, sae, image))
+
+
+@router.get("/saes/{sae}/analyze-set", response_class=HTMLResponse)
+def analyze_set_form(request: Request, sae: SaeDep):
+    """The form of "which features do these images share"."""
+    require_ready(sae)
+    return render(request, "analyze_set.html", sae=sae_summary(sae), result=None)
+
+
+@router.post("/saes/{sae}/analyze-set", response_class=HTMLResponse, dependencies=[CsrfForm])
+async def analyze_set_page(request: Request, sae: SaeDep, session: SessionDep):
+    """The features a set of uploads shares (``features_of_set``), beside each image as CLIP saw it. The form
+    is read as it comes: a browser that sends no file sends a part without one, which is no error of typing."""
+    require_ready(sae)
+    files = [f for f in (await request.form()).getlist("files") if isinstance(f, StarletteUploadFile)]
+    try:
+        firings = await analyze_uploads(request, sae, files)
+    except HTTPException as exc:
+        return render(request, "analyze_set.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
+                      error=exc.detail)
+    names = [f.filename for f in files if f.filename]
+    views = [{"name": name, "src": png_data_uri(ImageOps.contain(f.model_view, (96, 96)))} for name, f in zip(names, firings)]
+    return render(request, "analyze_set.html", sae=sae_summary(sae), result=features_of_set(session, sae, firings), views=views)
 
 
 def _set_image(request: Request, session, sae, image_id: int | None) -> dict | None:
