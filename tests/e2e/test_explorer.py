@@ -248,3 +248,26 @@ def test_a_labelled_match_in_another_sae_fills_the_label_editor_with_its_text_an
         assert page.evaluate("document.activeElement.name") == "text"
         assert not posts and page.request.get(f"{base}/api/saes/{a}/features/1").json()["label"] is None, "nothing saved"
         page.close()
+
+
+def test_several_images_show_the_features_they_share(browser, server, shot, tmp_path):
+    base, key = server
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"shared-{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(paths[-1])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{base}/saes/{key}/analyze")
+    page.click("a[href$='/analyze-set']")
+    page.wait_for_url(f"**/saes/{key}/analyze-set")
+    page.set_input_files("input[name=files]", [str(p) for p in paths])
+    with page.expect_navigation():
+        page.click("#analyze-set-form button")
+    assert page.locator(".set-views figure").count() == 3 and "shared-0.png" in page.locator(".set-views").inner_text()
+    rows = page.locator(".set-features .feature-row")
+    assert rows.count() > 0 and all(rows.nth(i).locator(".per-image .cell").count() == 3 for i in range(rows.count()))
+    counts = [int(t.split()[0]) for t in page.locator(".set-features .set-count").all_inner_texts()]
+    assert counts == sorted(counts, reverse=True), "most images first"
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+    shot(page, "9-image-set")
+    page.close()
