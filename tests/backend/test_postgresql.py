@@ -103,3 +103,14 @@ def test_an_analysis_answers_the_same(engines):
     Image.fromarray(np.random.default_rng(3).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(buf, format="PNG")
     a, b = _both(engines, "post", f"/api/saes/{key}/analyze", files={"file": ("x.png", buf.getvalue(), "image/png")})
     assert a.status_code == 200 and a.json() == b.json()
+
+
+def test_the_features_a_set_of_images_shares_are_the_same(engines):
+    _, _, key = engines
+    files = []
+    for seed in (4, 5, 6):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+        files.append(("files", (f"{seed}.png", buf.getvalue(), "image/png")))
+    a, b = _both(engines, "post", f"/api/saes/{key}/analyze-set", files=files)
+    assert a.status_code == 200 and a.json() == b.json() and a.json()["images"] == 3
