@@ -2,7 +2,7 @@
 page draws its top images and interval samples, the list 300), a label's badge, and the feature
 list's rows. A Jinja loop spent two macro calls and ~10 escapes on each thumbnail (the feature page
 1.64 -> 1.17 ms of server CPU, in-process), and ~1,400 generator steps and escapes on a list page
-of 50 rows (4.6 -> 3.8 ms). Templates call them as globals (``backend/app.py``); strips through the
+of 50 rows (4.6 -> 3.6 ms). Templates call them as globals (``backend/app.py``); strips through the
 ``thumbs`` macro (``frontend/templates/_macros.html``). What a value holds is escaped; numbers are
 formatted as the templates' ``format`` filter formats them."""
 
