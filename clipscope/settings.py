@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     analyze_batch: int = Field(default=8, description="Queued uploads analysed together in one forward pass.")
     analyze_set_max: int = Field(
         default=16, ge=2,
-        description="Most images one \"which features do these images share\" request may send (all of them together "
+        description="Most images one \"which features do these images share\" request may send, counter-examples included (all of them together "
         "within max_upload_bytes); they are analysed analyze_batch at a time.",
     )
     analyze_kept: int = Field(

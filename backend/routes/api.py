@@ -349,47 +349,54 @@ async def analyze_image(request: Request, sae, image: Image.Image, occlude: bool
         raise HTTPException(503, f"This server cannot analyze with SAE {sae.key}: {exc}") from None
 
 
-async def analyze_uploads(request: Request, sae, files: list[UploadFile]) -> list[Analysis]:
-    """Check, decode and analyse a set of uploads, ``analyze_batch`` of them at a time (queued together, so
-    the pool runs each lot in one pass; at most that many decoded images are held at once).
+async def analyze_uploads(request: Request, sae, files: list[UploadFile], without: list[UploadFile] = ()) -> tuple[list[Analysis], list[Analysis]]:
+    """Check, decode and analyse a set of uploads and its counter-examples, ``analyze_batch`` images at a time
+    (queued together, so the pool runs each lot in one pass; at most that many decoded images are held at once).
 
-    Raises HTTPException: 422 (fewer than two images or more than ``analyze_set_max``), an image's own
-    refusal (:func:`analyze_upload`) with its file name, and those of :func:`analyze_image`. The request's
-    body, every image together, is bounded by ``max_upload_bytes`` before it is read.
+    Raises HTTPException: 422 (fewer than two images in the set, or more than ``analyze_set_max`` in all), an
+    image's own refusal (:func:`analyze_upload`) with its file name, and those of :func:`analyze_image`. The
+    request's body, every image together, is bounded by ``max_upload_bytes`` before it is read.
     """
     settings = request.app.state.settings
-    files = [f for f in files if f.filename]  # a form with no file chosen sends one empty, unnamed part
-    if not 2 <= len(files) <= settings.analyze_set_max:
-        raise HTTPException(422, f"Choose from 2 to {settings.analyze_set_max} images to compare (chosen: {len(files)}).")
+    files, without = [f for f in files if f.filename], [f for f in without if f.filename]  # a form with no file chosen sends an empty part
+    most = settings.analyze_set_max
+    if len(files) < 2 or len(files) + len(without) > most:
+        chosen = f"{len(files)} + {len(without)} without" if without else str(len(files))
+        raise HTTPException(422, f"Choose from 2 to {most} images to compare, counter-examples included (chosen: {chosen}).")
     out: list[Analysis] = []
-    for start in range(0, len(files), settings.analyze_batch):
+    every = files + without
+    for start in range(0, len(every), settings.analyze_batch):
         images = []
-        for f in files[start : start + settings.analyze_batch]:
+        for f in every[start : start + settings.analyze_batch]:
             try:
                 images.append(await run_in_threadpool(decode_upload, await f.read(), settings.max_image_pixels))
             except BadUpload as exc:
                 raise HTTPException(exc.status, f"{f.filename}: {exc}") from None
         out += await asyncio.gather(*(analyze_image(request, sae, image) for image in images))
-    return out
+    return out[: len(files)], out[len(files) :]
 
 
 @router.post("/saes/{sae}/analyze-set", summary="Which features a set of uploaded images shares",
              responses={413: {"description": "Too large: every image together, or one image's pixels"},
                         415: {"description": "An image is not of an accepted format"},
                         400: {"description": "An image is empty, truncated, corrupt or a polyglot"},
-                        422: {"description": "Fewer than two images, or more than this server's analyze_set_max"},
+                        422: {"description": "Fewer than two images, or more than this server's analyze_set_max in all"},
                         503: {"description": "Analysis queue full"}})
 async def api_analyze_set(
     request: Request, sae: SaeDep, session: SessionDep,
-    files: list[UploadFile] = File(..., description="The images, from 2 to the server's `analyze_set_max` (16 by default), "
-                                   "together at most `max_upload_bytes`."),
+    files: list[UploadFile] = File(..., description="The images, at least 2; with `without`, at most the server's `analyze_set_max` "
+                                   "(16 by default) in all, together at most `max_upload_bytes`."),
+    without: list[UploadFile] = File(default_factory=list, description="Counter-examples (optional): images without what the set shares."),
     limit: int = Query(30, ge=1, le=500, description="Features returned, the first of the ranking."),
 ) -> dict[str, Any]:
     """The features that fire on any of the images, ranked by how many of them each fires on and then by
     its lift (that share over its firing frequency on the precompute set: what is particular to these images
-    rather than what fires on nearly every image); each with its activation on every image, in upload order."""
+    rather than what fires on nearly every image); each with its activation on every image, in upload order.
+    With counter-examples, ranked by the contrast instead (the share of the images it fires on minus the share
+    of the counter-examples), then by lift; each also with its activation on every counter-example."""
     require_ready(sae)
-    return features_of_set(session, sae, await analyze_uploads(request, sae, files), limit=limit)
+    firings, against = await analyze_uploads(request, sae, files, without)
+    return features_of_set(session, sae, firings, against, limit=limit)
 
 
 @router.post("/saes/{sae}/analyze", summary="Which features fire on an uploaded image, or on an image of the precompute set",

@@ -252,15 +252,16 @@ async def analyze_set_page(request: Request, sae: SaeDep, session: SessionDep):
     """The features a set of uploads shares (``features_of_set``), beside each image as CLIP saw it. The form
     is read as it comes: a browser that sends no file sends a part without one, which is no error of typing."""
     require_ready(sae)
-    files = [f for f in (await request.form()).getlist("files") if isinstance(f, StarletteUploadFile)]
+    form = await request.form()
+    files, without = ([f for f in form.getlist(name) if isinstance(f, StarletteUploadFile) and f.filename] for name in ("files", "without"))
     try:
-        firings = await analyze_uploads(request, sae, files)
+        firings, against = await analyze_uploads(request, sae, files, without)
     except HTTPException as exc:
         return render(request, "analyze_set.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
                       error=exc.detail)
-    names = [f.filename for f in files if f.filename]
-    views = [{"name": name, "src": png_data_uri(ImageOps.contain(f.model_view, (96, 96)))} for name, f in zip(names, firings)]
-    return render(request, "analyze_set.html", sae=sae_summary(sae), result=features_of_set(session, sae, firings), views=views)
+    views = [[{"name": f.filename, "src": png_data_uri(ImageOps.contain(a.model_view, (96, 96)))} for f, a in zip(uploads, analyses)]
+             for uploads, analyses in ((files, firings), (without, against))]
+    return render(request, "analyze_set.html", sae=sae_summary(sae), result=features_of_set(session, sae, firings, against), views=views)
 
 
 def _set_image(request: Request, session, sae, image_id: int | None) -> dict | None:

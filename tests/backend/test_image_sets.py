@@ -3,6 +3,7 @@ activations as its own analysis gives them, ranked by how many images a feature 
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -80,7 +81,9 @@ def test_too_few_too_many_or_a_bad_image_is_refused_naming_it(web_data, tmp_path
     with TestClient(private_app(web_data, tmp_path, analyze_set_max=3)) as client:
         key = web_data[1]
         r = client.post(f"/api/saes/{key}/analyze-set", files=_files(1))
-        assert r.status_code == 422 and r.json()["detail"] == "Choose from 2 to 3 images to compare (chosen: 1)."
+        assert r.status_code == 422 and r.json()["detail"] == "Choose from 2 to 3 images to compare, counter-examples included (chosen: 1)."
+        r = client.post(f"/api/saes/{key}/analyze-set", files=_files(1, 2) + [("without", f[1]) for f in _files(3, 4)])
+        assert r.status_code == 422 and r.json()["detail"].endswith("(chosen: 2 + 2 without).")
         assert client.post(f"/api/saes/{key}/analyze-set", files=_files(1, 2, 3, 4)).status_code == 422
         bad = [*_files(1), ("files", ("notes.txt", b"just some text, not an image", "text/plain"))]
         r = client.post(f"/api/saes/{key}/analyze-set", files=bad)
@@ -97,7 +100,45 @@ def test_the_page_shows_each_image_as_clip_saw_it_and_the_ranked_features(web):
     assert f'href="/saes/{key}/analyze-set"' in client.get(f"/saes/{key}/analyze").text
     page = client.post(f"/saes/{key}/analyze-set", data=with_token(client), files=_files(4, 5))
     assert page.status_code == 200 and page.text.count('alt="img4.png as CLIP saw it"') == 1 and 'src="data:image/png;base64,' in page.text
-    assert "features fire on at least one of the 2 images" in page.text and page.text.count('<span class="cell') % 2 == 0
+    cells = re.findall(r'<span class="cell( off)?"', page.text)
+    assert "features fire on at least one of the 2 images" in page.text and cells and len(cells) % 2 == 0 and "counter-examples" not in page.text
     assert '<strong class="set-count">2 of 2</strong>' in page.text or '<strong class="set-count">1 of 2</strong>' in page.text
     empty = client.post(f"/saes/{key}/analyze-set", data=with_token(client), files=[("files", ("", b"", "application/octet-stream"))])
-    assert empty.status_code == 422 and "Choose from 2 to 16 images to compare (chosen: 0)." in empty.text and "<form" in empty.text
+    assert empty.status_code == 422 and "(chosen: 0)." in empty.text and "<form" in empty.text
+    data = with_token(client)
+    page = client.post(f"/saes/{key}/analyze-set", data=data, files=_files(4, 5) + [("without", f[1]) for f in _files(6)])
+    assert page.status_code == 200 and 'alt="img6.png as CLIP saw it (without)"' in page.text and "minus the share of the 1 counter-examples" in page.text
+    assert len(re.findall(r'<span class="cell( off)?"', page.text)) == 3 * page.text.count('<li class="feature-row">'), "two images and one counter-example a row"
+
+
+def test_counter_examples_rank_by_contrast_with_their_own_activations(web):
+    client, key = web
+    without = [("without", f[1]) for f in _files(4, 5)]
+    got = client.post(f"/api/saes/{key}/analyze-set?limit=500", files=_files(1, 2, 3) + without).json()
+    assert (got["images"], got["without"]) == (3, 2)
+    singles = {s: {e["index"]: e["activation"] for e in client.post(f"/api/saes/{key}/analyze?limit=500", files={"file": ("x.png", _png(s), "image/png")}).json()["by_activation"]}
+               for s in (4, 5)}
+    for f in got["features"]:
+        expected = [singles[s].get(f["index"], 0.0) for s in (4, 5)]
+        assert f["activations_without"] == pytest.approx(expected, rel=1e-5, abs=1e-6) and f["images_without"] == sum(a > 0 for a in expected)
+        assert f["contrast"] == pytest.approx(f["images"] / 3 - f["images_without"] / 2) and f["images"] >= 1
+    ranks = [(-f["contrast"], f["lift"] is None, -(f["lift"] or 0)) for f in got["features"]]
+    assert ranks == sorted(ranks), "the largest contrast first, then lift"
+    plain = client.post(f"/api/saes/{key}/analyze-set?limit=500", files=_files(1, 2, 3)).json()
+    assert plain["without"] == 0 and all(f["contrast"] is None and f["activations_without"] is None for f in plain["features"])
+    assert {f["index"] for f in plain["features"]} == {f["index"] for f in got["features"]}, "the same features: those firing on the set"
+
+
+def test_a_feature_also_on_the_counter_examples_ranks_below_one_only_on_the_set(web_data):
+    settings, key = web_data
+    with session_scope(settings.resolved_database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        freq = dict(s.execute(select(Feature.idx, Feature.frequency).where(Feature.sae_id == sae.id)).all())
+        live = sorted((f for f, q in freq.items() if q > 0), key=lambda f: (freq[f], f))
+        rare, common = live[0], live[-1]
+        both = [Firing({rare: 1.0, common: 1.0}), Firing({rare: 2.0, common: 1.0})]
+        got = features_of_set(s, sae, both, [Firing({rare: 0.5}), Firing({rare: 0.1, 12345: 9.0})])
+    by = {f["index"]: f for f in got["features"]}
+    assert [f["index"] for f in got["features"]] == [common, rare], "common is on none of the counter-examples: contrast 1 against 0"
+    assert by[rare]["contrast"] == 0 and by[rare]["activations_without"] == [0.5, 0.1] and by[common]["activations_without"] == [0.0, 0.0]
+    assert 12345 not in by, "a feature only on the counter-examples is not one the set shares"

@@ -253,21 +253,22 @@ def test_a_labelled_match_in_another_sae_fills_the_label_editor_with_its_text_an
 def test_several_images_show_the_features_they_share(browser, server, shot, tmp_path):
     base, key = server
     paths = []
-    for i in range(3):
+    for i in range(4):
         paths.append(tmp_path / f"shared-{i}.png")
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(paths[-1])
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{base}/saes/{key}/analyze")
     page.click("a[href$='/analyze-set']")
     page.wait_for_url(f"**/saes/{key}/analyze-set")
-    page.set_input_files("input[name=files]", [str(p) for p in paths])
+    page.set_input_files("input[name=files]", [str(p) for p in paths[:3]])
+    page.set_input_files("input[name=without]", [str(paths[3])])
     with page.expect_navigation():
         page.click("#analyze-set-form button")
-    assert page.locator(".set-views figure").count() == 3 and "shared-0.png" in page.locator(".set-views").inner_text()
+    assert page.locator(".set-views figure").count() == 4 and page.locator(".set-views figure.without").inner_text().startswith("−1 shared-3.png")
     rows = page.locator(".set-features .feature-row")
-    assert rows.count() > 0 and all(rows.nth(i).locator(".per-image .cell").count() == 3 for i in range(rows.count()))
-    counts = [int(t.split()[0]) for t in page.locator(".set-features .set-count").all_inner_texts()]
-    assert counts == sorted(counts, reverse=True), "most images first"
+    assert rows.count() > 0 and all(rows.nth(i).locator(".per-image .cell").count() == 4 for i in range(rows.count()))
+    shares = [(int(a.split()[0]) / 3 - int(b.split()[0])) for a, b in zip(page.locator(".set-count").all_inner_texts(), page.locator(".without-count").all_inner_texts())]
+    assert shares == sorted(shares, reverse=True), "the largest contrast first"
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     shot(page, "9-image-set")
     page.close()
