@@ -54,13 +54,18 @@ def test_each_image_s_activations_are_its_own_analysis_and_the_ranking_is_by_ima
     assert [f["index"] for f in top] == [f["index"] for f in got["features"][:2]]
 
 
+def _rarest_and_commonest(session, key):
+    """The SAE row, every feature's frequency, and its rarest and its commonest live feature."""
+    sae = session.scalar(select(Sae).where(Sae.key == key))
+    freq = dict(session.execute(select(Feature.idx, Feature.frequency).where(Feature.sae_id == sae.id)).all())
+    live = sorted((f for f, q in freq.items() if q > 0), key=lambda f: (freq[f], f))
+    return sae, freq, live[0], live[-1]
+
+
 def test_lift_puts_what_is_particular_to_the_set_before_what_fires_everywhere(web_data):
     settings, key = web_data
     with session_scope(settings.resolved_database_url) as s:
-        sae = s.scalar(select(Sae).where(Sae.key == key))
-        freq = dict(s.execute(select(Feature.idx, Feature.frequency).where(Feature.sae_id == sae.id)).all())
-        live = sorted((f for f, q in freq.items() if q > 0), key=lambda f: (freq[f], f))
-        rare, common = live[0], live[-1]
+        sae, freq, rare, common = _rarest_and_commonest(s, key)
         never = next(f for f, q in freq.items() if q == 0)
         firings = [Firing({common: 2.0, rare: 1.0, never: 0.5}), Firing({common: 1.0, rare: 0.5, never: 0.1}), Firing({common: 3.0})]
         got = features_of_set(s, sae, firings)
@@ -68,11 +73,11 @@ def test_lift_puts_what_is_particular_to_the_set_before_what_fires_everywhere(we
     by = {f["index"]: f for f in got["features"]}
     assert by[rare]["activations"] == [1.0, 0.5, 0.0] and by[rare]["lift"] == pytest.approx(2 / 3 / freq[rare])
     assert by[never]["lift"] is None and math.isclose(by[common]["lift"], 1 / freq[common]) and got["in_all"] == 1
-    if freq[rare] < freq[common]:
-        firings = [Firing({common: 1.0, rare: 1.0}), Firing({common: 1.0, rare: 1.0})]
-        with session_scope(settings.resolved_database_url) as s:
-            sae = s.scalar(select(Sae).where(Sae.key == key))
-            assert [f["index"] for f in features_of_set(s, sae, firings)["features"]] == [rare, common]
+    assert freq[rare] < freq[common]
+    firings = [Firing({common: 1.0, rare: 1.0}), Firing({common: 1.0, rare: 1.0})]
+    with session_scope(settings.resolved_database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        assert [f["index"] for f in features_of_set(s, sae, firings)["features"]] == [rare, common], "equal counts: the rarer first"
 
 
 def test_too_few_too_many_or_a_bad_image_is_refused_naming_it(web_data, tmp_path):
@@ -132,10 +137,7 @@ def test_counter_examples_rank_by_contrast_with_their_own_activations(web):
 def test_a_feature_also_on_the_counter_examples_ranks_below_one_only_on_the_set(web_data):
     settings, key = web_data
     with session_scope(settings.resolved_database_url) as s:
-        sae = s.scalar(select(Sae).where(Sae.key == key))
-        freq = dict(s.execute(select(Feature.idx, Feature.frequency).where(Feature.sae_id == sae.id)).all())
-        live = sorted((f for f, q in freq.items() if q > 0), key=lambda f: (freq[f], f))
-        rare, common = live[0], live[-1]
+        sae, freq, rare, common = _rarest_and_commonest(s, key)
         both = [Firing({rare: 1.0, common: 1.0}), Firing({rare: 2.0, common: 1.0})]
         got = features_of_set(s, sae, both, [Firing({rare: 0.5}), Firing({rare: 0.1, 12345: 9.0})])
     by = {f["index"]: f for f in got["features"]}
