@@ -240,11 +240,20 @@ def analyze_form(request: Request, sae: SaeDep, session: SessionDep, edits: str 
                   image=_set_image(request, session, sae, image))
 
 
+SET_LIMITS = (30, 100, 300)
+"""How many of a set's features its page may show (the form's choices; the first is the default)."""
+
+
+def _set_page(request: Request, sae, status_code: int = 200, headers: dict | None = None, limit: int = SET_LIMITS[0], **context):
+    return render(request, "analyze_set.html", status_code=status_code, headers=headers, sae=sae_summary(sae), limit=limit,
+                  limits=SET_LIMITS, **context)
+
+
 @router.get("/saes/{sae}/analyze-set", response_class=HTMLResponse)
 def analyze_set_form(request: Request, sae: SaeDep):
     """The form of "which features do these images share"."""
     require_ready(sae)
-    return render(request, "analyze_set.html", sae=sae_summary(sae), result=None)
+    return _set_page(request, sae, result=None)
 
 
 @router.post("/saes/{sae}/analyze-set", response_class=HTMLResponse, dependencies=[CsrfForm])
@@ -254,14 +263,14 @@ async def analyze_set_page(request: Request, sae: SaeDep, session: SessionDep):
     require_ready(sae)
     form = await request.form()
     files, without = ([f for f in form.getlist(name) if isinstance(f, StarletteUploadFile) and f.filename] for name in ("files", "without"))
+    limit = next((n for n in SET_LIMITS if form.get("limit") == str(n)), SET_LIMITS[0])
     try:
         firings, against = await analyze_uploads(request, sae, files, without)
     except HTTPException as exc:
-        return render(request, "analyze_set.html", status_code=exc.status_code, headers=exc.headers, sae=sae_summary(sae), result=None,
-                      error=exc.detail)
+        return _set_page(request, sae, exc.status_code, exc.headers, limit, result=None, error=exc.detail)
     views = [[{"name": f.filename, "src": png_data_uri(ImageOps.contain(a.model_view, (96, 96)))} for f, a in zip(uploads, analyses)]
              for uploads, analyses in ((files, firings), (without, against))]
-    return render(request, "analyze_set.html", sae=sae_summary(sae), result=features_of_set(session, sae, firings, against), views=views)
+    return _set_page(request, sae, limit=limit, result=features_of_set(session, sae, firings, against, limit=limit), views=views)
 
 
 def _set_image(request: Request, session, sae, image_id: int | None) -> dict | None:

@@ -114,6 +114,18 @@ def test_the_page_shows_each_image_as_clip_saw_it_and_the_ranked_features(web):
     page = client.post(f"/saes/{key}/analyze-set", data=data, files=_files(4, 5) + [("without", f[1]) for f in _files(6)])
     assert page.status_code == 200 and 'alt="img6.png as CLIP saw it (without)"' in page.text and "minus the share of the 1 counter-examples" in page.text
     assert len(re.findall(r'<span class="cell( off)?"', page.text)) == 3 * page.text.count('<li class="feature-row">'), "two images and one counter-example a row"
+    assert "<option selected>30</option><option>100</option><option>300</option>" in page.text
+
+
+def test_the_page_shows_as_many_features_as_chosen(web, monkeypatch):
+    import backend.routes.pages as pages
+
+    client, key = web
+    monkeypatch.setattr(pages, "SET_LIMITS", (3, 5))  # below the 8 features each image of the tiny SAE fires
+    rows = lambda data: client.post(f"/saes/{key}/analyze-set", data={**with_token(client), **data}, files=_files(4, 5))  # noqa: E731
+    assert rows({"limit": "5"}).text.count('<li class="feature-row">') == 5 and "<option selected>5</option>" in rows({"limit": "5"}).text
+    assert rows({}).text.count('<li class="feature-row">') == 3, "the default: the first choice"
+    assert rows({"limit": "100"}).text.count('<li class="feature-row">') == 3, "not a choice: the default"
 
 
 def test_counter_examples_rank_by_contrast_with_their_own_activations(web):
