@@ -9,6 +9,7 @@ activations over the image set it was precomputed on (the numbers its pages show
     picture, label = s.dataset()[int(on_set.values[:, 0].argmax())]
     s.collage(1234)                          # its top images, as the study's 4 x 3 collage
     s.features()                             # every feature's statistics and current label (the list's columns)
+    s.shared(["a.jpg", "b.jpg"], without=["c.jpg"])  # the features those images share, as the "several images" page ranks them
 
 An image's activation of a feature is its maximum over the tokens the SAE reads, as on every page.
 """
@@ -37,6 +38,7 @@ from clipscope.db import migrate
 from clipscope.db.models import FEATURE_STAT_NAMES, FEATURE_STATS, Feature, Label, Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
+from clipscope.image_sets import rank_set
 from clipscope.inventory import SaeEntry, list_saes, sae_row
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
@@ -133,10 +135,13 @@ class OpenedSae:
         parts = [self.encode_inputs(self.residual(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, self.sae.d_sae)
 
-    def cache(self) -> ActivationCache:
-        """The activation cache of the SAE's precompute set (the inputs the pages' numbers come from)."""
+    def _require_precompute(self) -> None:
         if self.row.status != SaeStatus.READY:
             raise ClipScopeError(f"SAE {self.key} has no precompute yet (status: {self.row.status}); run `clipscope precompute` first.")
+
+    def cache(self) -> ActivationCache:
+        """The activation cache of the SAE's precompute set (the inputs the pages' numbers come from)."""
+        self._require_precompute()
         return open_precompute_cache(self.settings.data_dir, self.row)
 
     @torch.inference_mode()
@@ -186,6 +191,29 @@ class OpenedSae:
                         "label": label.text if label else None, "category": label.category if label else None,
                         "author": label.author if label else None, "revision": label.revision if label else None})
         return out
+
+    def shared(self, images: Sequence[ImageLike], without: Sequence[ImageLike] = (), limit: int | None = 30) -> list[dict]:
+        """Which features ``images`` share, ranked as the explorer's "several images" page ranks them
+        (:func:`clipscope.image_sets.rank_set`: by how many of the images each fires on, then by lift over its
+        frequency on the precompute set; with counter-examples ``without``, by contrast): the first ``limit`` rows
+        (every one with None), each with the feature's automatic name and current label."""
+        if not images:
+            raise ClipScopeError("Give at least one image to find the features it shares.")
+        self._require_precompute()
+        acts = self.encode([*images, *without])
+        per_image = [dict(zip(nz.tolist(), row[nz].tolist())) for row in acts for nz in [row.nonzero().flatten()]]
+        features = sorted({f for image in per_image[: len(images)] for f in image})
+        with session_scope(_database(self.settings)) as session:
+            stats = {r.idx: r for r in session.execute(select(Feature.idx, Feature.max_activation, Feature.frequency, Feature.auto_name)
+                                                       .where(Feature.sae_id == self.row.id, Feature.idx.in_(features)))}
+            rows = rank_set(per_image[: len(images)], per_image[len(images) :], {f: (r.max_activation, r.frequency) for f, r in stats.items()})
+            rows = rows[:limit] if limit is not None else rows
+            labels = {r.feature: r for r in session.execute(select(Label.feature, Label.text, Label.category).where(
+                Label.sae_id == self.row.id, Label.feature.in_([r["index"] for r in rows])))}
+        for r in rows:
+            label, stat = labels.get(r["index"]), stats.get(r["index"])
+            r.update(auto_name=stat.auto_name if stat else None, label=label.text if label else None, category=label.category if label else None)
+        return rows
 
     def top(self, feature: int, k: int = 12) -> list[tuple[int, float]]:
         """The rows of the precompute set the feature fires on most, ``(row, activation)``, highest first (at

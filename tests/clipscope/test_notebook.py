@@ -126,3 +126,36 @@ def test_the_feature_table_holds_the_lists_statistics_and_each_current_label(web
             {k: theirs[k] for k in ("index", "n_active", "frequency", "max_activation", "is_dead", "top_class", "auto_name", "coherence")}
     assert (rows[3]["label"], rows[3]["category"], rows[3]["author"], rows[3]["revision"]) == ("berries on cream", "visual", "bob", 2)
     assert rows[4]["label"] is None and rows[4]["revision"] is None
+
+
+def test_shared_ranks_a_set_as_the_several_images_page_does(web_data, tmp_path):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image as PILImage
+
+    from tests.backend.conftest import private_app
+
+    settings, key = web_data
+    pictures = [PILImage.fromarray(np.random.default_rng(seed).integers(0, 255, (70, 90, 3), dtype=np.uint8)) for seed in range(5)]
+    s = open_sae(key, data_dir=settings.data_dir, device="cpu")
+    mine = s.shared(pictures[:3], without=pictures[3:], limit=None)
+
+    def png(p):
+        out = io.BytesIO()
+        p.save(out, "PNG")
+        return out.getvalue()
+
+    files = [("files", (f"{i}.png", png(p), "image/png")) for i, p in enumerate(pictures[:3])]
+    files += [("without", (f"{i}.png", png(p), "image/png")) for i, p in enumerate(pictures[3:])]
+    with TestClient(private_app(web_data, tmp_path)) as client:
+        page = client.post(f"/api/saes/{key}/analyze-set?limit=500", files=files).json()["features"]
+    assert [r["index"] for r in mine] == [r["index"] for r in page] and len(mine) >= 8
+    for a, b in zip(mine, page):
+        assert a["activations"] == pytest.approx(b["activations"], rel=1e-4, abs=1e-5)
+        assert a["activations_without"] == pytest.approx(b["activations_without"], rel=1e-4, abs=1e-5)
+        assert (a["images"], a["images_without"], a["auto_name"]) == (b["images"], b["images_without"], b["auto_name"])
+        assert a["lift"] == pytest.approx(b["lift"]) and a["contrast"] == pytest.approx(b["contrast"])
+    assert len(s.shared(pictures[:2])) <= 30 and s.shared(pictures[:2])[0]["contrast"] is None
+    with pytest.raises(ClipScopeError, match="at least one image"):
+        s.shared([])
