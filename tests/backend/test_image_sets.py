@@ -100,6 +100,8 @@ def test_too_few_too_many_or_a_bad_image_is_refused_naming_it(web_data, tmp_path
 
 def test_the_page_shows_each_image_as_clip_saw_it_and_the_ranked_features(web):
     client, key = web
+    refused = client.post(f"/saes/{key}/analyze-set", files=_files(4, 5))
+    assert refused.status_code == 403 and "security token" in refused.text, "the page's form carries its CSRF token"
     form = client.get(f"/saes/{key}/analyze-set")
     assert form.status_code == 200 and 'name="files" accept="image/*" multiple required' in form.text and "2 to 16 images" in form.text
     assert f'href="/saes/{key}/analyze-set"' in client.get(f"/saes/{key}/analyze").text
