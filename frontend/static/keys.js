@@ -1,9 +1,9 @@
 // Keyboard navigation and labelling for going through many features: ← and → follow the page's
 // rel="prev" and rel="next" links (the feature page, the list's pager), "r" the random-feature link,
-// "n" the next feature to label in the random sample, "g" the header's box that goes to a feature by its
-// number; 1-4 choose the label editor's category (in its
-// order: semantic, visual pattern, noise, unclear) and put the caret in its text, where Ctrl+Enter
-// (⌘+Enter) saves. Other keys typed into a form field, or held with a modifier, are left alone.
+// "n" the next feature to label in the random sample, "g" focuses the header's box that goes to a
+// feature by its number; 1-4 choose the label editor's category (in its order: semantic, visual
+// pattern, noise, unclear) and put the caret in its text, where Ctrl+Enter (⌘+Enter) saves. Other
+// keys typed into a form field, or held with a modifier, are left alone.
 document.addEventListener("keydown", function (event) {
   var target = event.target;
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && target.form && target.form.classList.contains("label-form")) {
