@@ -484,6 +484,10 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
     assert page.status_code == 200 and "features fire on" in page.text and "of its max" in page.text
     shown = [e["auto_name"] for e in body["by_activation"] + body["by_relative"] if e["auto_name"]]
     assert shown and page.text.count('class="auto-name"') == len(shown), "each ranked feature says its automatic name"
+    freqs = {f["index"]: f["frequency"] for f in client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]}
+    said = re.findall(r'<a class="idx" href="/saes/[^/]+/features/(\d+)">.*?<span class="set-frequency"[^>]*>on ([0-9.]+) % of the set</span>', page.text, re.S)
+    assert len(said) == len(body["by_activation"]) + len(body["by_relative"]), "each ranked feature says how often it fires on the set"
+    assert all(float(share) == round(100 * freqs[int(i)], 2) for i, share in said)
     seen = re.search(r'<figure class="model-view">\s*<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page.text)
     assert seen, "the page shows the image as the model saw it"
     view = np.asarray(Image.open(io.BytesIO(base64.b64decode(seen.group(1)))).convert("RGB")).astype(float)
