@@ -269,7 +269,8 @@ def api_label_summary(request: Request, sae: SaeDep, session: SessionDep) -> dic
     of them from the start of the SAE's sample order (the list's ``sort=sample``) are all labelled
     (``n``), the first one there without a label (``next``), and per category its ``count`` among
     those ``n``, its ``share`` and the ``low`` and ``high`` ends of that share's 95 % Wilson interval:
-    an estimate over all live features while nobody skips one."""
+    an estimate over all live features while nobody skips one; ``by_author``, the same counts per author of
+    those ``n`` features' current labels, most labels first."""
     require_ready(sae)
     return request.app.state.label_summaries.of(session, sae)
 

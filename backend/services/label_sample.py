@@ -63,7 +63,8 @@ def label_summary(session: Session, sae: Sae, ordered: np.ndarray | None = None)
     ``next`` (the first live feature there without a label, None when there is none) and ``shares``
     (per category of those ``n``: ``count``, ``share``, ``low`` and ``high`` of its 95 % interval).
     ``ordered``: :func:`live_in_sample_order`, when the caller keeps it."""
-    labels = dict(session.execute(select(Label.feature, Label.category).where(Label.sae_id == sae.id)).all())
+    rows = session.execute(select(Label.feature, Label.category, Label.author).where(Label.sae_id == sae.id)).all()
+    labels, authors = {r.feature: r.category for r in rows}, {r.feature: r.author for r in rows}
     if ordered is None:
         ordered = live_in_sample_order(session, sae)
     labelled = np.isin(ordered, np.fromiter(labels, dtype=np.int64, count=len(labels)))
@@ -73,7 +74,20 @@ def label_summary(session: Session, sae: Sae, ordered: np.ndarray | None = None)
               for c in CATEGORIES]
     every = Counter(labels.values())
     return {"labelled": len(labels), "categories": {c: every[c] for c in CATEGORIES},
-            "sample": {"alive": len(ordered), "n": n, "next": int(ordered[n]) if n < len(ordered) else None, "shares": shares}}
+            "sample": {"alive": len(ordered), "n": n, "next": int(ordered[n]) if n < len(ordered) else None, "shares": shares,
+                       "by_author": _by_author([(authors[int(f)], labels[int(f)]) for f in ordered[:n]])}}
+
+
+def _by_author(labelled: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per author of the sample's current labels (most labels first): ``n`` and, per category, ``count`` and
+    ``share`` of theirs. Labellers who call alike features differently show here, where the pooled
+    estimate hides them."""
+    per: dict[str, Counter] = {}
+    for author, category in labelled:
+        per.setdefault(author, Counter())[category] += 1
+    out = [{"author": a, "n": sum(c.values()), "categories": {k: {"count": c[k], "share": c[k] / sum(c.values())} for k in CATEGORIES}}
+           for a, c in per.items()]
+    return sorted(out, key=lambda r: (-r["n"], r["author"]))
 
 
 class LabelSummaries:

@@ -32,8 +32,8 @@ def _alive(client, key) -> list[int]:
     return [r["index"] for r in rows]
 
 
-def _label(client, key, idx, category):
-    assert client.post(f"/api/saes/{key}/features/{idx}/labels", json={"text": f"feature {idx}", "category": category, "author": "ann"}).status_code == 201
+def _label(client, key, idx, category, author="ann"):
+    assert client.post(f"/api/saes/{key}/features/{idx}/labels", json={"text": f"feature {idx}", "category": category, "author": author}).status_code == 201
 
 
 def test_the_list_sorts_by_the_sample_order(web):
@@ -95,3 +95,25 @@ def test_a_new_precompute_s_live_features_are_read_again(web):
         s.scalar(select(Feature).where(Feature.sae_id == row.id, Feature.is_dead.is_(False)).limit(1)).is_dead = True
         row.name = row.name + " (again)"
     assert client.get(f"/api/saes/{key}/labels/summary").json()["sample"]["alive"] == before - 1
+
+
+def test_the_sample_s_categories_per_labeller_show_once_there_are_two(web):
+    import re
+
+    client, key = web
+    alive = set(_alive(client, key))
+    order = [f for f in sample_order(key, 64).tolist() if f in alive]
+    _label(client, key, order[0], "semantic")
+    by = client.get(f"/api/saes/{key}/labels/summary").json()["sample"]["by_author"]
+    assert [(a["author"], a["n"]) for a in by] == [("ann", 1)] and "label-authors" not in client.get("/").text, "one labeller: no table"
+    for idx, category, author in zip(order[1:5], ("semantic", "noise", "noise", "visual"), ("bob", "bob", "bob", "ann")):
+        _label(client, key, idx, category, author)
+    _label(client, key, order[6], "semantic", "cy")  # beyond the sample's labelled start: not counted
+    by = client.get(f"/api/saes/{key}/labels/summary").json()["sample"]["by_author"]
+    assert [(a["author"], a["n"]) for a in by] == [("bob", 3), ("ann", 2)]
+    bob = by[0]["categories"]
+    assert (bob["semantic"]["count"], bob["noise"]["count"], bob["visual"]["count"]) == (1, 2, 0)
+    assert bob["noise"]["share"] == pytest.approx(2 / 3) and by[1]["categories"]["visual"]["share"] == 0.5
+    table = re.search(r'<table class="evals label-authors">.*?</table>', client.get("/").text, re.S).group(0)
+    cells = [re.findall(r"<td>([^<]*)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", table)]
+    assert cells == [["bob", "3", "33 %", "0 %", "67 %", "0 %"], ["ann", "2", "50 %", "50 %", "0 %", "0 %"]]
