@@ -121,7 +121,8 @@ def export_bundle(session: Session, layout: DataLayout, key: str, out: Path, cac
                 )
                 counts["feature_examples"] = _add_jsonl(tar, "rows/feature_examples.jsonl.gz", examples)
                 folder = layout.saes / key
-                tar.add(folder, f"files/saes/{key}", filter=lambda info: None if "/checkpoints" in info.name else info)
+                derived = ("/checkpoints", "/set-thresholds")  # training's state; the notebook's screen, made again on first use
+                tar.add(folder, f"files/saes/{key}", filter=lambda info: None if any(d in info.name for d in derived) else info)
                 for rel in sorted({r["thumbnail"] for r in images.values()}):
                     if (layout.root / rel).is_file():
                         tar.add(layout.root / rel, f"files/{rel}")

@@ -42,6 +42,7 @@ from clipscope.image_sets import rank_set
 from clipscope.inventory import SaeEntry, list_saes, sae_row
 from clipscope.sae.io import load_sae
 from clipscope.sae.model import TopKSAE
+from clipscope.set_screen import Thresholds, candidate_images, row_thresholds
 from clipscope.settings import Settings, get_settings
 from clipscope.storage import DataLayout
 from clipscope.token_maps import firing_entries
@@ -147,7 +148,10 @@ class OpenedSae:
     @torch.inference_mode()
     def set_activations(self, features: Sequence[int] | None = None, batch_size: int = 2048) -> SetActivations:
         """The features' activations on every image of the precompute set: dense ``[n_images, len(features)]``,
-        or for ``features=None`` every feature as a sparse COO tensor (at most k entries an image)."""
+        or for ``features=None`` every feature as a sparse COO tensor (at most k entries an image).
+
+        The first call encodes the whole set and keeps each row's top-k threshold (``clipscope.set_screen``);
+        later calls for a few features encode only the images where one of them may fire, with the same result."""
         cache = self.cache()
         acts = cache.activations()
         wanted = None if features is None else torch.as_tensor([int(f) for f in features], dtype=torch.long)
@@ -158,17 +162,30 @@ class OpenedSae:
         column = torch.full((self.sae.d_sae,), -1, dtype=torch.long)  # each distinct feature's column of ``dense``
         if wanted is not None:
             column[distinct] = torch.arange(len(distinct))
-        rows, cols, vals = [], [], []
-        for start in range(0, cache.n_images, batch_size):
-            x = torch.from_numpy(np.asarray(acts[start : start + batch_size], dtype=np.float32)).to(self.device)
-            img, feat, val, _ = firing_entries(self.sae, x, maps=False)
+        kept = Thresholds(self.layout.saes / self.key / "set-thresholds", str((self.row.precompute or {}).get("key")), acts.shape[0] * acts.shape[1])
+        screen = kept.load() if wanted is not None else None
+        if screen is not None:
+            candidates = candidate_images(self.sae, acts, distinct, screen, batch_size)
+            batches = [candidates[i : i + batch_size] for i in range(0, len(candidates), batch_size)]
+        else:
+            batches = [slice(start, start + batch_size) for start in range(0, cache.n_images, batch_size)]
+        rows, cols, vals, thresholds = [], [], [], []
+        for batch in batches:
+            x = torch.from_numpy(np.asarray(acts[batch], dtype=np.float32)).to(self.device)
+            code = self.sae.encode(x.reshape(-1, x.shape[-1]))
+            if screen is None:
+                thresholds.append(row_thresholds(code))
+            img, feat, val, _ = firing_entries(self.sae, x, maps=False, code=code)
+            img = img + batch.start if isinstance(batch, slice) else torch.from_numpy(batch)[img]
             if wanted is None:
-                rows.append(img + start)
+                rows.append(img)
                 cols.append(feat)
                 vals.append(val)
                 continue
             keep = column[feat] >= 0
-            dense[(img[keep] + start).numpy(), column[feat[keep]].numpy()] = val[keep].numpy()
+            dense[img[keep].numpy(), column[feat[keep]].numpy()] = val[keep].numpy()
+        if screen is None and thresholds:
+            kept.save(torch.cat(thresholds).numpy())
         if wanted is None:
             index = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else torch.zeros(2, 0, dtype=torch.long)
             values = torch.sparse_coo_tensor(index, torch.cat(vals) if vals else torch.zeros(0), (cache.n_images, self.sae.d_sae), check_invariants=False).coalesce()

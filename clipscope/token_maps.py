@@ -102,11 +102,12 @@ def per_image_entries(indices: torch.Tensor, values: torch.Tensor, rows: torch.T
     return uniq // d_sae, uniq % d_sae, best, TokenValues(inverse, token, val, len(uniq), t)
 
 
-def firing_entries(sae: "TopKSAE", x: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def firing_entries(sae: "TopKSAE", x: torch.Tensor, maps: bool, code=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``per_image_entries`` of ``[images, tokens, d]`` SAE inputs, on the CPU; with ``maps``, also
-    their token maps when the SAE reads several tokens (else None)."""
+    their token maps when the SAE reads several tokens (else None). ``code``: the inputs' code, when the
+    caller has encoded them (``sae.encode`` of the ``[images * tokens, d]`` rows)."""
     b, t, d = x.shape
-    code = sae.encode(x.reshape(b * t, d).float())
+    code = code if code is not None else sae.encode(x.reshape(b * t, d).float())
     rows = torch.arange(b, device=code.indices.device)
     want = maps and t > 1
     img, feat, val, *tokens = per_image_entries(code.indices, code.values, rows, t, sae.d_sae, maps=want)

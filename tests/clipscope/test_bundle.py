@@ -84,6 +84,9 @@ def test_an_sae_moved_to_a_fresh_installation_answers_as_it_did(source, tmp_path
     settings, (a, b) = source
     url = fresh_postgresql_database(request.getfixturevalue("postgres_server")) if engine == "postgresql" else None
     target = _fresh(settings, tmp_path, "target", url)
+    kept = DataLayout(settings.data_dir).saes / a / "set-thresholds"
+    kept.mkdir(exist_ok=True)
+    (kept / "v.npy").write_bytes(b"the notebook's screen")
     (key, added), bundle = _move(settings, target, a, tmp_path)
     assert key == a and added["label_revisions"] == 2 and added["features"] == 64 and added["images"] == 40
     mine, theirs = _answers(settings, a), _answers(target, a)
@@ -92,6 +95,7 @@ def test_an_sae_moved_to_a_fresh_installation_answers_as_it_did(source, tmp_path
     moved = DataLayout(target.data_dir).saes / a
     assert (moved / "sae" / "sae_weights.safetensors").read_bytes() == (DataLayout(settings.data_dir).saes / a / "sae" / "sae_weights.safetensors").read_bytes()
     assert not (moved / "checkpoints").exists() and not any(DataLayout(target.data_dir).activations.glob("*")), "no checkpoints, no caches unless asked"
+    assert not (moved / "set-thresholds").exists(), "nor what the notebook makes again on first use"
     with tarfile.open(bundle) as tar:
         assert json.loads(tar.extractfile(MANIFEST).read())["sae"]["key"] == a
 

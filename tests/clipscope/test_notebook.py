@@ -12,11 +12,15 @@ from clipscope.db.models import Feature, FeatureExample, Image, Sae
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.notebook import open_sae, saes
+from tests.conftest import copy_data_dir
 
 
 @pytest.fixture(params=["web_data", "patch_web_data"])
-def ready(request):
+def ready(request, tmp_path):
+    """A private copy of a ready SAE's data dir (``set_activations`` keeps its thresholds there), opened."""
     settings, key = request.getfixturevalue(request.param)
+    copy_data_dir(settings.data_dir, tmp_path / "data")
+    settings = settings.model_copy(update={"data_dir": tmp_path / "data"})
     return settings, open_sae(key, data_dir=settings.data_dir, device="cpu")
 
 
@@ -159,3 +163,28 @@ def test_shared_ranks_a_set_as_the_several_images_page_does(web_data, tmp_path):
     assert len(s.shared(pictures[:2])) <= 30 and s.shared(pictures[:2])[0]["contrast"] is None
     with pytest.raises(ClipScopeError, match="at least one image"):
         s.shared([])
+
+
+def test_after_the_first_pass_a_few_features_encode_only_the_images_they_may_fire_on(ready, monkeypatch):
+    _, s = ready
+    kept = s.layout.saes / s.key / "set-thresholds" / f"{s.row.precompute['key']}.npy"
+    assert not kept.exists()
+    every = s.set_activations(batch_size=16).values.to_dense().numpy()  # the full pass keeps each row's threshold
+    assert kept.is_file() and np.load(kept).shape == (40 * (49 if s.row.tokens == "patches" else 1),)
+    encoded = []
+    real = s.sae.encode
+    monkeypatch.setattr(s.sae, "encode", lambda x: encoded.append(len(x)) or real(x))
+    for f in range(s.sae.d_sae):
+        encoded.clear()
+        one = s.set_activations([f], batch_size=16).values[:, 0]
+        assert np.array_equal(one > 0, every[:, f] > 0), f"feature {f} fires on the same images"
+        assert np.allclose(one, every[:, f], rtol=1e-5, atol=0), "with the same values, to the products' rounding"
+        assert sum(encoded) < 40 * (49 if s.row.tokens == "patches" else 1) or (every[:, f] > 0).sum() > 20, "only the candidates encoded"
+    rare = int(np.argmin(np.where((every > 0).sum(0) > 0, (every > 0).sum(0), 99)))
+    encoded.clear()
+    s.set_activations([rare], batch_size=16)
+    assert 0 < sum(encoded) < 40 * (49 if s.row.tokens == "patches" else 1) / 2, "a rare feature: a few images encoded"
+    np.save(kept, np.zeros(3, dtype=np.float32))  # thresholds that do not fit the set: ignored, the full pass again
+    encoded.clear()
+    s.set_activations([rare], batch_size=16)
+    assert sum(encoded) == 40 * (49 if s.row.tokens == "patches" else 1) and np.load(kept).shape != (3,)

@@ -117,6 +117,7 @@ def test_the_notebook_encodes_a_precompute_set_on_the_gpu_as_on_the_cpu(tmp_path
     import types
 
     from clipscope.notebook import OpenedSae
+    from clipscope.storage import DataLayout
     from tests.conftest import array_cache
 
     cache = array_cache(tmp_path, np.random.default_rng(0).standard_normal((300, 1, D_IN)).astype(np.float16))
@@ -125,7 +126,10 @@ def test_the_notebook_encodes_a_precompute_set_on_the_gpu_as_on_the_cpu(tmp_path
     answers = []
     for device in ("cpu", "cuda"):
         s = object.__new__(OpenedSae)
-        s.sae, s.device, s.cache = sae.to(device).eval(), device, (lambda: cache)
-        s.row = types.SimpleNamespace(precompute={"classes": []}, key="x", status="ready")
-        answers.append(s.set_activations([3, 9, 3], batch_size=64).values)
+        s.sae, s.device, s.cache, s.layout = sae.to(device).eval(), device, (lambda: cache), DataLayout(tmp_path / device)
+        s.row = types.SimpleNamespace(precompute={"classes": [], "key": "v"}, key="x", status="ready")
+        first = s.set_activations([3, 9, 3], batch_size=64).values  # the whole set encoded, each row's threshold kept
+        again = s.set_activations([3, 9, 3], batch_size=64).values  # only the images the screen leaves
+        assert np.array_equal(first > 0, again > 0) and np.allclose(first, again, rtol=1e-5, atol=0)
+        answers.append(first)
     assert np.allclose(answers[0], answers[1], atol=1e-4)
