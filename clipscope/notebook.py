@@ -151,7 +151,8 @@ class OpenedSae:
         or for ``features=None`` every feature as a sparse COO tensor (at most k entries an image).
 
         The first call encodes the whole set and keeps each row's top-k threshold (``clipscope.set_screen``);
-        later calls for a few features encode only the images where one of them may fire, with the same result."""
+        later calls for a few features encode only the images where one of them may fire: the same images fire,
+        with the same values to the products' rounding."""
         cache = self.cache()
         acts = cache.activations()
         wanted = None if features is None else torch.as_tensor([int(f) for f in features], dtype=torch.long)
