@@ -5,8 +5,9 @@ pre-activation reaches the row's k-th largest value, its *threshold*. With every
 (one float a token row, written by the first full pass over the set), a few features' pre-activations
 over the whole set are one narrow product, ``[rows, d] x [d, features]``, and only the rows where one of
 them comes within a margin of the threshold can hold a firing entry. Those rows are then encoded in full,
-so the answer is the full pass's: the screen only decides which rows need no encoding. The margin covers
-the products' rounding (the narrow product sums in another order than the encoder's).
+so the answer is the full pass's (values to the products' rounding, as between any two batchings): the
+screen only decides which rows need no encoding. The margin covers that rounding (the narrow product sums
+in another order than the encoder's).
 """
 
 from __future__ import annotations
