@@ -25,6 +25,7 @@ from backend.services.prediction import (
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
 from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
+from backend.services.classes import class_coverage
 from backend.services.csv_export import csv_text
 from backend.services.dataset_images import NotInSet
 from backend.services.image_sets import features_of_set
@@ -261,6 +262,16 @@ def api_export_jsonl(sae: SaeDep, session: SessionDep):
 def api_export_csv(sae: SaeDep, session: SessionDep):
     body = label_service.to_csv(label_service.export_rows(session, sae))
     return download(CSVResponse, body, f"{sae.key}-labels.csv")
+
+
+@router.get("/saes/{sae}/classes", summary="Which classes of the precompute set the live features lead, and which none leads")
+def api_classes(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
+    """``classes``: each class leading a live feature (the class holding most of the images it fires on), most
+    features first, with how many it leads (``features``) and its purest one (``purest``, its leading-class share
+    ``best_share``); ``without``: the precompute set's classes that lead none; ``n_classes``; ``live`` features.
+    The features a class leads: ``/api/saes/{sae}/features?top_class="NAME"`` (quoted: exactly that name)."""
+    require_ready(sae)
+    return class_coverage(session, sae)
 
 
 @router.get("/saes/{sae}/labels/summary", summary="How many features are labelled, and what the random sample's labels estimate")

@@ -24,6 +24,7 @@ from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
 from backend.services.image_sets import features_of_set
+from backend.services.classes import class_coverage
 from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature, ranking_of
@@ -126,6 +127,13 @@ async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, qu
                       matchable=matchable(session, sae), csv_params=asked.model_dump(exclude_defaults=True, exclude={"page", "per_page"}))
 
     return await read_sae(request, sae, work, threaded=bool(query.concept))  # encoding the text is CLIP's work
+
+
+@router.get("/saes/{sae}/classes", response_class=HTMLResponse)
+def classes_page(request: Request, sae: SaeDep, session: SessionDep):
+    """Which classes of the precompute set the SAE's live features lead, and which none leads."""
+    require_ready(sae)
+    return render(request, "classes.html", sae=sae_summary(sae), coverage=class_coverage(session, sae))
 
 
 @router.get("/saes/{sae}/features/next-to-label")

@@ -76,6 +76,14 @@ def _like_escaped(text: str) -> str:
     return text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+def text_match(column, text: str):
+    """``column`` holds ``text``, case-insensitively; in double quotes (``"man"``), ``column`` is exactly it
+    (so a search for the class "man" leaves out "woman")."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return func.lower(column) == text[1:-1].lower()
+    return func.lower(column).like(f"%{_like_escaped(text)}%", escape="\\")
+
+
 def label_join():
     return and_(Label.sae_id == Feature.sae_id, Label.feature == Feature.idx)
 
@@ -92,15 +100,15 @@ def ordering(sae: Sae, query: FeatureQuery):
         if query.category:
             stmt = stmt.where(Label.category == query.category)
         if query.q:
-            stmt = stmt.where(func.lower(Label.text).like(f"%{_like_escaped(query.q)}%", escape="\\"))
+            stmt = stmt.where(text_match(Label.text, query.q))
     for flag, column in (("dead", Feature.is_dead), ("dense", Feature.is_dense)):
         choice = getattr(query, flag)
         if choice != "any":
             stmt = stmt.where(column.is_(choice == "only"))
     if query.top_class:
-        stmt = stmt.where(func.lower(Feature.top_class).like(f"%{_like_escaped(query.top_class)}%", escape="\\"))
+        stmt = stmt.where(text_match(Feature.top_class, query.top_class))
     if query.auto_name:
-        stmt = stmt.where(func.lower(Feature.auto_name).like(f"%{_like_escaped(query.auto_name)}%", escape="\\"))
+        stmt = stmt.where(text_match(Feature.auto_name, query.auto_name))
     if query.min_freq is not None:
         stmt = stmt.where(Feature.frequency >= query.min_freq)
     if query.max_freq is not None:

@@ -34,11 +34,12 @@ class FeatureFilter(BaseModel):
     dense: Literal["any", "only", "hide"] = Field("any", description="Very dense features: include, only, or hide.")
     min_freq: float | None = Field(None, ge=0, le=1, description="Lowest firing frequency.")
     max_freq: float | None = Field(None, ge=0, le=1, description="Highest firing frequency.")
-    q: str = Field("", max_length=200, description="Case-insensitive substring of the label text.")
+    q: str = Field("", max_length=200, description='Case-insensitive substring of the label text; in double quotes ("...") the whole text.')
     top_class: str = Field(
-        "", max_length=200, description="Case-insensitive substring of the feature's leading class (the class holding most of the images it fires on)."
+        "", max_length=200, description="Case-insensitive substring of the feature's leading class (the class holding most of the images it "
+        'fires on); in double quotes ("man") the whole name, so "man" leaves out woman.'
     )
-    auto_name: str = Field("", max_length=200, description="Case-insensitive substring of the feature's automatic name.")
+    auto_name: str = Field("", max_length=200, description='Case-insensitive substring of the feature\'s automatic name; in double quotes the whole name.')
     concept: str = Field(
         "", max_length=200,
         description="Rank by how well each feature's top images match this text through CLIP, best first (the score its automatic "
