@@ -267,8 +267,9 @@ def api_export_csv(sae: SaeDep, session: SessionDep):
 @router.get("/saes/{sae}/classes", summary="Which classes of the precompute set the live features lead, and which none leads")
 def api_classes(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     """``classes``: each class leading a live feature (the class holding most of the images it fires on), most
-    features first, with how many it leads (``features``) and its purest one (``purest``, its leading-class share
-    ``best_share``); ``without``: the precompute set's classes that lead none; ``n_classes``; ``live`` features.
+    features first, with how many it leads (``features``) and the one that alone picks it out best (``best``:
+    ``index``, ``share`` of its images in the class times ``of_class``, the share of the class's images it fires
+    on, largest); ``without``: the precompute set's classes that lead none; ``n_classes``; ``live`` features.
     The features a class leads: ``/api/saes/{sae}/features?top_class="NAME"`` (quoted: exactly that name)."""
     require_ready(sae)
     return class_coverage(session, sae)

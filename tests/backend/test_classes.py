@@ -13,7 +13,7 @@ from clipscope.db.session import session_scope
 def _live(client, key):
     with session_scope(client.app.state.database_url) as s:
         sae = s.scalar(select(Sae).where(Sae.key == key))
-        rows = s.execute(select(Feature.idx, Feature.top_class, Feature.top_class_share).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False))).all()
+        rows = s.execute(select(Feature.idx, Feature.top_class, Feature.classes).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False))).all()
         return rows, list(sae.precompute["classes"])
 
 
@@ -27,8 +27,11 @@ def test_each_class_leads_the_features_whose_leading_class_it_is(web):
     got = client.get(f"/api/saes/{key}/classes").json()
     assert got["n_classes"] == len(classes) and got["live"] == len(rows)
     for entry in got["classes"]:
-        mine = [(idx, share) for idx, name, share in rows if name == entry["name"]]
-        assert entry["features"] == len(mine) and (entry["best_share"], entry["purest"]) == max(((s, i) for i, s in mine), key=lambda p: (p[0], -p[1]))
+        mine = [(idx, classes[0]) for idx, name, classes in rows if name == entry["name"]]
+        assert all(lead["name"] == entry["name"] for _, lead in mine), "the leading class is the first of a feature's classes"
+        score, best = max(((lead["share"] * lead["of_class"], -idx) for idx, lead in mine))
+        assert entry["features"] == len(mine) and entry["best"]["index"] == -best
+        assert entry["best"]["share"] * entry["best"]["of_class"] == score
     assert [e["features"] for e in got["classes"]] == sorted((e["features"] for e in got["classes"]), reverse=True)
     assert sum(e["features"] for e in got["classes"]) == sum(1 for _, name, _ in rows if name is not None)
     assert got["without"] == [c for c in classes if c not in {name for _, name, _ in rows}]
@@ -52,3 +55,18 @@ def test_a_quoted_search_matches_the_whole_text_only(web):
     idx = rows[0][0]
     assert client.post(f"/api/saes/{key}/features/{idx}/labels", json={"text": "blue things", "category": "visual", "author": "ann"}).status_code == 201
     assert _total(client, key, q='"blue"') == 0 and _total(client, key, q='"Blue Things"') == 1 and _total(client, key, q="blue") == 1
+
+
+def test_the_best_feature_of_a_class_covers_it_not_a_pure_one_that_fires_once(web):
+    client, key = web
+    rows, _ = _live(client, key)
+    a, b = [idx for idx, name, _ in rows if name][:2]
+    with session_scope(client.app.state.database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        for idx, share, of_class in ((a, 1.0, 0.01), (b, 0.8, 0.5)):  # a: one image, all in the class; b: most of the class
+            f = s.scalar(select(Feature).where(Feature.sae_id == sae.id, Feature.idx == idx))
+            f.top_class, f.top_class_share = "zebra", share
+            f.classes = [{"label": 99, "name": "zebra", "count": 1, "share": share, "of_class": of_class, "mean": 1.0}]
+    (zebra,) = [e for e in client.get(f"/api/saes/{key}/classes").json()["classes"] if e["name"] == "zebra"]
+    assert zebra["features"] == 2 and zebra["best"] == {"index": b, "share": 0.8, "of_class": 0.5}
+    assert "80 % of its images in the class, on 50 % of the class" in client.get(f"/saes/{key}/classes").text
