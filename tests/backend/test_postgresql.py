@@ -59,10 +59,11 @@ def test_every_get_of_the_api_and_every_page_answers_the_same(engines):
     asked = {
         "/api/saes": [""], "/api/saes/{sae}": [""], "/api/saes/{sae}/features.csv": ["", "?sort=coherence&order=desc&dead=hide"],
         "/api/saes/{sae}/features": [f"?sort={s}&order={o}&per_page=20" for s in ("index", "frequency", "max", "label", "class_share", "coherence", "sample")
-                                     for o in ("asc", "desc")] + ["?q=a&labelled=no", "?top_class=red&min_freq=0.01&max_freq=0.9", "?auto_name=e&dense=hide"],
+                                     for o in ("asc", "desc")] + ["?q=a&labelled=no", "?top_class=red&min_freq=0.01&max_freq=0.9", "?auto_name=e&dense=hide",
+                                                                  '?top_class="red circle"&dead=hide', '?auto_name="a circle"'],
         "/api/saes/{sae}/features/{idx}": [""], "/api/saes/{sae}/features/{idx}/matches": [""], "/api/saes/{sae}/features/{idx}/cofiring": [""],
         "/api/saes/{sae}/images/{image_id}": [""], "/api/saes/{sae}/features/{idx}/labels": [""], "/api/saes/{sae}/labels.jsonl": [""],
-        "/api/saes/{sae}/labels.csv": [""], "/api/saes/{sae}/labels/summary": [""],
+        "/api/saes/{sae}/labels.csv": [""], "/api/saes/{sae}/labels/summary": [""], "/api/saes/{sae}/classes": [""],
     }
     gets = {path for path, ops in lite.app.openapi()["paths"].items() if "get" in ops}
     assert gets == set(asked), "every GET operation of the API is compared (add a new one here)"
@@ -74,7 +75,8 @@ def test_every_get_of_the_api_and_every_page_answers_the_same(engines):
             json = a.headers["content-type"].startswith("application/json")
             assert (a.json() if json else a.text) == (b.json() if json else b.text), url
     for url in ("/", f"/saes/{key}/features?sort=label&order=desc", f"/saes/{key}/features?sort=sample&dead=hide", f"/saes/{key}/features/5",
-                f"/saes/{key}/features/5/matches", f"/saes/{key}/features/5/cofiring", f"/saes/{key}/images/{top['image_id']}", f"/saes/{key}/analyze"):
+                f"/saes/{key}/features/5/matches", f"/saes/{key}/features/5/cofiring", f"/saes/{key}/images/{top['image_id']}", f"/saes/{key}/analyze",
+                f"/saes/{key}/analyze-set", f"/saes/{key}/classes"):
         a, b = _both(engines, "get", url)
         assert a.status_code == 200 and _TOKENS.sub(r"\1", a.text) == _TOKENS.sub(r"\1", b.text), url
 
