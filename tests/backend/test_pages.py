@@ -183,8 +183,13 @@ def test_feature_page_lists_the_classes_it_fires_on(web):
     assert 0 < len(classes) <= 5 and sum(c["count"] for c in classes) <= data["n_active"]
     assert [c["count"] for c in classes] == sorted((c["count"] for c in classes), reverse=True)
     page = client.get(f"/saes/{key}/features/{idx}").text
-    rows = re.findall(r"<tr><td>([^<]+)</td><td><span class=\"share\"[^>]*></span>([\d.]+) % \((\d+)\)</td>", page)
-    assert rows == [(c["name"], f"{100 * c['share']:.1f}", str(c["count"])) for c in classes]
+    rows = re.findall(r"<tr><td><a href=\"([^\"]+)\"[^>]*>([^<]+)</a></td><td><span class=\"share\"[^>]*></span>([\d.]+) % \((\d+)\)</td>", page)
+    assert [r[1:] for r in rows] == [(c["name"], f"{100 * c['share']:.1f}", str(c["count"])) for c in classes]
+    link = rows[0][0].replace("&amp;", "&")  # each class leads to the live features it leads
+    led = client.get(link).text
+    assert f'top_class=%22{classes[0]["name"].replace(" ", "%20")}%22' in link, "the class's exact name"
+    total = int(re.search(r"<h1>Features <span class=\"muted small\">(\d+) of", led).group(1))
+    assert total == next(e["features"] for e in client.get(f"/api/saes/{key}/classes").json()["classes"] if e["name"] == classes[0]["name"])
 
 
 def test_the_list_filters_by_automatic_name_and_sorts_by_coherence(web):
