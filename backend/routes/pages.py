@@ -105,6 +105,18 @@ def overview(request: Request, session: SessionDep):
     return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes), frontier=frontier(saes))
 
 
+@router.get("/favicon.ico")
+def favicon(request: Request):
+    """The icon the pages link to, also where a browser asks for it unasked (a JSON response viewed in a tab)."""
+    return RedirectResponse(request.app.state.templates.env.globals["static"]("favicon.svg"), status_code=301)
+
+
+@router.get("/saes/{sae}")
+def sae_page(sae: SaeDep):
+    """An SAE's own address: its card on the overview (recipe, metrics, curves, labels), ready or not."""
+    return RedirectResponse(f"/#sae-{sae.key}", status_code=303)
+
+
 @router.get("/saes/{sae}/features", response_class=HTMLResponse)
 async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, query: Annotated[FeatureQuery, Query()]):
     def work(session, sae):

@@ -158,6 +158,25 @@ def test_the_header_box_goes_to_a_feature_by_its_number(web):
         assert r.status_code in (404, 422) and says in r.text and "<html" in r.text, bad
 
 
+def test_an_saes_own_address_leads_to_its_card_on_the_overview(web):
+    client, key = web
+    r = client.get(f"/saes/{key}", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/#sae-{key}"
+    assert f'id="sae-{key}"' in client.get("/").text
+    assert client.get("/saes/nope", headers={"Accept": "text/html"}).status_code == 404
+
+
+def test_every_page_links_the_icon_and_favicon_ico_leads_to_it(web):
+    client, key = web
+    for url in ("/", f"/saes/{key}/features", f"/saes/{key}/features/3"):
+        icon = re.search(r'<link rel="icon" href="([^"]+)" type="image/svg\+xml">', client.get(url).text)
+        assert icon, url
+    served = client.get(icon.group(1))
+    assert served.status_code == 200 and served.headers["content-type"].startswith("image/svg+xml") and b"<svg" in served.content
+    r = client.get("/favicon.ico", follow_redirects=False)
+    assert r.status_code == 301 and r.headers["location"] == icon.group(1)
+
+
 def test_the_list_filters_by_leading_class_and_sorts_by_its_share(web):
     client, key = web
     everything = client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]

@@ -272,3 +272,18 @@ def test_several_images_show_the_features_they_share(browser, server, shot, tmp_
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
     shot(page, "9-image-set")
     page.close()
+
+
+def test_the_pages_load_without_a_console_error(browser, server):
+    """Every page's scripts, styles and icon load: a missing file or a script error shows in the console."""
+    base, key = server
+    context = browser.new_context()  # a fresh one: the browser asks for the icon once per context
+    page = context.new_page()
+    problems = []
+    page.on("console", lambda m: problems.append(f"{page.url}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"{page.url}: {e}"))
+    for path in ("/", f"/saes/{key}/features", f"/saes/{key}/features/3", f"/saes/{key}/classes", f"/saes/{key}/analyze",
+                 f"/saes/{key}/analyze-set"):
+        page.goto(base + path, wait_until="networkidle")
+    context.close()
+    assert problems == []
