@@ -157,9 +157,9 @@ def format_table(results: list[EvalResult], hurt_most: int = 3) -> str:
     for r in results:
         clean, spliced = r.accuracy["clean"][0], r.accuracy["spliced"][0]
         drop = 100 * (clean - spliced)
-        rel = 100 * (clean - spliced) / clean if clean else float("nan")
+        rel = f"{100 * (clean - spliced) / clean:>6.1f}%" if clean else f"{'–':>7}"  # undefined without a clean hit, as on the overview
         lines.append(
-            f"{r.dataset + '/' + r.split:<18} {r.n:>6} {100 * clean:>6.2f}% {100 * spliced:>7.2f}% {drop:>8.2f} {rel:>6.1f}% "
+            f"{r.dataset + '/' + r.split:<18} {r.n:>6} {100 * clean:>6.2f}% {100 * spliced:>7.2f}% {drop:>8.2f} {rel} "
             f"{100 * r.accuracy['spliced_error'][0]:>6.2f}% {100 * r.accuracy['mean_ablation'][0]:>7.2f}% "
             f"{100 * r.accuracy['clean'][1]:>9.2f}% / {100 * r.accuracy['spliced'][1]:.2f}%"
         )

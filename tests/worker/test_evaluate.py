@@ -140,3 +140,14 @@ def test_per_class_tallies_match_clip_s_own_predictions(ctx, random_clip):
     assert by["spliced"]["hits"] != by["clean"]["hits"], "a lossy SAE changes some class's hits"
     hurt = max(range(10), key=lambda c: (by["clean"]["hits"][c] - by["spliced"]["hits"][c]) / max(by["clean"]["n"][c], 1))
     assert f"classes the splice hurts most: {names[hurt]} " in format_table([result])
+
+
+def test_the_table_gives_the_relative_drop_and_no_number_where_clean_accuracy_is_zero():
+    from worker.evaluate import EvalResult
+
+    def row(clean: float, spliced: float) -> str:
+        acc = {"clean": (clean, 1.0), "spliced": (spliced, 1.0), "spliced_error": (clean, 1.0), "mean_ablation": (0.0, 0.5)}
+        return format_table([EvalResult("cifar10", "test", 100, "t", acc, 0.0)]).splitlines()[2].split()
+
+    assert row(0.9366, 0.9213)[3:6] == ["92.13%", "1.53", "1.6%"]  # the study's CIFAR-10 drop: 1.53 pp, 1.6 % of 93.66 %
+    assert row(0.0, 0.1)[3:6] == ["10.00%", "-10.00", "–"]
