@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from clipscope.sae import gemm
+from clipscope.sae.sparse_ops import topk_unsorted
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 2048) -> tuple[
         sims = gemm.linear(w[start:end], w[start:], None)  # [block, d_sae - start]: columns from `start` on
         own = torch.arange(end - start, device=w.device)
         sims[own, own] = float("-inf")  # a feature is not its own neighbour
-        cos, idx = sims.topk(min(n, sims.shape[1]), dim=1)
+        cos, idx = topk_unsorted(sims, min(n, sims.shape[1]))  # unsorted: keep() sorts what it merges
         keep(slice(start, end), cos, idx + start)
         if end < d_sae:
             cos, idx = _topk_down_columns(sims[:, end - start :], min(n, end - start))
