@@ -15,7 +15,7 @@ from clipscope.activation_cache import ActivationCache
 from clipscope.attribution import ClassSupport
 from clipscope.clip.hooks import residual_at
 from clipscope.clip.loading import LoadedClip
-from clipscope.clip.zeroshot import class_drops, correct_at_k, template_set, zero_shot_logits
+from clipscope.clip.zeroshot import class_drops, correct_at_k, loss_recovered, loss_sums, template_set, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
 from clipscope.db.models import Evaluation, Sae, utcnow
 from clipscope.db.session import session_scope
@@ -43,6 +43,9 @@ class EvalResult:
     (the wrong class predicted most often and how often; [-1, 0] with no mistake); the clean condition's
     also ``features``: per class the 10 features of most first-order support for its centred logit on its
     images, ``[feature, mean support]`` (``clipscope.attribution.ClassSupport``)."""
+    loss: dict[str, tuple[float, float]] | None = None
+    """Per condition, the mean zero-shot cross-entropy and the mean KL divergence from clean's class
+    distribution, in nats (``clipscope.clip.zeroshot.loss_sums``)."""
 
 
 def training_mean(cache: ActivationCache, chunk: int = 4096) -> torch.Tensor:
@@ -65,6 +68,7 @@ def evaluate_dataset(
     n_classes = len(labelled.classes)
     confusion = {c: torch.zeros(n_classes * n_classes, dtype=torch.long, device=ctx.device) for c in CONDITIONS}  # [true, predicted]
     support = ClassSupport.for_classes(n_classes, sae.d_sae, ctx.device) if class_support else None
+    losses = {c: torch.zeros(2, dtype=torch.float64, device=ctx.device) for c in CONDITIONS}  # summed cross-entropy, KL
     n, worst = 0, 0.0
     with torch.inference_mode():
         for images, labels in labelled.batches():
@@ -80,11 +84,13 @@ def evaluate_dataset(
                 for k, hits in correct_at_k(lg, labels).items():
                     correct[c][k] += hits
                 confusion[c] += torch.bincount(labels * n_classes + lg.argmax(dim=1), minlength=n_classes * n_classes)
+                losses[c] += torch.stack(loss_sums(lg, logits["clean"], labels))
             n += len(labels)
     accuracy = {c: (correct[c][1] / n, correct[c][5] / n) for c in CONDITIONS}
     by_class = per_class(labelled.classes, confusion)
     by_class["clean"]["features"] = support.top(10) if support is not None else None  # None: too many classes x features to tally
-    return EvalResult(spec.name, spec.split, n, labelled.templates, accuracy, worst, by_class=by_class)
+    loss = {c: (float(v[0]) / n, float(v[1]) / n) for c, v in losses.items()}
+    return EvalResult(spec.name, spec.split, n, labelled.templates, accuracy, worst, by_class=by_class, loss=loss)
 
 
 def per_class(classes: list[str], confusion: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -117,12 +123,13 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
                     Evaluation.sae_id == sae_id, Evaluation.dataset_key == dataset_key, Evaluation.templates == template_name
                 )
             ).all()
-            # complete: every condition, each with its per-class tallies, the clean one with its features (older rows are redone)
+            # complete: every condition, each with its per-class tallies and losses, the clean one with its features (older rows are redone)
             complete = {r.condition: (r.details or {}).get("by_class") for r in rows}
-            if set(complete) == set(CONDITIONS) and all(complete.values()) and "features" in complete["clean"]:
+            loss = {r.condition: (r.details["ce"], r.details["kl"]) for r in rows if "ce" in (r.details or {})}
+            if set(complete) == set(CONDITIONS) == set(loss) and all(complete.values()) and "features" in complete["clean"]:
                 acc = {r.condition: (r.top1, r.top5) for r in rows}
                 results.append(EvalResult(spec.name, spec.split, rows[0].n, template_name, acc, rows[0].details["splice_check"], reused=True,
-                                          by_class=complete))
+                                          by_class=complete, loss=loss))
                 continue
         if mean is None:
             mean = training_mean(train_cache).to(ctx.device)
@@ -142,6 +149,7 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
                         sae_id=sae_id, dataset=spec.name, split=spec.split, dataset_key=dataset_key, n=result.n,
                         templates=template_name, n_templates=len(templates), condition=condition, top1=top1, top5=top5,
                         details={"splice_check": result.max_error_splice_diff, "precision": cfg.evaluate.precision, "seconds": seconds,
+                                 "ce": result.loss[condition][0], "kl": result.loss[condition][1],
                                  **({"by_class": result.by_class[condition]} if result.by_class else {})},
                     )
                 )
@@ -149,10 +157,20 @@ def evaluate(ctx: Context, cfg: RunConfig, sae_key: str, sae: TopKSAE, train_cac
     return results
 
 
+def _loss_columns(r: EvalResult) -> str:
+    """The table's loss recovered and spliced KL, or dashes for an evaluation without losses."""
+    if r.loss is None:
+        return f"{'–':>9} {'–':>7}"
+    recovered = loss_recovered(*(r.loss[c][0] for c in ("clean", "spliced", "mean_ablation")))
+    return f"{f'{100 * recovered:.1f}%' if recovered is not None else '–':>9} {r.loss['spliced'][1]:>7.4f}"
+
+
 def format_table(results: list[EvalResult], hurt_most: int = 3) -> str:
-    """The study's table: clean vs spliced top-1, the drop in pp and relative %, plus the other conditions;
-    then, per set, the ``hurt_most`` classes whose accuracy the splice lowers most."""
-    head = f"{'dataset':<18} {'n':>6} {'clean':>7} {'spliced':>8} {'drop pp':>8} {'drop %':>7} {'+error':>7} {'mean-abl':>8} {'top-5 clean/spliced':>20}"
+    """The study's table: clean vs spliced top-1, the drop in pp and relative %, plus the other conditions,
+    the share of the cross-entropy that mean-ablation adds which the splice recovers, and the spliced KL from
+    clean; then, per set, the ``hurt_most`` classes whose accuracy the splice lowers most."""
+    head = (f"{'dataset':<18} {'n':>6} {'clean':>7} {'spliced':>8} {'drop pp':>8} {'drop %':>7} {'+error':>7} {'mean-abl':>8} "
+            f"{'top-5 clean/spliced':>20} {'loss rec.':>9} {'KL':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         clean, spliced = r.accuracy["clean"][0], r.accuracy["spliced"][0]
@@ -161,7 +179,7 @@ def format_table(results: list[EvalResult], hurt_most: int = 3) -> str:
         lines.append(
             f"{r.dataset + '/' + r.split:<18} {r.n:>6} {100 * clean:>6.2f}% {100 * spliced:>7.2f}% {drop:>8.2f} {rel} "
             f"{100 * r.accuracy['spliced_error'][0]:>6.2f}% {100 * r.accuracy['mean_ablation'][0]:>7.2f}% "
-            f"{100 * r.accuracy['clean'][1]:>9.2f}% / {100 * r.accuracy['spliced'][1]:.2f}%"
+            f"{100 * r.accuracy['clean'][1]:>9.2f}% / {100 * r.accuracy['spliced'][1]:.2f}% {_loss_columns(r)}"
         )
     for r in results:
         hurt = [d for d in (class_drops(r.by_class or {}) or [])[:hurt_most] if d["drop_pp"] > 0]

@@ -29,7 +29,7 @@ from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature, ranking_of
 from backend.services.saes import (
-    NotShared, comparison_columns, drops_by_set, evaluation_table, frontier, list_saes, matchable, sae_summary,
+    NotShared, by_set, comparison_columns, evaluation_table, frontier, list_saes, matchable, sae_summary,
     shared_features, training_curve,
 )
 from clipscope.accounts import authenticate
@@ -99,7 +99,8 @@ def overview(request: Request, session: SessionDep):
     saes = []
     for s in list_saes(session):
         evaluations = evaluation_table(session, s.id)
-        saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": drops_by_set(evaluations),
+        saes.append({**sae_summary(s), "curve": training_curve(session, s.id), "evaluations": evaluations, "drops": by_set(evaluations, "drop_pp"),
+                     "recovered": by_set(evaluations, "loss_recovered"),
                      "density": density_of(request, session, s), "redundancy": redundancy_of(request, session, s),
                      "shared": shared_features(session, s), "labels": request.app.state.label_summaries.of(session, s) if s.status == SaeStatus.READY else None})
     return render(request, "overview.html", saes=saes, compare_sets=comparison_columns(saes), frontier=frontier(saes))

@@ -81,13 +81,14 @@ def _summary(session: Session, sae: Sae) -> list[str]:
     ]
     evaluations = evaluation_table(session, sae.id)
     if evaluations:
-        lines += ["## Zero-shot accuracy (top-1)", "", "| set | images | clean | spliced | drop |", "| --- | --- | --- | --- | --- |"]
+        lines += ["## Zero-shot accuracy (top-1)", "", "| set | images | clean | spliced | drop | loss recovered |", "| --- | --- | --- | --- | --- | --- |"]
         for e in evaluations:
             c = e["conditions"]
             drop = f"{e['drop_pp']:.2f} pp" if e.get("drop_pp") is not None else "–"
             lines.append(f"| {md(e['dataset'])}/{md(e['split'])} | {e['n']:,} | {pct(c.get('clean', {}).get('top1'), 2)} | "
-                         f"{pct(c.get('spliced', {}).get('top1'), 2)} | {drop} |")
-        lines += ["", "Spliced: the SAE's reconstruction replaces the residual stream at the hook site.", ""]
+                         f"{pct(c.get('spliced', {}).get('top1'), 2)} | {drop} | {pct(e.get('loss_recovered'), 1)} |")
+        lines += ["", "Spliced: the SAE's reconstruction replaces the residual stream at the hook site. Loss recovered: the share of the "
+                  "zero-shot cross-entropy that mean-ablating the site adds which the reconstruction takes back.", ""]
         for e in evaluations:
             if e["by_class"]:
                 lines += _hurt_classes(e)

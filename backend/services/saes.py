@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from backend.services.feature_order import Ranking
-from clipscope.clip.zeroshot import class_drops
+from clipscope.clip.zeroshot import class_drops, loss_recovered
 from clipscope.db.models import Evaluation, Feature, Sae, SaeOverlap, SaeStatus, TrainingPoint
 from clipscope.matching import best_of, chance_level, pair_versions
 
@@ -129,7 +129,8 @@ def training_curve(session: Session, sae_id: int) -> list[dict[str, Any]]:
 
 
 def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
-    """One row per (dataset, templates): every condition's accuracy and the spliced drop."""
+    """One row per (dataset, templates): every condition's accuracy and losses (cross-entropy and KL from
+    clean, in nats; None in an evaluation stored before they were kept), the spliced drop and the loss recovered."""
     rows = session.scalars(select(Evaluation).where(Evaluation.sae_id == sae_id).order_by(Evaluation.dataset, Evaluation.split))
     table: dict[tuple, dict[str, Any]] = {}
     for r in rows:
@@ -137,7 +138,8 @@ def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
             (r.dataset, r.split, r.dataset_key, r.templates),
             {"dataset": r.dataset, "split": r.split, "n": r.n, "templates": r.templates, "conditions": {}},
         )
-        entry["conditions"][r.condition] = {"top1": r.top1, "top5": r.top5}
+        details = r.details or {}
+        entry["conditions"][r.condition] = {"top1": r.top1, "top5": r.top5, "ce": details.get("ce"), "kl": details.get("kl")}
         if (r.details or {}).get("by_class"):
             entry.setdefault("_by_class", {})[r.condition] = r.details["by_class"]
     out = []
@@ -147,6 +149,7 @@ def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
             clean, spliced = c["clean"]["top1"], c["spliced"]["top1"]
             entry["drop_pp"] = 100 * (clean - spliced)
             entry["drop_relative"] = (clean - spliced) / clean if clean else None
+        entry["loss_recovered"] = loss_recovered(*((c.get(k) or {}).get("ce") for k in ("clean", "spliced", "mean_ablation")))
         entry["by_class"] = class_drops(entry.pop("_by_class", {}))
         out.append(entry)
     return out
@@ -183,6 +186,7 @@ def frontier(saes: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
     return {"evr": {"held-out EVR": evr}, "drops": drops, "semantic": {"semantic share": semantic}}
 
 
-def drops_by_set(evaluations: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Each evaluated image set's top-1 drop with the SAE spliced in, in percentage points."""
-    return {f"{e['dataset']}/{e['split']}": e.get("drop_pp") for e in evaluations}
+def by_set(evaluations: list[dict[str, Any]], field: str) -> dict[str, float | None]:
+    """Each evaluated image set's ``field`` of :func:`evaluation_table` (``drop_pp``: its top-1 drop with the
+    SAE spliced in, in percentage points; ``loss_recovered``), None where it has none."""
+    return {f"{e['dataset']}/{e['split']}": e.get(field) for e in evaluations}

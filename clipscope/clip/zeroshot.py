@@ -1,4 +1,4 @@
-"""Zero-shot classifiers from class names and prompt templates, and top-k accuracy."""
+"""Zero-shot classifiers from class names and prompt templates, top-k accuracy, and the loss measures of a splice."""
 
 from __future__ import annotations
 
@@ -98,6 +98,27 @@ def correct_at_k(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] =
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
     return {k: int(hits[:, : min(k, logits.shape[1])].any(dim=1).sum()) for k in ks}
+
+
+def loss_sums(logits: torch.Tensor, clean_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over a batch, the summed zero-shot cross-entropy of ``logits`` against ``labels`` and the summed
+    KL divergence KL(clean || these) of the class distributions, in nats, as float64 tensors on the
+    logits' device (no wait for it). The logits carry CLIP's learned scale (:func:`zero_shot_logits`):
+    without it the softmax, and so both losses, would mean nothing."""
+    logp, clean_logp = logits.double().log_softmax(dim=1), clean_logits.double().log_softmax(dim=1)
+    cross_entropy = -logp.gather(1, labels[:, None]).sum()
+    kl = (clean_logp.exp() * (clean_logp - logp)).sum()
+    return cross_entropy, kl
+
+
+def loss_recovered(clean: float | None, spliced: float | None, ablated: float | None) -> float | None:
+    """The share of the loss that mean-ablating the site adds which the SAE's reconstruction takes back,
+    ``(ablated - spliced) / (ablated - clean)``: 1 when splicing costs nothing, 0 when it is as bad as
+    knowing only the mean (below 0 worse still). None without the three losses, or where ablating the
+    site costs nothing (nothing to recover)."""
+    if clean is None or spliced is None or ablated is None or ablated <= clean:
+        return None
+    return (ablated - spliced) / (ablated - clean)
 
 
 def class_drops(by_condition: dict[str, dict[str, Any]]) -> list[dict[str, Any]] | None:

@@ -9,6 +9,7 @@ from PIL import Image
 
 from sqlalchemy import select
 
+from clipscope.clip.zeroshot import loss_recovered
 from clipscope.db.models import Evaluation, Sae, SaeStatus, utcnow
 from clipscope.db.session import session_scope
 from tests.backend.conftest import with_token
@@ -22,6 +23,31 @@ def test_overview_shows_each_sae_with_metrics_curve_and_evaluations(web):
         assert fact in page
     assert page.count("<svg") >= 2 and "held-out EVR" in page
     assert "synthetic/test" in page and "mean-ablation" in page
+
+
+def test_the_card_gives_each_evaluation_s_loss_recovered_and_kl_and_none_for_an_older_one(web):
+    client, key = web
+    (ev,) = client.get(f"/api/saes/{key}").json()["evaluations"]
+    c = ev["conditions"]
+    assert c["clean"]["kl"] == 0 and all(c[k]["ce"] > 0 for k in c) and c["spliced"]["kl"] >= 0
+    expected = loss_recovered(c["clean"]["ce"], c["spliced"]["ce"], c["mean_ablation"]["ce"])
+    assert ev["loss_recovered"] == expected
+    row = client.get("/").text.split("Zero-shot accuracy (top-1)", 1)[1].split("</tr>", 2)[1]
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert cells[-2:] == [f"{100 * expected:.1f} %" if expected is not None else "–", f"{c['spliced']['kl']:.4f}"]
+    with session_scope(client.app.state.database_url) as s:  # a site whose mean-ablation costs what CLIP's would
+        for r in s.scalars(select(Evaluation)):
+            r.details = {**r.details, "ce": {"clean": 0.25, "spliced": 0.45, "spliced_error": 0.25, "mean_ablation": 2.25}[r.condition]}
+    (ev,) = client.get(f"/api/saes/{key}").json()["evaluations"]
+    row = client.get("/").text.split("Zero-shot accuracy (top-1)", 1)[1].split("</tr>", 2)[1]
+    assert ev["loss_recovered"] == pytest.approx(0.9) and re.findall(r"<td>(.*?)</td>", row)[-2] == "90.0 %"
+    with session_scope(client.app.state.database_url) as s:  # evaluated before the losses were kept
+        for r in s.scalars(select(Evaluation)):
+            r.details = {k: v for k, v in r.details.items() if k not in ("ce", "kl")}
+    (ev,) = client.get(f"/api/saes/{key}").json()["evaluations"]
+    assert ev["loss_recovered"] is None and ev["conditions"]["spliced"]["kl"] is None
+    row = client.get("/").text.split("Zero-shot accuracy (top-1)", 1)[1].split("</tr>", 2)[1]
+    assert re.findall(r"<td>(.*?)</td>", row)[-2:] == ["–", "–"]
 
 
 def test_the_classes_the_splice_hurts_most_are_ranked_from_the_evaluation_s_tallies(web):
@@ -62,19 +88,22 @@ def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_
                      metrics={"evr": 0.8057, "l0": 500.0, "dead_fraction": 0.0125})
         s.add(second)
         s.flush()
-        for condition, top1 in (("clean", 0.9366), ("spliced", 0.9213)):
+        for condition, top1, ce in (("clean", 0.9366, 0.25), ("spliced", 0.9213, 0.45), ("mean_ablation", 0.1, 2.25)):
             s.add(Evaluation(sae_id=second.id, dataset="cifar10", split="test", dataset_key="k", n=10000, templates="clip_cifar",
-                             n_templates=18, condition=condition, top1=top1, top5=0.99))
+                             n_templates=18, condition=condition, top1=top1, top5=0.99, details={"ce": ce, "kl": ce / 10}))
         first_evr = first.metrics["evr"]
     page = client.get("/").text
     table = page.split("Side by side", 1)[1].split("</table>", 1)[0]
     header = re.findall(r"<th[^>]*>([^<]*)</th>", table)
-    assert sorted(header[-2:]) == ["cifar10/test drop", "synthetic/test drop"], "one column per set either SAE was evaluated on"
+    assert sorted(header[-4:-2]) == ["cifar10/test drop", "synthetic/test drop"], "one column per set either SAE was evaluated on"
+    assert sorted(header[-2:]) == ["cifar10/test loss recovered", "synthetic/test loss recovered"]
     rows = {re.search(r'href="#sae-([^"]+)"', r).group(1): dict(zip(header, re.findall(r"<td[^>]*>(.*?)</td>", r, flags=re.S))) for r in table.split("<tr>")[2:]}
     assert list(rows) == ["seed-b", key], "newest first, as the cards"
     assert [rows["seed-b"][h] for h in ("recipe", "block · tokens", "latents · k", "EVR", "L0", "dead", "coherence")] == [
         "seed", "10 · cls", "49152 · 500", "80.57 %", "500.0", "1.25 %", "–"]
     assert rows["seed-b"]["cifar10/test drop"] == "1.53 pp" and rows["seed-b"]["synthetic/test drop"] == "–", "CIFAR-10 93.66 -> 92.13 %"
+    assert rows["seed-b"]["cifar10/test loss recovered"] == "90.0 %", "(2.25 - 0.45) / (2.25 - 0.25)"
+    assert rows["seed-b"]["synthetic/test loss recovered"] == "–" and rows[key]["cifar10/test loss recovered"] == "–"
     assert rows[key]["EVR"] == f"{100 * first_evr:.2f} %" and rows[key]["cifar10/test drop"] == "–"
     assert rows[key]["synthetic/test drop"].endswith(" pp") and rows[key]["coherence"] != "–"
     assert "trained" in table and "random CLIP" in table
@@ -717,7 +746,7 @@ def test_thumbnails_and_static_files_are_named_by_content_and_cached_for_good(we
     page = client.get(f"/saes/{key}/features").text
     thumb = re.search(r'<img src="(/thumbnails/[^"]+)"', page).group(1)
     links = re.findall(r'(?:href|src)="(/static/[^"?]+\?v=[0-9a-f]{12})"', page)
-    assert len(links) == 4  # the stylesheet, htmx, the keyboard navigation and the label editor's "use <automatic name>"
+    assert len(links) == 5  # the icon, the stylesheet, htmx, the keyboard navigation and the label editor's "use <automatic name>"
     for url in (thumb, *links):
         first = client.get(url)
         assert first.status_code == 200 and first.headers["cache-control"] == IMMUTABLE, url

@@ -29,7 +29,9 @@ def test_the_report_holds_the_sae_s_numbers_and_each_chosen_feature_s_collage(we
     sae = client.get(f"/api/saes/{key}").json()
     assert f"| {100 * sae['metrics']['evr']:.2f} % |" in text and "random-initialised CLIP weights" in text
     ev = sae["evaluations"][0]
-    assert f"| {ev['dataset']}/{ev['split']} | {ev['n']:,} | {100 * ev['conditions']['clean']['top1']:.2f} % | {100 * ev['conditions']['spliced']['top1']:.2f} % |" in text
+    recovered = f"{100 * ev['loss_recovered']:.1f} %" if ev["loss_recovered"] is not None else "–"
+    assert (f"| {ev['dataset']}/{ev['split']} | {ev['n']:,} | {100 * ev['conditions']['clean']['top1']:.2f} % | "
+            f"{100 * ev['conditions']['spliced']['top1']:.2f} % | {ev['drop_pp']:.2f} pp | {recovered} |") in text
     assert f"{sae['density']['dead']:,} of 64 features never fire" in text
     hurt = text[text.index("the splice hurts most"):]
     for r in ev["by_class"][:8]:  # the eight most hurt classes, in order

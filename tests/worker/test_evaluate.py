@@ -59,6 +59,9 @@ def test_a_perfect_sae_scores_the_clean_accuracy_on_every_set(ctx, random_clip, 
         result = evaluate_dataset(ctx, cfg, random_clip, perfect_sae(768), mean, spec)
         assert result.accuracy["spliced"] == result.accuracy["clean"] == result.accuracy["spliced_error"]
         assert result.max_error_splice_diff <= 1e-4 and result.n == (6 if spec.name == "cifar10" else 8)
+        (ce, kl), (spliced_ce, spliced_kl) = result.loss["clean"], result.loss["spliced"]
+        assert kl == 0 and abs(spliced_ce - ce) < 1e-4 and 0 <= spliced_kl < 1e-6, "a perfect reconstruction changes no prediction"
+        assert result.loss["mean_ablation"][1] > 0 and ce > 0
 
 
 def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, random_clip):
@@ -76,7 +79,8 @@ def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, rand
         assert sorted(r.condition for r in rows) == ["clean", "mean_ablation", "spliced", "spliced_error"]
         assert all(r.n == 8 and r.dataset == "synthetic" and r.n_templates == 1 for r in rows)
     again = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
-    assert again[0].reused and calls == [1] and again[0].accuracy == first[0].accuracy
+    assert again[0].reused and calls == [1] and again[0].accuracy == first[0].accuracy and again[0].loss == first[0].loss
+    assert first[0].loss["clean"][1] == 0 and abs(first[0].loss["spliced_error"][0] - first[0].loss["clean"][0]) < 1e-3
     assert again[0].by_class == first[0].by_class and set(first[0].by_class) == set(first[0].accuracy)
     with session_scope(ctx.database_url) as s:  # rows from before the per-class tallies were kept
         for r in s.scalars(select(Evaluation)):
@@ -89,6 +93,11 @@ def test_results_go_to_the_database_once_and_print_as_the_studys_table(ctx, rand
         clean = s.scalar(select(Evaluation).where(Evaluation.condition == "clean"))  # tallied before the feature supports were
         clean.details = {**clean.details, "by_class": {k: v for k, v in clean.details["by_class"].items() if k != "features"}}
     assert not evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)[0].reused and calls == [1, 1, 1]
+    with session_scope(ctx.database_url) as s:  # rows from before the losses were kept are evaluated again
+        for r in s.scalars(select(Evaluation)):
+            r.details = {k: v for k, v in r.details.items() if k not in ("ce", "kl")}
+    redone = evaluate(ctx, small, trained.sae_key, sae, cache, lambda: calls.append(1) or random_clip)
+    assert not redone[0].reused and calls == [1, 1, 1, 1] and redone[0].loss == first[0].loss
     table = format_table(first)
     assert "clean" in table and "drop pp" in table and "synthetic/test" in table
     mean = training_mean(cache)
@@ -142,12 +151,36 @@ def test_per_class_tallies_match_clip_s_own_predictions(ctx, random_clip):
     assert f"classes the splice hurts most: {names[hurt]} " in format_table([result])
 
 
+def test_the_losses_are_the_cross_entropy_and_the_kl_from_clean_in_nats():
+    from clipscope.clip.zeroshot import loss_sums
+
+    g = torch.Generator().manual_seed(0)
+    clean, other, labels = 30 * torch.randn(6, 5, generator=g), 30 * torch.randn(6, 5, generator=g), torch.tensor([0, 1, 2, 3, 4, 0])
+    ce, kl = loss_sums(other, clean, labels)
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(other.double(), labels, reduction="sum"))
+    torch.testing.assert_close(kl, torch.nn.functional.kl_div(other.double().log_softmax(1), clean.double().log_softmax(1),
+                                                              log_target=True, reduction="sum"))
+    assert loss_sums(clean, clean, labels)[1] == 0 and ce.dtype == kl.dtype == torch.float64
+
+
+def test_loss_recovered_reads_between_mean_ablation_and_clean():
+    from clipscope.clip.zeroshot import loss_recovered
+
+    assert loss_recovered(0.25, 0.45, 2.25) == 0.9
+    assert loss_recovered(0.25, 0.25, 2.25) == 1 and loss_recovered(0.25, 2.25, 2.25) == 0 and loss_recovered(0.25, 3.25, 2.25) == -0.5
+    assert loss_recovered(0.25, 0.3, 0.25) is None and loss_recovered(0.25, 0.3, 0.2) is None, "ablating costs nothing: nothing to recover"
+    assert loss_recovered(None, 0.3, 2.0) is None
+
+
 def test_the_table_gives_the_relative_drop_and_no_number_where_clean_accuracy_is_zero():
     from worker.evaluate import EvalResult
 
-    def row(clean: float, spliced: float) -> str:
+    def row(clean: float, spliced: float, loss=None) -> str:
         acc = {"clean": (clean, 1.0), "spliced": (spliced, 1.0), "spliced_error": (clean, 1.0), "mean_ablation": (0.0, 0.5)}
-        return format_table([EvalResult("cifar10", "test", 100, "t", acc, 0.0)]).splitlines()[2].split()
+        return format_table([EvalResult("cifar10", "test", 100, "t", acc, 0.0, loss=loss)]).splitlines()[2].split()
 
     assert row(0.9366, 0.9213)[3:6] == ["92.13%", "1.53", "1.6%"]  # the study's CIFAR-10 drop: 1.53 pp, 1.6 % of 93.66 %
     assert row(0.0, 0.1)[3:6] == ["10.00%", "-10.00", "–"]
+    assert row(0.9366, 0.9213)[-2:] == ["–", "–"], "an evaluation without losses"
+    loss = {"clean": (0.25, 0.0), "spliced": (0.45, 0.1234), "spliced_error": (0.25, 0.0), "mean_ablation": (2.25, 1.5)}
+    assert row(0.9366, 0.9213, loss)[-2:] == ["90.0%", "0.1234"]
