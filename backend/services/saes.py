@@ -162,12 +162,14 @@ def comparison_columns(saes: list[dict[str, Any]]) -> list[str]:
 
 
 def frontier(saes: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
-    """The overview's sparsity-fidelity charts over ``saes`` (summaries with their ``drops`` and ``labels``): each
-    SAE's held-out EVR, its zero-shot drop per evaluated set and the semantic share its labelled random sample
-    estimates (with its interval), against its L0, as :func:`backend.charts.scatter` points leading to its
-    card. An SAE without an L0 has no point, one without a labelled sample no semantic share."""
+    """The overview's sparsity-fidelity charts over ``saes`` (summaries with their ``drops``, ``recovered`` and
+    ``labels``): each SAE's held-out EVR, its zero-shot drop and loss recovered per evaluated set and the
+    semantic share its labelled random sample estimates (with its interval), against its L0, as
+    :func:`backend.charts.scatter` points leading to its card. An SAE without an L0 has no point, one
+    without a labelled sample no semantic share, a set without a measure none of it."""
     evr: list[tuple] = []
     drops: dict[str, list[tuple]] = {}
+    recovered: dict[str, list[tuple]] = {}
     semantic: list[tuple] = []
     for s in saes:
         l0 = s["metrics"].get("l0")
@@ -176,14 +178,15 @@ def frontier(saes: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple]]]:
         title, href = s["key"], f"#sae-{s['key']}"
         if s["metrics"].get("evr") is not None:
             evr.append((l0, s["metrics"]["evr"], title, href))
-        for name, drop in s["drops"].items():
-            if drop is not None:
-                drops.setdefault(name, []).append((l0, drop, title, href))
+        for series, values in ((drops, s["drops"]), (recovered, s.get("recovered", {}))):
+            for name, value in values.items():
+                if value is not None:
+                    series.setdefault(name, []).append((l0, value, title, href))
         sample = (s.get("labels") or {}).get("sample") or {}
         if sample.get("n"):
             share = next(r for r in sample["shares"] if r["category"] == "semantic")
             semantic.append((l0, share["share"], f"{title} (n = {sample['n']})", href, (share["low"], share["high"])))
-    return {"evr": {"held-out EVR": evr}, "drops": drops, "semantic": {"semantic share": semantic}}
+    return {"evr": {"held-out EVR": evr}, "drops": drops, "recovered": recovered, "semantic": {"semantic share": semantic}}
 
 
 def by_set(evaluations: list[dict[str, Any]], field: str) -> dict[str, float | None]:

@@ -104,6 +104,7 @@ def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_
     assert rows["seed-b"]["cifar10/test drop"] == "1.53 pp" and rows["seed-b"]["synthetic/test drop"] == "–", "CIFAR-10 93.66 -> 92.13 %"
     assert rows["seed-b"]["cifar10/test loss recovered"] == "90.0 %", "(2.25 - 0.45) / (2.25 - 0.25)"
     assert rows["seed-b"]["synthetic/test loss recovered"] == "–" and rows[key]["cifar10/test loss recovered"] == "–"
+    assert "<title>seed-b: loss recovered 0.9, L0 500</title>" in page, "the sweep's L0 against loss recovered"
     assert rows[key]["EVR"] == f"{100 * first_evr:.2f} %" and rows[key]["cifar10/test drop"] == "–"
     assert rows[key]["synthetic/test drop"].endswith(" pp") and rows[key]["coherence"] != "–"
     assert "trained" in table and "random CLIP" in table

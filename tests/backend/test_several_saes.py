@@ -42,13 +42,16 @@ def test_each_sae_is_a_point_of_both_charts_leading_to_its_card(overview):
 def test_the_frontier_leaves_out_an_sae_without_an_l0_and_an_unmeasured_drop():
     sample = {"n": 40, "shares": [{"category": "visual", "share": 0.5, "low": 0.35, "high": 0.65},
                                   {"category": "semantic", "share": 0.25, "low": 0.14, "high": 0.4}]}
-    saes = [{"key": "a", "metrics": {"l0": 8.0, "evr": 0.9}, "drops": {"cifar10/test": 1.5, "cifar100/test": None}, "labels": {"sample": sample}},
-            {"key": "b", "metrics": {"l0": 32.0, "evr": 0.95}, "drops": {"cifar100/test": 4.0}, "labels": {"sample": {"n": 0, "shares": []}}},
-            {"key": "c", "metrics": {}, "drops": {"cifar10/test": 2.0}, "labels": None}]
+    saes = [{"key": "a", "metrics": {"l0": 8.0, "evr": 0.9}, "drops": {"cifar10/test": 1.5, "cifar100/test": None},
+             "recovered": {"cifar10/test": 0.8, "cifar100/test": None}, "labels": {"sample": sample}},
+            {"key": "b", "metrics": {"l0": 32.0, "evr": 0.95}, "drops": {"cifar100/test": 4.0}, "recovered": {"cifar100/test": 0.7},
+             "labels": {"sample": {"n": 0, "shares": []}}},
+            {"key": "c", "metrics": {}, "drops": {"cifar10/test": 2.0}, "recovered": {"cifar10/test": 0.9}, "labels": None}]
     got = frontier(saes)
     assert got["semantic"] == {"semantic share": [(8.0, 0.25, "a (n = 40)", "#sae-a", (0.14, 0.4))]}, "only a labelled sample has a point"
     assert got["evr"] == {"held-out EVR": [(8.0, 0.9, "a", "#sae-a"), (32.0, 0.95, "b", "#sae-b")]}
     assert got["drops"] == {"cifar10/test": [(8.0, 1.5, "a", "#sae-a")], "cifar100/test": [(32.0, 4.0, "b", "#sae-b")]}
+    assert got["recovered"] == {"cifar10/test": [(8.0, 0.8, "a", "#sae-a")], "cifar100/test": [(32.0, 0.7, "b", "#sae-b")]}
 
 
 def _best_in(settings, a, b) -> dict[int, float]:
