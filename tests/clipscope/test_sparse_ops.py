@@ -50,13 +50,16 @@ def _tracker(dead_every: int):
 @pytest.mark.parametrize(("recipe", "auxk_k", "chunk_rows"), [("seed", 20, None), ("topk", 20, None), ("topk", 200, None), ("seed", 20, 5), ("topk", 20, 5)])
 def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk_rows, paths, monkeypatch):
     """``auxk_k`` 200 asks for more latents than are dead (128): the slots past them hold nothing.
-    ``chunk_rows`` 5: the CPU encoder takes the batch of 32 five rows at a time (the last chunk two);
-    a GPU takes it whole."""
+    ``chunk_rows`` 5: the CPU encoder takes the batch of 32 five rows at a time (the last chunk two),
+    and the CPU decode sums it in passes over 50 latents (the last one short); a GPU takes it whole."""
     kind, ran = paths
     if chunk_rows:
         monkeypatch.setattr(sparse_ops, "_ENCODE_ROWS", chunk_rows)
-        calls = []
+        monkeypatch.setattr(sparse_ops, "_DECODE_BLOCKED_ROWS", 8)
+        monkeypatch.setattr(sparse_ops, "_DECODE_LATENTS", 50)
+        calls, blocked = [], []
         monkeypatch.setattr(sparse_ops, "_encode", lambda xc, *a, real=sparse_ops._encode: calls.append(len(xc)) or real(xc, *a))  # noqa: E731
+        monkeypatch.setattr(sparse_ops, "_decode_by_blocks", lambda i, *a, real=sparse_ops._decode_by_blocks: blocked.append(len(i)) or real(i, *a))  # noqa: E731
     cfg = TrainConfig(recipe=recipe, auxk_k=auxk_k)
     sparse, dense = pair(use_b_dec=recipe == "topk")
     x = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
@@ -81,6 +84,8 @@ def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     if chunk_rows:
         assert calls == ([5] * 6 + [2] if kind == "cpu" else [32]), "the CPU encoder runs in chunks, a GPU's whole"
+        # the TopK code, and with topk AuxK's and the encoder's rows for b_dec's gradient
+        assert blocked == ([32, 32, 32] if recipe == "topk" and kind == "cpu" else [32] if kind == "cpu" else [])
     assert set(ran) == {"_decode_sddmm" if kind == "cpu" else "_decode_embedding_bag"}
 
 
@@ -129,6 +134,19 @@ def test_the_kept_gradient_buffer_is_overwritten_not_added_to():
         torch.testing.assert_close(getattr(sparse, name).grad, getattr(dense, name).grad, rtol=1e-4, atol=1e-6, msg=name)
     sparse.decode(sparse.encode(x2)).pow(2).sum().backward()  # without zero_grad_: accumulates, as autograd does
     torch.testing.assert_close(sparse.W_dec.grad, 2 * dense.W_dec.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("latents", [7, 50, 383])
+def test_the_decode_by_latent_blocks_gives_embedding_bags_sums(latents, monkeypatch):
+    """Blocks of 7, 50 (the last one short) and 383 of 384 latents; zero values, and samples with no slot in a block."""
+    monkeypatch.setattr(sparse_ops, "_DECODE_LATENTS", latents)
+    g = torch.Generator().manual_seed(latents)
+    W = torch.randn(D_SAE, D_IN, generator=g)
+    indices = torch.stack([torch.randperm(D_SAE, generator=g)[:K] for _ in range(40)])
+    values = torch.rand(40, K, generator=g) * (torch.rand(40, K, generator=g) > 0.3)
+    indices[3] = torch.arange(K)  # a sample whose slots all lie in the first block
+    expected = torch.nn.functional.embedding_bag(indices, W, per_sample_weights=values, mode="sum")
+    torch.testing.assert_close(sparse_ops._decode_by_blocks(indices, values, W), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("batch", "width", "k"), [(16, 4096, 50), (3, 800, 100), (5, 1000, 7), (4, 96, 10)])
