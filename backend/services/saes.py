@@ -140,8 +140,8 @@ def evaluation_table(session: Session, sae_id: int) -> list[dict[str, Any]]:
         )
         details = r.details or {}
         entry["conditions"][r.condition] = {"top1": r.top1, "top5": r.top5, "ce": details.get("ce"), "kl": details.get("kl")}
-        if (r.details or {}).get("by_class"):
-            entry.setdefault("_by_class", {})[r.condition] = r.details["by_class"]
+        if details.get("by_class"):
+            entry.setdefault("_by_class", {})[r.condition] = details["by_class"]
     out = []
     for entry in table.values():
         c = entry["conditions"]
