@@ -29,6 +29,7 @@ else
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 parts=$(mktemp -d)
+trap 'rm -rf "$parts"' EXIT
 step_limit=${STEP_LIMIT:-300}  # seconds for one step (STEP_LIMIT): a hung step loses itself, not the steps after it
 run() {  # name, command...: the JSON the command prints goes into results.json under name, all its output to the log
   local name=$1; shift
