@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from clipscope.activation_cache import ActivationCache  # noqa: E402
 from clipscope.config import load_config  # noqa: E402
 from clipscope.sae.io import load_sae  # noqa: E402
-from clipscope.sae import gemm  # noqa: E402
+from clipscope import gemm  # noqa: E402
 from clipscope.settings import Settings  # noqa: E402
 from worker.context import Context  # noqa: E402
 from worker.train.loop import train  # noqa: E402

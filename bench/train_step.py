@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipscope.config import TrainConfig  # noqa: E402
-from clipscope.sae import gemm  # noqa: E402
+from clipscope import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clipscope.sae import gemm
+from clipscope import gemm
 from clipscope.sae.sparse_ops import sparse_decode, topk_encode
 
 

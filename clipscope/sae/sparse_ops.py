@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from clipscope.sae import gemm
+from clipscope import gemm
 
 
 _BLOCK = 8

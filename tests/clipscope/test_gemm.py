@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipscope.sae import gemm
+from clipscope import gemm
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
@@ -35,7 +35,7 @@ def test_linear_keeps_autograd_when_an_input_needs_it():
 
 
 def test_the_kernel_is_chosen_by_the_setting_not_by_timing():
-    code = "from clipscope.sae import gemm; print(gemm.cpu_kernel())"
+    code = "from clipscope import gemm; print(gemm.cpu_kernel())"
     forced = subprocess.run([sys.executable, "-c", code], env={"CLIPSCOPE_CPU_GEMM": "mkl", "PATH": ""}, capture_output=True, text=True, check=True)
     assert forced.stdout.strip() == "mkl"
     default = subprocess.run([sys.executable, "-c", code], env={"PATH": ""}, capture_output=True, text=True, check=True)

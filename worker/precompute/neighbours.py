@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clipscope.sae import gemm
+from clipscope import gemm
 from clipscope.sae.sparse_ops import topk_unsorted
 
 
