@@ -1,10 +1,12 @@
-"""The encoder's dense product, ``x @ weight.T + bias``, through the fastest fp32 kernel torch has.
+"""Dense fp32 products, ``x @ weight.T + bias``, through the fastest kernel torch has on the CPU.
 
 On the CPU, torch's ``F.linear`` calls MKL's SGEMM. On the AMD EPYC machines this project runs on,
 MKL takes its generic code path and oneDNN's matmul (which torch ships and dispatches to for its
-own fused CPU kernels) is about 1.8x faster at the study's shape (``[64, 768] x [768, 49152]``)
-and 1.2x at batch 4,096 (``bench/train_step.py`` prints which kernel ran). Both compute the same
-fp32 product; only the summation order differs, within float rounding.
+own fused CPU kernels) is faster: about 1.8x at the SAE encoder's study shape (``[64, 768] x
+[768, 49152]``), 1.2x at batch 4,096, and 1.1-1.5x at the shapes of CLIP's blocks (``bench/train_step.py``
+and ``bench/clip_forward.py`` print which kernel ran). Both compute the same fp32 product; only the
+summation order differs, within float rounding. Its users: the SAE encoder, the neighbour search's
+similarities and CLIP's blocks (``clipscope/clip/cpu_blocks.py``).
 
 The kernel is the setting ``cpu_gemm`` (``CLIPSCOPE_CPU_GEMM``), fixed for the process and never
 chosen by timing, so a resumed run computes exactly what an uninterrupted one does.
@@ -33,10 +35,14 @@ def cpu_kernel() -> str:
     return "onednn" if torch.equal(out, torch.full((2, 4), 3.0)) else "mkl"
 
 
+def needs_graph(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an operation on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a 2-D ``x``; oneDNN on the CPU in fp32 where nothing needs autograd."""
-    needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     fast = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and weight.is_contiguous()
-    if fast and not needs_graph and cpu_kernel() == "onednn":
+    if fast and not needs_graph(x, weight, bias) and cpu_kernel() == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     )
     cpu_gemm: Literal["onednn", "mkl"] = Field(
         default="onednn",
-        description="Kernel of the SAE encoder's dense product on the CPU: 'onednn' (torch's oneDNN matmul, "
-        "1.2-1.8x faster than MKL on AMD CPUs) or 'mkl' (plain F.linear). Fixed per process, never chosen by timing.",
+        description="Kernel of the dense fp32 products on the CPU (the SAE encoder, the neighbour search, CLIP's blocks): "
+        "'onednn' (torch's oneDNN matmul, 1.1-1.8x faster than MKL on AMD CPUs; CLIP's blocks then run as "
+        "clipscope/clip/cpu_blocks.py) or 'mkl' (plain F.linear, CLIP's blocks as open_clip's modules). "
+        "Fixed per process, never chosen by timing.",
     )
     reads_in_event_loop: Literal["auto", "yes", "no"] = Field(
         default="auto",

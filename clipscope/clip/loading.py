@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from clipscope.clip import cpu_blocks
 from clipscope.config import ModelConfig
 from clipscope.errors import ClipScopeError
 
@@ -61,7 +62,8 @@ def provenance(cfg: ModelConfig) -> dict[str, Any]:
 def load_clip(
     cfg: ModelConfig, device: str | torch.device = "cpu", cache_dir: Path | None = None
 ) -> LoadedClip:
-    """Build the model in eval mode on ``device``; fail with one actionable sentence when weights are missing."""
+    """Build the model in eval mode on ``device``, its blocks taking oneDNN's products on the CPU
+    (``cpu_blocks``); fail with one actionable sentence when weights are missing."""
     import open_clip
 
     if cfg.name not in open_clip.list_models():
@@ -97,5 +99,6 @@ def load_clip(
                 "model.weights_file = '/path/to/open_clip_pytorch_model.bin' in the config."
             ) from exc
     model.eval().requires_grad_(False).to(device)
+    cpu_blocks.install(model)
     return LoadedClip(model=model, preprocess=preprocess, provenance=prov)
 

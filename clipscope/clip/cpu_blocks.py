@@ -1,0 +1,86 @@
+"""open_clip's residual attention blocks for fp32 inference on the CPU, their products through oneDNN.
+
+Run as open_clip wrote it, a block's four dense products (attention's packed QKV and output
+projections, the MLP's two layers) go through ``F.linear`` to MKL, which takes its generic code path
+on the AMD CPUs this project runs on; they are ~85 % of CLIP's forward time on the CPU.
+:func:`forward` computes the same block, ``x + ls_1(attn(ln_1(x))) + ls_2(mlp(ln_2(.)))``, with
+those products through :func:`clipscope.gemm.linear` (oneDNN) and attention through
+``F.scaled_dot_product_attention``: CLIP's image tower to block 10 runs 1.2-1.3x faster
+(``bench/clip_forward.py``), its text tower too, equal to float rounding
+(``tests/clipscope/test_cpu_blocks.py``).
+
+:func:`install` gives each plain block of a model a ``forward`` that takes this path when
+:func:`applies` and is the module's own otherwise (a GPU, another dtype or autocast, autograd, the
+``mkl`` kernel setting). ``load_clip`` installs it, so every CLIP forward ClipScope runs (extraction,
+evaluation, analysis, the zero-shot prompts) takes it on the CPU. Hooks on a block still fire: the
+module is called as before, only its forward changed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipscope import gemm
+
+try:
+    from open_clip.transformer import ResidualAttentionBlock
+except ImportError:  # pragma: no cover - open_clip is a requirement
+    ResidualAttentionBlock = None
+
+
+def plain(block: nn.Module) -> bool:
+    """A block whose computation :func:`forward` restates exactly: open_clip's own class, self-attention
+    through ``nn.MultiheadAttention`` with packed projections and no extra key/value biases, and a
+    ``c_fc``, ``gelu``, ``c_proj`` MLP."""
+    if ResidualAttentionBlock is None or type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+        return False
+    attn, mlp = block.attn, block.mlp
+    return (type(attn) is nn.MultiheadAttention and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.bias_k is None and not attn.add_zero_attn
+            and isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
+            and all(type(mlp._modules[name]) is nn.Linear for name in ("c_fc", "c_proj")))
+
+
+def applies(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`forward` runs a :func:`plain` ``block`` on ``x`` (``[batch, tokens, width]``)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3
+            and not torch.is_autocast_enabled("cpu") and gemm.cpu_kernel() == "onednn"
+            and not (block.training and block.attn.dropout > 0)
+            and not gemm.needs_graph(x, *block.parameters()))
+
+
+def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``block(x, attn_mask=attn_mask)`` for a :func:`plain` block and a batch-first ``x``; ``attn_mask``
+    is added to the attention scores, as open_clip passes it (the text tower's causal mask)."""
+    attn, mlp = block.attn, block.mlp
+    batch, tokens, width = x.shape
+    heads = attn.num_heads
+    qkv = gemm.linear(block.ln_1(x).reshape(batch * tokens, width), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    mask = attn_mask.to(x.dtype) if attn_mask is not None else None
+    mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch * tokens, width)
+    x = x + block.ls_1(gemm.linear(mixed, attn.out_proj.weight, attn.out_proj.bias).view(batch, tokens, width))
+    hidden = mlp.gelu(gemm.linear(block.ln_2(x).reshape(batch * tokens, width), mlp.c_fc.weight, mlp.c_fc.bias))
+    return x + block.ls_2(gemm.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias).view(batch, tokens, width))
+
+
+def _dispatch(block: nn.Module, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
+              v_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    if k_x is None and v_x is None and applies(block, q_x):
+        return forward(block, q_x, attn_mask)
+    return type(block).forward(block, q_x, k_x, v_x, attn_mask)
+
+
+def install(model: nn.Module) -> int:
+    """Give every :func:`plain` block of ``model`` a forward that takes :func:`forward` where it
+    :func:`applies`; returns how many blocks got it. Installing twice changes nothing more."""
+    installed = 0
+    for block in model.modules():
+        if plain(block) and "forward" not in block.__dict__:
+            block.forward = partial(_dispatch, block)
+            installed += 1
+    return installed

@@ -1,0 +1,96 @@
+import copy
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+
+from clipscope import gemm
+from clipscope.clip import cpu_blocks
+from clipscope.clip.hooks import residual_at
+
+pytestmark = pytest.mark.skipif(gemm.cpu_kernel() != "onednn", reason="this torch has no oneDNN linear")
+
+
+def _layer_scaled_block() -> ResidualAttentionBlock:
+    """A small block with LayerScale and every parameter random (biases and norms too)."""
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(64, 4, ls_init_value=0.5).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return block
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The blocks :func:`cpu_blocks.forward` ran, in order."""
+    ran, forward = [], cpu_blocks.forward
+    monkeypatch.setattr(cpu_blocks, "forward", lambda block, *args: ran.append(block) or forward(block, *args))
+    return ran
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_block_through_onednn_equals_the_module(random_clip, batch):
+    x = torch.randn(batch, 50, 768, generator=torch.Generator().manual_seed(batch))
+    causal = torch.full((50, 50), float("-inf")).triu(1)
+    block = random_clip.visual.transformer.resblocks[3]
+    for block, inputs, mask in ((block, x, None), (block, x, causal), (_layer_scaled_block(), x[:, :, :64], None)):
+        with torch.inference_mode():
+            assert cpu_blocks.plain(block) and cpu_blocks.applies(block, inputs)
+            module = type(block).forward(block, inputs, attn_mask=mask)
+            torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask), module, rtol=1e-5, atol=1e-5)
+
+
+def test_where_it_does_not_apply_the_module_runs(random_clip, monkeypatch):
+    block, x = random_clip.visual.transformer.resblocks[0], torch.randn(2, 50, 768)
+    assert not cpu_blocks.plain(CustomResidualAttentionBlock(768, 12))
+    assert not cpu_blocks.plain(ResidualAttentionBlock(768, 12, is_cross_attention=True))
+    with torch.no_grad():
+        assert cpu_blocks.applies(block, x)
+        assert not cpu_blocks.applies(block, x.double())
+        assert not cpu_blocks.applies(block, x[0])
+    trainable = _layer_scaled_block().requires_grad_(True)
+    assert not cpu_blocks.applies(trainable, x[:, :, :64])  # autograd records the module's own forward
+    with torch.no_grad():
+        assert cpu_blocks.applies(trainable, x[:, :, :64])
+        monkeypatch.setattr(gemm, "cpu_kernel", lambda: "mkl")
+        assert not cpu_blocks.applies(block, x)
+
+
+def test_load_clip_installs_it_on_both_towers_and_hooks_still_fire(random_clip, counted):
+    blocks = [m for m in random_clip.model.modules() if isinstance(m, ResidualAttentionBlock)]
+    assert len(blocks) == 24 and all("forward" in b.__dict__ for b in blocks)
+    assert cpu_blocks.install(random_clip.model) == 0  # already there
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seen = []
+    handle = random_clip.visual.transformer.resblocks[2].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            stream = residual_at(random_clip.visual, images, 4)
+    finally:
+        handle.remove()
+    assert counted == list(random_clip.visual.transformer.resblocks[:5])  # and it stops after the hooked block
+    assert len(seen) == 1 and stream.shape == (2, 50, 768)
+    counted.clear()
+    with torch.no_grad():
+        random_clip.model.encode_text(open_clip.tokenize(["a photo of a dog."]))
+    assert counted == list(random_clip.model.transformer.resblocks)
+
+
+def test_a_model_computes_what_it_computed_before_install_and_under_autograd_as_the_module(random_clip, counted):
+    module_model = copy.deepcopy(random_clip.model)
+    for block in module_model.modules():
+        block.__dict__.pop("forward", None)  # open_clip's own forwards
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    text = open_clip.tokenize(["a photo of a dog.", "a blurry photo of the number seven."])
+    with torch.no_grad():
+        for ours, module in ((random_clip.model.encode_image(images), module_model.encode_image(images)),
+                             (random_clip.model.encode_text(text), module_model.encode_text(text))):
+            torch.testing.assert_close(ours, module, rtol=1e-5, atol=1e-5)
+        stream = residual_at(random_clip.visual, images[:1], 1)
+    assert len(counted) == 24 + 2
+    counted.clear()
+    stream.requires_grad_(True)
+    random_clip.visual.transformer.resblocks[2](stream).sum().backward()
+    assert counted == [] and stream.grad is not None
