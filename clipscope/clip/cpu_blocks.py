@@ -14,6 +14,11 @@ those products through :func:`clipscope.gemm.linear` (oneDNN) and attention thro
 ``mkl`` kernel setting). ``load_clip`` installs it, so every CLIP forward ClipScope runs (extraction,
 evaluation, analysis, the zero-shot prompts) takes it on the CPU. Hooks on a block still fire: the
 module is called as before, only its forward changed.
+
+``forward(..., first_only=True)`` computes the block's output at the first token alone, for the image
+tower's last block, whose other outputs the CLS pooling never reads (``hooks.continue_from``, where
+:func:`first_token_applies`): the rest of the tower from block 10 runs ~4x faster, which is what
+evaluation's four conditions, an explanation's measured features and steering run.
 """
 
 from __future__ import annotations
@@ -45,23 +50,45 @@ def plain(block: nn.Module) -> bool:
             and all(type(mlp._modules[name]) is nn.Linear for name in ("c_fc", "c_proj")))
 
 
-def applies(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`forward` runs a :func:`plain` ``block`` on ``x`` (``[batch, tokens, width]``)."""
+def _on_cpu_in_fp32(block: nn.Module, x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3
             and not torch.is_autocast_enabled("cpu") and gemm.cpu_kernel() == "onednn"
-            and not (block.training and block.attn.dropout > 0)
-            and not gemm.needs_graph(x, *block.parameters()))
+            and not (block.training and block.attn.dropout > 0))
 
 
-def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+def applies(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`forward` runs a :func:`plain` ``block`` on ``x`` (``[batch, tokens, width]``)."""
+    return _on_cpu_in_fp32(block, x) and not gemm.needs_graph(x, *block.parameters())
+
+
+def first_token_applies(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``forward(block, x, first_only=True)`` may stand for the block's call when only its output
+    at the first token is read (the image tower's last block, which pools the CLS token): a :func:`plain`
+    block on the CPU in fp32, with no hook to miss. Autograd may record it (its products then run
+    through ``F.linear``): an explanation's backward pass then runs one token through the MLP, not 50."""
+    return plain(block) and _on_cpu_in_fp32(block, x) and not _hooked(block)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook would see a call of ``module`` or of one of its children."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, first_only: bool = False) -> torch.Tensor:
     """``block(x, attn_mask=attn_mask)`` for a :func:`plain` block and a batch-first ``x``; ``attn_mask``
-    is added to the attention scores, as open_clip passes it (the text tower's causal mask)."""
+    is added to the attention scores, as open_clip passes it (the text tower's causal mask). With
+    ``first_only``, only the first token's output, ``[batch, 1, width]``: its query attends to every
+    token, and the rest of the block runs on that token alone."""
     attn, mlp = block.attn, block.mlp
     batch, tokens, width = x.shape
     heads = attn.num_heads
     qkv = gemm.linear(block.ln_1(x).reshape(batch * tokens, width), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     mask = attn_mask.to(x.dtype) if attn_mask is not None else None
+    if first_only:
+        q, x, mask, tokens = q[:, :, :1], x[:, :1], mask[:1] if mask is not None else None, 1
     mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch * tokens, width)
     x = x + block.ls_1(gemm.linear(mixed, attn.out_proj.weight, attn.out_proj.bias).view(batch, tokens, width))
     hidden = mlp.gelu(gemm.linear(block.ln_2(x).reshape(batch * tokens, width), mlp.c_fc.weight, mlp.c_fc.bias))

@@ -2,7 +2,8 @@
 
 ``residual_at`` runs the tower only up to the hooked block and returns its output (the residual
 stream after block ``layer``); ``continue_from`` takes such a (possibly edited) stream and runs
-the rest of the tower to the projected image embedding. Together they equal the full forward.
+the rest of the tower to the projected image embedding. Together they equal the full forward, to
+float rounding on the CPU, where blocks take oneDNN's products (``cpu_blocks``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+
+from clipscope.clip import cpu_blocks
 
 TokenMode = Literal["cls", "patches", "all"]
 
@@ -39,13 +42,27 @@ def residual_at(visual: torch.nn.Module, images: torch.Tensor, layer: int) -> to
 
 
 def continue_from(visual: torch.nn.Module, resid: torch.Tensor, layer: int) -> torch.Tensor:
-    """Run blocks ``layer + 1 ..`` on a residual stream, then pool and project: the image embedding."""
+    """Run blocks ``layer + 1 ..`` on a residual stream, then pool and project: the image embedding.
+
+    Where the tower pools the CLS token alone, the last block computes that token's output only on the
+    CPU (``cpu_blocks.first_token_applies``): the other tokens' outputs are never read."""
     check_layer(visual, layer)
-    x = _blocks(visual, resid, layer + 1, len(visual.transformer.resblocks))
+    blocks = visual.transformer.resblocks
+    last = len(blocks) - 1
+    if layer < last and _pools_cls(visual) and cpu_blocks.first_token_applies(blocks[last], resid):
+        x = cpu_blocks.forward(blocks[last], _blocks(visual, resid, layer + 1, last), first_only=True)
+    else:
+        x = _blocks(visual, resid, layer + 1, len(blocks))
     pooled, _ = visual._pool(x)
     if visual.proj is not None:
         pooled = pooled @ visual.proj
     return pooled
+
+
+def _pools_cls(visual: torch.nn.Module) -> bool:
+    """Whether the tower's embedding reads the last block's output at the CLS token only (open_clip's
+    ``pool_type = "tok"`` without attention pooling; ``ln_post`` is per token)."""
+    return getattr(visual, "attn_pool", None) is None and getattr(visual, "pool_type", None) == "tok"
 
 
 def token_slice(tokens: TokenMode) -> slice:

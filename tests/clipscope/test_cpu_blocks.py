@@ -7,7 +7,7 @@ from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentio
 
 from clipscope import gemm
 from clipscope.clip import cpu_blocks
-from clipscope.clip.hooks import residual_at
+from clipscope.clip.hooks import continue_from, residual_at
 
 pytestmark = pytest.mark.skipif(gemm.cpu_kernel() != "onednn", reason="this torch has no oneDNN linear")
 
@@ -40,6 +40,7 @@ def test_a_block_through_onednn_equals_the_module(random_clip, batch):
             assert cpu_blocks.plain(block) and cpu_blocks.applies(block, inputs)
             module = type(block).forward(block, inputs, attn_mask=mask)
             torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask), module, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask, first_only=True), module[:, :1], rtol=1e-5, atol=1e-5)
 
 
 def test_where_it_does_not_apply_the_module_runs(random_clip, monkeypatch):
@@ -94,3 +95,52 @@ def test_a_model_computes_what_it_computed_before_install_and_under_autograd_as_
     stream.requires_grad_(True)
     random_clip.visual.transformer.resblocks[2](stream).sum().backward()
     assert counted == [] and stream.grad is not None
+
+
+def test_the_last_block_computes_the_cls_token_alone_with_and_without_autograd(random_clip, monkeypatch):
+    visual, last = random_clip.visual, random_clip.visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        stream = residual_at(visual, torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(4)), 9)
+    calls = []
+    forward = cpu_blocks.forward
+    monkeypatch.setattr(cpu_blocks, "forward", lambda block, *args, **kw: calls.append((block, kw)) or forward(block, *args, **kw))
+
+    def embedding_and_gradient():
+        s = stream.clone().requires_grad_(True)
+        out = continue_from(visual, s, 9)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), s)
+        return out.detach(), grad
+
+    ours = embedding_and_gradient()
+    assert (last, {"first_only": True}) in calls  # under autograd too
+    calls.clear()
+    monkeypatch.setattr(cpu_blocks, "first_token_applies", lambda block, x: False)
+    module = embedding_and_gradient()
+    assert all(kw == {} for _, kw in calls)
+    for a, b in zip(ours, module):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hook_on_the_last_block_sees_its_whole_output(random_clip):
+    visual, last = random_clip.visual, random_clip.visual.transformer.resblocks[-1]
+    stream = torch.randn(2, 50, 768)
+    with torch.no_grad():
+        assert cpu_blocks.first_token_applies(last, stream)
+        seen = []
+        handle = last.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+        try:
+            assert not cpu_blocks.first_token_applies(last, stream)
+            continue_from(visual, stream, 10)
+        finally:
+            handle.remove()
+    assert seen == [torch.Size([2, 50, 768])]
+
+
+def test_a_tower_that_pools_every_token_runs_its_last_block_whole(random_clip, monkeypatch):
+    visual = random_clip.visual
+    stream = torch.randn(2, 50, 768, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(visual, "pool_type", "avg")
+    with torch.no_grad():
+        ours = continue_from(visual, stream, 10)
+        monkeypatch.setattr(cpu_blocks, "first_token_applies", lambda block, x: False)
+        torch.testing.assert_close(ours, continue_from(visual, stream, 10), rtol=1e-5, atol=1e-5)
