@@ -5,15 +5,16 @@ projections, the MLP's two layers) go through ``F.linear`` to MKL, which takes i
 on the AMD CPUs this project runs on; they are ~85 % of CLIP's forward time on the CPU.
 :func:`forward` computes the same block, ``x + ls_1(attn(ln_1(x))) + ls_2(mlp(ln_2(.)))``, with
 those products through :func:`clipscope.gemm.linear` (oneDNN) and attention through
-``F.scaled_dot_product_attention``: CLIP's image tower to block 10 runs 1.2-1.3x faster
-(``bench/clip_forward.py``), its text tower too, equal to float rounding
+``F.scaled_dot_product_attention``: CLIP's image tower to block 10 runs 1.3-1.8x faster for one
+image and 1.2-1.4x at extraction's batches, its text tower 1.4-1.5x (``bench/clip_forward.py``),
+equal to float rounding
 (``tests/clipscope/test_cpu_blocks.py``).
 
-:func:`install` gives each plain block of a model a ``forward`` that takes this path when
-:func:`applies` and is the module's own otherwise (a GPU, another dtype or autocast, autograd, the
-``mkl`` kernel setting). ``load_clip`` installs it, so every CLIP forward ClipScope runs (extraction,
-evaluation, analysis, the zero-shot prompts) takes it on the CPU. Hooks on a block still fire: the
-module is called as before, only its forward changed.
+:func:`install` makes each plain block of a model a :class:`CpuResidualAttentionBlock`, whose
+forward takes this path where it :func:`applies` and is open_clip's otherwise (a GPU, another dtype
+or autocast, autograd, the ``mkl`` kernel setting). ``load_clip`` installs it, so every CLIP forward
+ClipScope runs (extraction, evaluation, analysis, the zero-shot prompts) takes it on the CPU. Hooks
+on a block still fire: the module is called as before, only its forward changed.
 
 ``forward(..., first_only=True)`` computes the block's output at the first token alone, for the image
 tower's last block, whose other outputs the CLS pooling never reads (``hooks.continue_from``, where
@@ -23,25 +24,19 @@ evaluation's four conditions, an explanation's measured features and steering ru
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from clipscope import gemm
-
-try:
-    from open_clip.transformer import ResidualAttentionBlock
-except ImportError:  # pragma: no cover - open_clip is a requirement
-    ResidualAttentionBlock = None
 
 
 def plain(block: nn.Module) -> bool:
     """A block whose computation :func:`forward` restates exactly: open_clip's own class, self-attention
     through ``nn.MultiheadAttention`` with packed projections and no extra key/value biases, and a
     ``c_fc``, ``gelu``, ``c_proj`` MLP."""
-    if ResidualAttentionBlock is None or type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+    if type(block) not in (ResidualAttentionBlock, CpuResidualAttentionBlock) or hasattr(block, "ln_1_kv"):
         return False
     attn, mlp = block.attn, block.mlp
     return (type(attn) is nn.MultiheadAttention and attn.batch_first and attn._qkv_same_embed_dim
@@ -95,19 +90,24 @@ def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = 
     return x + block.ls_2(gemm.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias).view(batch, tokens, width))
 
 
-def _dispatch(block: nn.Module, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
-              v_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    if k_x is None and v_x is None and applies(block, q_x):
-        return forward(block, q_x, attn_mask)
-    return type(block).forward(block, q_x, k_x, v_x, attn_mask)
+class CpuResidualAttentionBlock(ResidualAttentionBlock):
+    """open_clip's block, its forward taking :func:`forward` where it :func:`applies` (:func:`install`).
+    A subclass rather than a forward set on the instance: that would make each block a reference
+    cycle, kept in memory after its model is dropped until the cyclic collector runs."""
+
+    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if k_x is None and v_x is None and applies(self, q_x):
+            return forward(self, q_x, attn_mask)
+        return super().forward(q_x, k_x, v_x, attn_mask)
 
 
 def install(model: nn.Module) -> int:
-    """Give every :func:`plain` block of ``model`` a forward that takes :func:`forward` where it
-    :func:`applies`; returns how many blocks got it. Installing twice changes nothing more."""
+    """Make every :func:`plain` block of ``model`` a :class:`CpuResidualAttentionBlock` (same parameters,
+    same module tree); returns how many changed. Installing twice changes nothing more."""
     installed = 0
     for block in model.modules():
-        if plain(block) and "forward" not in block.__dict__:
-            block.forward = partial(_dispatch, block)
+        if type(block) is ResidualAttentionBlock and plain(block):
+            block.__class__ = CpuResidualAttentionBlock
             installed += 1
     return installed
