@@ -8,8 +8,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
+
 from clipscope.activation_cache import ActivationCache
-from clipscope.clip.loading import LoadedClip, load_clip
+from clipscope.clip.classifiers import classifier_file, stored_classifier
+from clipscope.clip.loading import LoadedClip, load_clip, provenance
+from clipscope.clip.zeroshot import build_classifier, template_set
 from clipscope.config import RunConfig
 from clipscope.errors import ClipScopeError
 from clipscope.sae.io import load_sae
@@ -125,6 +129,8 @@ def run_precompute(
         sae, _ = load_sae(trained.sae_dir, ctx.device)
         dataset = build_dataset(cfg.precompute_data, ctx.layout.datasets, ctx.settings.allow_downloads)
         result = precompute(ctx, trained.sae_key, sae, caches.precompute, dataset, cfg.precompute, namer=Namer(clip.get, cfg.model))
+        if dataset.classes:
+            _keep_classifier(ctx, cfg, clip, list(dataset.classes))
         verb = "reused" if result.reused else "committed"
         measured = update_overlaps(ctx, trained.sae_key) if cfg.precompute.overlaps else None
         report["did"] = (
@@ -135,6 +141,16 @@ def run_precompute(
                if measured is None else "")
         )
     return result
+
+
+def _keep_classifier(ctx: Context, cfg: RunConfig, clip: _LazyClip, classes: list[str]) -> None:
+    """Build and keep, once, the zero-shot classifier of the precompute set's classes with the
+    evaluation's templates (``clipscope/clip/classifiers.py``): the explorer explains an upload's
+    prediction over those classes, and would otherwise build it on the first request."""
+    _, templates = template_set(cfg.evaluate.templates)
+    path = classifier_file(ctx.layout.models / "classifiers", provenance(cfg.model), classes, templates)
+    with torch.inference_mode():
+        stored_classifier(path, lambda: build_classifier(clip.get().model, cfg.model.name, classes, templates, ctx.device), ctx.device)
 
 
 def run_steer(ctx: Context, cfg: RunConfig, edits: str, datasets: list[str] | None = None) -> list[SteerResult]:

@@ -71,6 +71,21 @@ def test_explain_answers_clip_s_prediction_over_the_dataset_classes_and_the_feat
     assert _analyze(client, key, explain=True, measure=0).status_code == 422
 
 
+def test_an_explanation_over_the_dataset_classes_reads_the_classifier_the_precompute_kept(web, monkeypatch):
+    client, key = web
+    kept = {p.name for p in (client.app.state.settings.data_dir / "models" / "classifiers").iterdir()}
+    assert kept, "the pipeline kept classifiers"
+
+    def built_again(*_args, **_kwargs):
+        raise RuntimeError("built again")
+
+    monkeypatch.setattr("backend.services.analyze.build_classifier", built_again)
+    body = _analyze(client, key, explain=True)
+    assert body.status_code == 200 and body.json()["prediction"]["n_classes"] == len(_synthetic_classes())
+    with pytest.raises(RuntimeError, match="built again"):  # these classes were never kept
+        _analyze(client, key, explain=True, classes="cat, dog")
+
+
 def test_explain_over_named_classes_and_a_chosen_target(web):
     client, key = web
     p = _analyze(client, key, explain=True, classes="cat, dog\nsushi, dog,, ").json()["prediction"]

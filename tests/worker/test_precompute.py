@@ -269,3 +269,27 @@ def test_token_maps_round_trip_through_the_database(trained):
     for feature, _, image, stored in top:
         tokens = z[image, :, feature]  # the synthetic dataset's index is the cache row
         assert list(bytes(stored)) == (tokens / tokens.max() * 255).round().to(torch.uint8).tolist()
+
+
+def test_the_precompute_keeps_the_classifier_of_its_classes_that_explanations_read(web_data, tmp_path):
+    """The explorer explains an upload's prediction over the precompute set's classes with the evaluation's
+    templates; the precompute builds that classifier once and keeps it (clipscope/clip/classifiers.py)."""
+    import shutil
+
+    from clipscope.clip.classifiers import classifier_file
+    from clipscope.clip.loading import provenance
+    from clipscope.clip.zeroshot import template_set
+    from tests.conftest import TINY, copy_data_dir
+    from worker.context import Context
+    from worker.pipeline import run_precompute
+
+    settings, _ = web_data
+    copy_data_dir(settings.data_dir, tmp_path / "data")
+    ctx = Context(settings.model_copy(update={"data_dir": tmp_path / "data"}))
+    kept = ctx.layout.models / "classifiers"
+    shutil.rmtree(kept)
+    cfg = parse_config(TINY)
+    assert run_precompute(ctx, cfg).reused  # every stage was finished: only the classifier is new
+    classes = build_dataset(cfg.precompute_data, ctx.layout.datasets, False).classes
+    path = classifier_file(kept, provenance(cfg.model), classes, template_set(cfg.evaluate.templates)[1])
+    assert [p.name for p in kept.iterdir()] == [path.name]
