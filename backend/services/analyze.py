@@ -125,9 +125,13 @@ class Analyzer:
         """``[embed_dim, classes]`` built with the SAE's evaluation templates (as its zero-shot table was),
         or read from the data dir's kept classifiers (``clipscope/clip/classifiers.py``)."""
         _, templates = template_set(sae.config["evaluate"]["templates"])
-        path = classifier_file(self.data_dir / "models" / "classifiers", loaded.clip.provenance, classes, templates)
-        build = lambda: build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)  # noqa: E731
-        return self._classifiers.get((_weights_of(loaded.model_cfg), tuple(templates), classes), lambda: stored_classifier(path, build, self.device))
+
+        def kept_or_built() -> torch.Tensor:
+            path = classifier_file(self.data_dir / "models" / "classifiers", loaded.clip.provenance, classes, templates)
+            build = lambda: build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)  # noqa: E731
+            return stored_classifier(path, build, self.device)
+
+        return self._classifiers.get((_weights_of(loaded.model_cfg), tuple(templates), classes), kept_or_built)
 
     def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
