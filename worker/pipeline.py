@@ -11,9 +11,9 @@ from typing import Iterator
 import torch
 
 from clipscope.activation_cache import ActivationCache
-from clipscope.clip.classifiers import classifier_file, stored_classifier
+from clipscope.clip.classifiers import kept_classifier
 from clipscope.clip.loading import LoadedClip, load_clip, provenance
-from clipscope.clip.zeroshot import build_classifier, template_set
+from clipscope.clip.zeroshot import template_set
 from clipscope.config import RunConfig
 from clipscope.errors import ClipScopeError
 from clipscope.sae.io import load_sae
@@ -148,9 +148,9 @@ def _keep_classifier(ctx: Context, cfg: RunConfig, clip: _LazyClip, classes: lis
     evaluation's templates (``clipscope/clip/classifiers.py``): the explorer explains an upload's
     prediction over those classes, and would otherwise build it on the first request."""
     _, templates = template_set(cfg.evaluate.templates)
-    path = classifier_file(ctx.layout.models / "classifiers", provenance(cfg.model), classes, templates)
     with torch.inference_mode():
-        stored_classifier(path, lambda: build_classifier(clip.get().model, cfg.model.name, classes, templates, ctx.device), ctx.device)
+        kept_classifier(ctx.layout.models / "classifiers", provenance(cfg.model), lambda: clip.get().model, cfg.model.name,
+                        classes, templates, ctx.device)
 
 
 def run_steer(ctx: Context, cfg: RunConfig, edits: str, datasets: list[str] | None = None) -> list[SteerResult]:

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from clipscope.clip.classifiers import classifier_file, stored_classifier
+from clipscope.clip.classifiers import kept_classifier
 from clipscope.clip.loading import LoadedClip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
-from clipscope.clip.zeroshot import build_classifier, template_set
+from clipscope.clip.zeroshot import template_set
 from clipscope.config import DatasetSpec, RunConfig
 from clipscope.errors import ClipScopeError
 from worker.batches import image_loader
@@ -61,6 +61,6 @@ def zero_shot_set(ctx: Context, cfg: RunConfig, clip: LoadedClip, spec: DatasetS
         raise ClipScopeError(f"{spec.name} at {spec.root or 'its default folder'} has no class names: {purpose} needs a labelled set "
                              "(for an image folder, one sub-folder per class).")
     name, templates = template_set(cfg.evaluate.templates)
-    path = classifier_file(ctx.layout.models / "classifiers", clip.provenance, dataset.classes, templates)
-    classifier = stored_classifier(path, lambda: build_classifier(clip.model, cfg.model.name, dataset.classes, templates, ctx.device), ctx.device)
+    classifier = kept_classifier(ctx.layout.models / "classifiers", clip.provenance, lambda: clip.model, cfg.model.name,
+                                 dataset.classes, templates, ctx.device)
     return ZeroShotSet(spec, list(dataset.classes), name, classifier, dataset, ctx, cfg, purpose)

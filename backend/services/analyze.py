@@ -11,7 +11,7 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from clipscope.attribution import Explanation, explain
-from clipscope.clip.classifiers import classifier_file, stored_classifier
+from clipscope.clip.classifiers import kept_classifier
 from clipscope.clip.hooks import residual_at, token_slice
 from clipscope.clip.loading import LoadedClip, load_clip
 from clipscope.clip.preprocess import ImagePreprocess, preprocess_descriptor
@@ -125,13 +125,9 @@ class Analyzer:
         """``[embed_dim, classes]`` built with the SAE's evaluation templates (as its zero-shot table was),
         or read from the data dir's kept classifiers (``clipscope/clip/classifiers.py``)."""
         _, templates = template_set(sae.config["evaluate"]["templates"])
-
-        def kept_or_built() -> torch.Tensor:
-            path = classifier_file(self.data_dir / "models" / "classifiers", loaded.clip.provenance, classes, templates)
-            build = lambda: build_classifier(loaded.clip.model, loaded.model_cfg.name, classes, templates, self.device)  # noqa: E731
-            return stored_classifier(path, build, self.device)
-
-        return self._classifiers.get((_weights_of(loaded.model_cfg), tuple(templates), classes), kept_or_built)
+        make = lambda: kept_classifier(self.data_dir / "models" / "classifiers", loaded.clip.provenance, lambda: loaded.clip.model,  # noqa: E731
+                                       loaded.model_cfg.name, classes, templates, self.device)
+        return self._classifiers.get((_weights_of(loaded.model_cfg), tuple(templates), classes), make)
 
     def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clipscope.clip.zeroshot import build_classifier
+
 log = logging.getLogger(__name__)
 
 
@@ -49,3 +51,11 @@ def stored_classifier(path: Path, build: Callable[[], torch.Tensor], device: str
     save_file({"classifier": classifier.detach().float().cpu().contiguous()}, partial)
     os.replace(partial, path)  # readers see the whole file or none
     return classifier
+
+
+def kept_classifier(folder: Path, weights: dict[str, Any], model: Callable[[], torch.nn.Module], model_name: str,
+                    classes: Sequence[str], templates: Sequence[str], device: str | torch.device) -> torch.Tensor:
+    """``[embed_dim, classes]``: the kept classifier of ``classes`` with ``templates`` by the CLIP of
+    ``weights``, or one built with ``model()`` (called only then, so CLIP loads only when needed) and kept."""
+    build = lambda: build_classifier(model(), model_name, list(classes), list(templates), device)  # noqa: E731
+    return stored_classifier(classifier_file(folder, weights, classes, templates), build, device)

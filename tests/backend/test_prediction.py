@@ -79,7 +79,7 @@ def test_an_explanation_over_the_dataset_classes_reads_the_classifier_the_precom
     def built_again(*_args, **_kwargs):
         raise RuntimeError("built again")
 
-    monkeypatch.setattr("backend.services.analyze.build_classifier", built_again)
+    monkeypatch.setattr("clipscope.clip.classifiers.build_classifier", built_again)
     body = _analyze(client, key, explain=True)
     assert body.status_code == 200 and body.json()["prediction"]["n_classes"] == len(_synthetic_classes())
     with pytest.raises(RuntimeError, match="built again"):  # these classes were never kept
