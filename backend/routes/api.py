@@ -17,7 +17,7 @@ from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
 from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
-from backend.services.analysis_pool import PoolClosed, PoolFull
+from backend.services.analysis_pool import AnalysisInterrupted, PoolClosed, PoolFull
 from backend.services.analyze import Analysis, rank_features
 from backend.services.prediction import (
     MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, MEASURED, BadQuestion, Question, prediction_dict, question_for, steering_dict,
@@ -347,8 +347,8 @@ async def analyze_upload(request: Request, sae, file: UploadFile, occlude: bool 
 async def analyze_image(request: Request, sae, image: Image.Image, occlude: bool = False, question: Question | None = None) -> Analysis:
     """Queue a decoded image for analysis and wait for its result.
 
-    Raises HTTPException: 503 with Retry-After (analysis queue full, or the server shutting down), 503
-    (the SAE's CLIP or files cannot be loaded here).
+    Raises HTTPException: 503 with Retry-After (analysis queue full, the server shutting down, or the
+    analysis thread interrupted), 503 (the SAE's CLIP or files cannot be loaded here).
     """
     try:
         future = request.app.state.analysis.submit(sae, image, occlude, question)
@@ -358,6 +358,8 @@ async def analyze_image(request: Request, sae, image: Image.Image, occlude: bool
         return await asyncio.wrap_future(future)
     except PoolClosed:
         raise HTTPException(503, "The server is shutting down; try again in a moment.", headers={"Retry-After": "5"}) from None
+    except AnalysisInterrupted as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
     except ClipScopeError as exc:  # this server lacks what the SAE needs (its CLIP weights, its files): say which
         raise HTTPException(503, f"This server cannot analyze with SAE {sae.key}: {exc}") from None
 

@@ -27,6 +27,11 @@ class PoolClosed(RuntimeError):
     """The server shut down before this upload was analysed."""
 
 
+class AnalysisInterrupted(RuntimeError):
+    """The worker thread was interrupted (an exception beyond ``Exception``, such as ``KeyboardInterrupt``)
+    while this upload was in its hands; the next upload starts a new worker."""
+
+
 @dataclass
 class _Job:
     sae: Sae
@@ -91,12 +96,18 @@ class AnalysisPool:
             by_sae: dict[tuple, list[_Job]] = {}
             for job in jobs:  # one forward pass per SAE and question
                 by_sae.setdefault((job.sae.key, job.occlude, job.question), []).append(job)
-            for group in by_sae.values():
-                try:
-                    results = self.analyzer.analyse(group[0].sae, [j.image for j in group], occlude=group[0].occlude, question=group[0].question)
-                except Exception as exc:  # delivered to each waiting request, which reports it
-                    for j in group:
-                        j.future.set_exception(exc)
-                else:
-                    for j, result in zip(group, results):
-                        j.future.set_result(result)
+            try:
+                for group in by_sae.values():
+                    try:
+                        results = self.analyzer.analyse(group[0].sae, [j.image for j in group], occlude=group[0].occlude, question=group[0].question)
+                    except Exception as exc:  # delivered to each waiting request, which reports it
+                        for j in group:
+                            j.future.set_exception(exc)
+                    else:
+                        for j, result in zip(group, results):
+                            j.future.set_result(result)
+            except BaseException as exc:  # the thread ends, but no upload it took is left waiting
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(AnalysisInterrupted(f"The analysis was interrupted ({type(exc).__name__}); try again."))
+                raise

@@ -135,3 +135,46 @@ def test_saes_over_one_clip_share_it_and_a_retrained_sae_is_read_again(web_data,
     assert analyzer.sae(rows["a"]) is a.sae, "the same version of the row: kept"
     rows["a"].updated_at = datetime(2026, 11, 2)  # what the pipeline's write of a retrained SAE does
     assert torch.equal(analyzer.sae(rows["a"]).W_dec, retrained.W_dec) and not torch.equal(retrained.W_dec, trained.W_dec)
+
+
+class InterruptingAnalyzer(RecordingAnalyzer):
+    """Interrupted (a ``KeyboardInterrupt`` in the worker thread) on its first batch of SAE "a"."""
+
+    def analyse(self, sae, images, occlude=False, question=None):
+        if sae.key == "a" and not self.calls:
+            self.calls.append(sae.key)
+            raise KeyboardInterrupt
+        return [(sae.key, image, occlude, question) for image in images]
+
+
+def test_an_interrupted_worker_fails_every_upload_it_took_and_the_next_upload_starts_another(monkeypatch):
+    from backend.services.analysis_pool import AnalysisInterrupted
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's end is expected here
+    analyzer = InterruptingAnalyzer()
+    pool = AnalysisPool(analyzer, queue_size=8, max_batch=8)
+    a, b = SimpleNamespace(key="a"), SimpleNamespace(key="b")
+    pool._ensure_worker = lambda: None  # queue both before a worker takes them: one batch, two groups
+    taken = [pool.submit(a, "1"), pool.submit(b, "2")]
+    del pool._ensure_worker
+    pool._ensure_worker()
+    for future in taken:  # the group that ran and the group after it: neither waits for ever
+        with pytest.raises(AnalysisInterrupted, match="KeyboardInterrupt"):
+            future.result(10)
+    pool._thread.join(10)
+    assert not pool._thread.is_alive()
+    assert pool.submit(b, "3").result(10) == ("b", "3", False, None), "a later upload starts a worker again"
+    pool.close(timeout=10)
+
+
+def test_an_interrupted_analysis_is_a_503_to_retry(web):
+    from concurrent.futures import Future
+
+    from backend.services.analysis_pool import AnalysisInterrupted
+
+    client, key = web
+    interrupted = Future()
+    interrupted.set_exception(AnalysisInterrupted("The analysis was interrupted (KeyboardInterrupt); try again."))
+    client.app.state.analysis.submit = lambda *args, **kwargs: interrupted
+    r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "interrupted" in r.json()["detail"]
