@@ -3,10 +3,12 @@
 modules (torch's own path: MKL's products, the fused attention kernel), alternately in the same
 process on the same inputs. The image tower to block 10 at batch 1 (an analysed upload) and at
 extraction's batches; the rest of it from block 10 (where ClipScope's last block computes the CLS
-token alone) for 24 streams, as an explanation measures its features; the text tower building a zero-shot classifier (CLIP's 18 CIFAR templates
-per class, as an explained prediction's first request or the evaluation does). Prints ms per
-call, the ratio, and the largest difference between the two outputs.
-"""
+token alone) for 24 streams, as an explanation measures its features; the text tower building a
+zero-shot classifier (CLIP's 18 CIFAR templates per class, as an explained prediction's first
+request or the evaluation does). Then the text tower's prompts in passes by length with a one-token
+last block (``zeroshot.TrimmedPrompts``) against one pass per call of open_clip's 10 classes over
+its longest prompt: CIFAR-10's classifier and the naming's vocabulary (3 templates). Prints ms per
+call, the ratio, and the largest difference between the two outputs."""
 
 from __future__ import annotations
 
@@ -25,19 +27,26 @@ from clipscope import gemm  # noqa: E402
 from clipscope.clip import cpu_blocks  # noqa: E402
 from clipscope.clip.hooks import continue_from, residual_at  # noqa: E402
 from clipscope.clip.loading import load_clip  # noqa: E402
+from clipscope.clip import zeroshot  # noqa: E402
 from clipscope.clip.zeroshot import CLIP_CIFAR_TEMPLATES, build_classifier  # noqa: E402
-from clipscope.config import ModelConfig  # noqa: E402
+from clipscope.config import ModelConfig, NamingConfig  # noqa: E402
+from clipscope.naming import read_vocabulary  # noqa: E402
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def compare(run, rounds: int, seconds: float) -> dict[str, float]:
-    """Times ``run()`` with the blocks as modules and through :mod:`cpu_blocks`, alternately."""
-    rules = ("applies", "first_token_applies")
-    ours = {rule: getattr(cpu_blocks, rule) for rule in rules}
-    sides = {"module": {rule: lambda block, x: False for rule in rules}, "clipscope": ours}
+def compare(run, rounds: int, seconds: float, reference: dict | None = None) -> dict[str, float]:
+    """Times ``run()`` with the blocks as modules and through :mod:`cpu_blocks`, alternately; or, with a
+    ``reference`` (``{(module, attribute): value}``), with those attributes set and as ClipScope runs."""
+    rules = ("applies", "one_token_applies")
+    if reference is None:
+        reference = {(cpu_blocks, rule): (lambda block, x: False) for rule in rules}
+    ours = {key: getattr(*key) for key in reference}
+    sides = {"reference": reference, "clipscope": ours}
 
     def take(side: str) -> None:
-        for rule, fn in sides[side].items():
-            setattr(cpu_blocks, rule, fn)
+        for (module, attribute), value in sides[side].items():
+            setattr(module, attribute, value)
 
     try:
         outputs, first = {}, {}
@@ -57,10 +66,10 @@ def compare(run, rounds: int, seconds: float) -> dict[str, float]:
                 times[name].append((time.perf_counter() - started) / repeats)
     finally:
         take("clipscope")
-    module, ours = statistics.median(times["module"]), statistics.median(times["clipscope"])
-    return {"module_ms": module * 1e3, "clipscope_ms": ours * 1e3, "speedup": module / ours,
-            "max_abs_difference": (outputs["module"] - outputs["clipscope"]).abs().max().item(),
-            "output_max_abs": outputs["module"].abs().max().item()}
+    theirs, ours_s = statistics.median(times["reference"]), statistics.median(times["clipscope"])
+    return {"reference_ms": theirs * 1e3, "clipscope_ms": ours_s * 1e3, "speedup": theirs / ours_s,
+            "max_abs_difference": (outputs["reference"] - outputs["clipscope"]).abs().max().item(),
+            "output_max_abs": outputs["reference"].abs().max().item()}
 
 
 def main() -> None:
@@ -68,7 +77,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="image batches")
     parser.add_argument("--layer", type=int, default=10)
     parser.add_argument("--rest", type=int, default=24, help="streams run from the hook site to the embedding (0: none)")
-    parser.add_argument("--classes", type=int, default=10, help="classes of the zero-shot classifier (0: none)")
+    parser.add_argument("--classes", type=int, default=10, help="classes of the zero-shot classifier (0: no text tower)")
+    parser.add_argument("--concepts", type=int, default=528, help="concepts of the built-in vocabulary encoded as the naming does")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
     parser.add_argument("--seconds", type=float, default=2.0, help="about how long each side runs per round")
     a = parser.parse_args()
@@ -84,8 +94,16 @@ def main() -> None:
             results[f"rest_of_tower_batch_{a.rest}"] = compare(lambda: continue_from(clip.visual, stream, a.layer), a.rounds, a.seconds)
         if a.classes:
             names = [f"class number {i}" for i in range(a.classes)]
-            results[f"text_classifier_{a.classes}_classes"] = compare(
-                lambda: build_classifier(clip.model, "ViT-B-32", names, CLIP_CIFAR_TEMPLATES, "cpu"), a.rounds, a.seconds)
+            classifier = lambda: build_classifier(clip.model, "ViT-B-32", names, CLIP_CIFAR_TEMPLATES, "cpu")  # noqa: E731
+            results[f"text_classifier_{a.classes}_classes"] = compare(classifier, a.rounds, a.seconds)
+            concepts = read_vocabulary("builtin")[: a.concepts]
+            one_pass = {(zeroshot, "_PASS_TOKENS"): 10**9, (cpu_blocks, "one_token_applies"): lambda block, x: False}
+            for name, run, templates in (("text_classifier_cifar10", lambda: build_classifier(
+                    clip.model, "ViT-B-32", CIFAR10, CLIP_CIFAR_TEMPLATES, "cpu"), CLIP_CIFAR_TEMPLATES),
+                    (f"text_vocabulary_{len(concepts)}_concepts", lambda: build_classifier(
+                        clip.model, "ViT-B-32", concepts, NamingConfig().templates, "cpu"), NamingConfig().templates)):
+                reference = {**one_pass, (zeroshot, "_PROMPTS_PER_CALL"): 10 * len(templates)}  # open_clip's 10 classes a call
+                results[f"{name}_by_length"] = compare(run, a.rounds, a.seconds, reference)
     print(json.dumps({
         "shape": f"ViT-B-32 (random init), image tower to block {a.layer}, CPU, {torch.get_num_threads()} threads, kernel {gemm.cpu_kernel()}",
         **results,

@@ -16,10 +16,12 @@ or autocast, autograd, the ``mkl`` kernel setting). ``load_clip`` installs it, s
 ClipScope runs (extraction, evaluation, analysis, the zero-shot prompts) takes it on the CPU. Hooks
 on a block still fire: the module is called as before, only its forward changed.
 
-``forward(..., first_only=True)`` computes the block's output at the first token alone, for the image
-tower's last block, whose other outputs the CLS pooling never reads (``hooks.continue_from``, where
-:func:`first_token_applies`): the rest of the tower from block 10 runs ~4x faster, which is what
-evaluation's four conditions, an explanation's measured features and steering run.
+``forward(..., token=0)`` computes the block's output at one token alone, for a tower's last block,
+whose other outputs its pooling never reads (where :func:`one_token_applies`): the image tower's
+CLS token (``hooks.continue_from``: the rest of the tower from block 10 runs ~4x faster, which is
+what evaluation's four conditions, an explanation's measured features and steering run), and the
+text tower's end-of-text token, the last of prompts grouped by length
+(``zeroshot.TrimmedPrompts``).
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def applies(block: nn.Module, x: torch.Tensor) -> bool:
     return _on_cpu_in_fp32(block, x) and not gemm.needs_graph(x, *block.parameters())
 
 
-def first_token_applies(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``forward(block, x, first_only=True)`` may stand for the block's call when only its output
-    at the first token is read (the image tower's last block, which pools the CLS token): a :func:`plain`
+def one_token_applies(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``forward(block, x, token=...)`` may stand for the block's call when only its output at
+    that token is read (a tower's last block, before a pooling that reads one token): a :func:`plain`
     block on the CPU in fp32, with no hook to miss. Autograd may record it (its products then run
     through ``F.linear``): an explanation's backward pass then runs one token through the MLP, not 50."""
     return plain(block) and _on_cpu_in_fp32(block, x) and not _hooked(block)
@@ -71,19 +73,25 @@ def _hooked(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, first_only: bool = False) -> torch.Tensor:
+def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, token: int | torch.Tensor | None = None) -> torch.Tensor:
     """``block(x, attn_mask=attn_mask)`` for a :func:`plain` block and a batch-first ``x``; ``attn_mask``
-    is added to the attention scores, as open_clip passes it (the text tower's causal mask). With
-    ``first_only``, only the first token's output, ``[batch, 1, width]``: its query attends to every
-    token, and the rest of the block runs on that token alone."""
+    is added to the attention scores, as open_clip passes it (the text tower's causal mask). With a
+    ``token`` (0 the first, -1 the last, or a position per row), only that token's output,
+    ``[batch, 1, width]``: its query attends to the tokens its row of the mask lets it see, and the
+    rest of the block runs on that token alone."""
     attn, mlp = block.attn, block.mlp
     batch, tokens, width = x.shape
     heads = attn.num_heads
     qkv = gemm.linear(block.ln_1(x).reshape(batch * tokens, width), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     mask = attn_mask.to(x.dtype) if attn_mask is not None else None
-    if first_only:
-        q, x, mask, tokens = q[:, :, :1], x[:, :1], mask[:1] if mask is not None else None, 1
+    if isinstance(token, int):
+        one = slice(token, token + 1 or None)
+        q, x, mask, tokens = q[:, :, one], x[:, one], mask[one] if mask is not None else None, 1
+    elif token is not None:  # each row's own position
+        rows = torch.arange(batch, device=x.device)
+        q, x, tokens = q[rows, :, token].unsqueeze(2), x[rows, token].unsqueeze(1), 1
+        mask = mask[token][:, None, None, :] if mask is not None else None
     mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch * tokens, width)
     x = x + block.ls_1(gemm.linear(mixed, attn.out_proj.weight, attn.out_proj.bias).view(batch, tokens, width))
     hidden = mlp.gelu(gemm.linear(block.ln_2(x).reshape(batch * tokens, width), mlp.c_fc.weight, mlp.c_fc.bias))

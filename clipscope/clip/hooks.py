@@ -45,12 +45,12 @@ def continue_from(visual: torch.nn.Module, resid: torch.Tensor, layer: int) -> t
     """Run blocks ``layer + 1 ..`` on a residual stream, then pool and project: the image embedding.
 
     Where the tower pools the CLS token alone, the last block computes that token's output only on the
-    CPU (``cpu_blocks.first_token_applies``): the other tokens' outputs are never read."""
+    CPU (``cpu_blocks.one_token_applies``): the other tokens' outputs are never read."""
     check_layer(visual, layer)
     blocks = visual.transformer.resblocks
     last = len(blocks) - 1
-    if layer < last and _pools_cls(visual) and cpu_blocks.first_token_applies(blocks[last], resid):
-        x = cpu_blocks.forward(blocks[last], _blocks(visual, resid, layer + 1, last), first_only=True)
+    if layer < last and _pools_cls(visual) and cpu_blocks.one_token_applies(blocks[last], resid):
+        x = cpu_blocks.forward(blocks[last], _blocks(visual, resid, layer + 1, last), token=0)
     else:
         x = _blocks(visual, resid, layer + 1, len(blocks))
     pooled, _ = visual._pool(x)

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
+from clipscope.clip import cpu_blocks
+
 # The 18 templates CLIP (Radford et al. 2021) used for CIFAR-10 and CIFAR-100.
 CLIP_CIFAR_TEMPLATES = tuple(
     f"a {quality}photo of {article} {size}{{}}."
@@ -51,17 +53,34 @@ def build_classifier(model, model_name: str, class_names: Sequence[str], templat
 
     encoder = TrimmedPrompts(model) if TrimmedPrompts.exact_for(model) else model
     return open_clip.build_zero_shot_classifier(
-        encoder, tokenizer=open_clip.get_tokenizer(model_name), classnames=list(class_names), templates=list(templates), device=device
+        encoder, tokenizer=open_clip.get_tokenizer(model_name), classnames=list(class_names), templates=list(templates), device=device,
+        num_classes_per_batch=max(1, _PROMPTS_PER_CALL // len(templates)),
     )
 
 
+_PROMPTS_PER_CALL = 512
+"""About how many prompts (classes x templates) one call of the text tower encodes: open_clip's default
+of 10 classes a call gives a concept vocabulary's 3 templates calls of 30 prompts, too few to group
+by length (docs/benchmarks.md)."""
+_PASS_TOKENS = 16
+"""On the CPU, the prompts of one length share a longer prompts' pass of the text tower when the
+padding that adds is at most this many tokens: a pass costs about what ~18 tokens do (2 threads,
+docs/benchmarks.md), so a concept's three templates run together and a classifier's 180 prompts
+in a pass per length. Elsewhere (a GPU, where a token costs little beside a pass) every prompt of
+a call shares one pass."""
+
+
 class TrimmedPrompts:
-    """``model.encode_text`` run over the batch's longest prompt instead of the full context (77 tokens).
+    """``model.encode_text`` run over the prompts' own lengths instead of the full context (77 tokens).
 
     Exact for open_clip's ``CLIP`` text tower (:meth:`exact_for`): its attention is causal, so no
-    position sees the padding after it, and the pooled position (the end-of-text token, the largest
-    id) lies within the longest prompt. The CIFAR templates are at most ~15 tokens: building the
-    classifier of 30 classes x 18 templates on 2 CPU cores took 22 s over 77 tokens, 3 s trimmed.
+    position sees the padding after it, and it pools at the end-of-text token (the largest id). The
+    prompts run in passes of similar length (:data:`_PASS_TOKENS`), each over its longest prompt, and
+    on the CPU the last block computes the end-of-text tokens alone (``cpu_blocks.one_token_applies``).
+    The CIFAR templates are at most ~15 tokens: building the classifier of 30 classes x 18 templates
+    on 2 CPU cores took 22 s over 77 tokens, 3 s over the longest prompt of a call; the passes by
+    length and the one-token last block then took classifiers 1.3x and the naming vocabulary's
+    embeddings 1.6x faster (docs/benchmarks.md).
     """
 
     def __init__(self, model):
@@ -74,17 +93,43 @@ class TrimmedPrompts:
         return isinstance(model, CLIP) and model.text_pool_type == "argmax" and model.attn_mask is not None
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        from open_clip.transformer import text_global_pool
-
         m = self.model
-        length = int(text.argmax(dim=-1).max()) + 1
-        text = text[:, :length]
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(text).to(cast) + m.positional_embedding[:length].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
-        x = text_global_pool(x, text, m.text_pool_type)
+        ends = text.argmax(dim=-1)
+        order = ends.argsort(descending=True, stable=True)
+        pooled = [self._pooled(text[rows, : int(ends[rows[0]]) + 1], ends[rows]) for rows in order.split(_passes(ends[order]))]
+        x = torch.cat(pooled)[order.argsort()]
         x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
         return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+    def _pooled(self, text: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """``ln_final`` of the tower's output at each prompt's end-of-text token (``ends``)."""
+        m, length = self.model, text.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(text).to(cast) + m.positional_embedding[:length].to(cast)
+        mask, blocks = m.attn_mask[:length, :length], m.transformer.resblocks
+        if m.transformer.batch_first and not m.transformer.grad_checkpointing and cpu_blocks.one_token_applies(blocks[-1], x):
+            for block in blocks[:-1]:
+                x = block(x, attn_mask=mask)
+            return m.ln_final(cpu_blocks.forward(blocks[-1], x, mask, token=ends)[:, 0])
+        return m.ln_final(m.transformer(x, attn_mask=mask)[torch.arange(len(ends), device=x.device), ends])
+
+
+def _passes(ends: torch.Tensor) -> list[int]:
+    """The sizes of the passes over prompts sorted longest first (``ends``, their end-of-text positions):
+    on the CPU, the prompts of one length join the pass of the longer ones before them when the
+    padding that adds is within :data:`_PASS_TOKENS`, else start their own; elsewhere one pass."""
+    if ends.device.type != "cpu":
+        return [len(ends)]
+    positions, counts = torch.unique_consecutive(ends, return_counts=True)
+    sizes: list[int] = []
+    longest = 0
+    for end, count in zip(positions.tolist(), counts.tolist()):
+        if sizes and count * (longest - end) <= _PASS_TOKENS:
+            sizes[-1] += count
+        else:
+            sizes.append(count)
+            longest = end
+    return sizes
 
 
 def zero_shot_logits(model, image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,11 @@ def test_a_block_through_onednn_equals_the_module(random_clip, batch):
             assert cpu_blocks.plain(block) and cpu_blocks.applies(block, inputs)
             module = ResidualAttentionBlock.forward(block, inputs, attn_mask=mask)  # open_clip's own, not the installed one
             torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask), module, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask, first_only=True), module[:, :1], rtol=1e-5, atol=1e-5)
+            for token in (0, -1):  # the image tower's CLS token; the text tower's last (its row of the causal mask sees every token)
+                one = slice(token, token + 1 or None)
+                torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask, token=token), module[:, one], rtol=1e-5, atol=1e-5)
+            each = torch.tensor([49, 10, 0])[:batch]  # a position per row: the end-of-text tokens of prompts sharing a pass
+            torch.testing.assert_close(cpu_blocks.forward(block, inputs, mask, token=each)[:, 0], module[torch.arange(batch), each], rtol=1e-5, atol=1e-5)
 
 
 def test_it_applies_to_plain_blocks_on_the_cpu_in_fp32_without_autograd(random_clip, monkeypatch):
@@ -115,9 +119,9 @@ def test_the_last_block_computes_the_cls_token_alone_with_and_without_autograd(r
         return out.detach(), grad
 
     ours = embedding_and_gradient()
-    assert (last, {"first_only": True}) in calls  # under autograd too
+    assert (last, {"token": 0}) in calls  # under autograd too
     calls.clear()
-    monkeypatch.setattr(cpu_blocks, "first_token_applies", lambda block, x: False)
+    monkeypatch.setattr(cpu_blocks, "one_token_applies", lambda block, x: False)
     module = embedding_and_gradient()
     assert all(kw == {} for _, kw in calls)
     for a, b in zip(ours, module):
@@ -128,11 +132,11 @@ def test_a_hook_on_the_last_block_sees_its_whole_output(random_clip):
     visual, last = random_clip.visual, random_clip.visual.transformer.resblocks[-1]
     stream = torch.randn(2, 50, 768)
     with torch.no_grad():
-        assert cpu_blocks.first_token_applies(last, stream)
+        assert cpu_blocks.one_token_applies(last, stream)
         seen = []
         handle = last.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
         try:
-            assert not cpu_blocks.first_token_applies(last, stream)
+            assert not cpu_blocks.one_token_applies(last, stream)
             continue_from(visual, stream, 10)
         finally:
             handle.remove()
@@ -145,7 +149,7 @@ def test_a_tower_that_pools_every_token_runs_its_last_block_whole(random_clip, m
     monkeypatch.setattr(visual, "pool_type", "avg")
     with torch.no_grad():
         ours = continue_from(visual, stream, 10)
-        monkeypatch.setattr(cpu_blocks, "first_token_applies", lambda block, x: False)
+        monkeypatch.setattr(cpu_blocks, "one_token_applies", lambda block, x: False)
         torch.testing.assert_close(ours, continue_from(visual, stream, 10), rtol=1e-5, atol=1e-5)
 
 
