@@ -1,6 +1,6 @@
-"""CLIP ViT-B/32 on the CPU: its blocks with their products through oneDNN
-(``clipscope/clip/cpu_blocks.py``, what ClipScope runs) against the same blocks run as open_clip's
-modules (torch's own path: MKL's products, the fused attention kernel), alternately in the same
+"""CLIP ViT-B/32 on the CPU: its blocks and patch embedding with their products through oneDNN
+(``clipscope/clip/cpu_blocks.py``, what ClipScope runs) against the same modules run as open_clip's
+(torch's own path: MKL's products, the fused attention kernel, ``conv2d``), alternately in the same
 process on the same inputs. The image tower to block 10 at batch 1 (an analysed upload) and at
 extraction's batches; the rest of it from block 10 (where ClipScope's last block computes the CLS
 token alone) for 24 streams, as an explanation measures its features; the text tower building a
@@ -38,9 +38,9 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 def compare(run, rounds: int, seconds: float, reference: dict | None = None) -> dict[str, float]:
     """Times ``run()`` with the blocks as modules and through :mod:`cpu_blocks`, alternately; or, with a
     ``reference`` (``{(module, attribute): value}``), with those attributes set and as ClipScope runs."""
-    rules = ("applies", "one_token_applies")
+    rules = ("applies", "one_token_applies", "_patches_apply")
     if reference is None:
-        reference = {(cpu_blocks, rule): (lambda block, x: False) for rule in rules}
+        reference = {(cpu_blocks, rule): (lambda module, x: False) for rule in rules}
     ours = {key: getattr(*key) for key in reference}
     sides = {"reference": reference, "clipscope": ours}
 

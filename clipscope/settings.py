@@ -56,9 +56,9 @@ class Settings(BaseSettings):
     )
     cpu_gemm: Literal["onednn", "mkl"] = Field(
         default="onednn",
-        description="Kernel of the dense fp32 products on the CPU (the SAE encoder, the neighbour search, CLIP's blocks): "
-        "'onednn' (torch's oneDNN matmul, 1.1-1.8x faster than MKL on AMD CPUs; CLIP's blocks then run as "
-        "clipscope/clip/cpu_blocks.py) or 'mkl' (plain F.linear, CLIP's blocks as open_clip's modules). "
+        description="Kernel of the dense fp32 products on the CPU (the SAE encoder, the neighbour search, CLIP's blocks "
+        "and patch embedding): 'onednn' (torch's oneDNN matmul, 1.1-1.8x faster than MKL on AMD CPUs; CLIP's blocks "
+        "and patch embedding then run as clipscope/clip/cpu_blocks.py) or 'mkl' (plain F.linear, CLIP's modules as open_clip's). "
         "Fixed per process, never chosen by timing.",
     )
     reads_in_event_loop: Literal["auto", "yes", "no"] = Field(

@@ -68,6 +68,7 @@ def test_it_applies_to_plain_blocks_on_the_cpu_in_fp32_without_autograd(random_c
 def test_load_clip_installs_it_on_both_towers_and_hooks_still_fire(random_clip, counted):
     blocks = [m for m in random_clip.model.modules() if isinstance(m, ResidualAttentionBlock)]
     assert len(blocks) == 24 and all(type(b) is cpu_blocks.CpuResidualAttentionBlock for b in blocks)
+    assert type(random_clip.visual.conv1) is cpu_blocks.CpuPatchEmbedding
     assert cpu_blocks.install(random_clip.model) == 0  # already there
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     seen = []
@@ -168,3 +169,24 @@ def test_a_dropped_model_is_freed_at_once(monkeypatch):
         assert block() is None
     finally:
         gc.enable()
+
+
+def test_the_patch_embedding_as_one_product_equals_the_convolution(random_clip, monkeypatch):
+    conv = random_clip.visual.conv1
+    products = []
+    linear = gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda x, w, b: products.append(x.shape) or linear(x, w, b))
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ours = conv(images)
+        assert products == [(3 * 49, 3 * 32 * 32)], "one product of the unfolded patches"
+        expected = torch.nn.functional.conv2d(images, conv.weight, stride=32)
+        assert ours.shape == expected.shape == (3, 768, 7, 7)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        products.clear()
+        torch.testing.assert_close(conv(images[:, :, :200, :224]), torch.nn.functional.conv2d(images[:, :, :200, :224], conv.weight, stride=32))
+        assert products == [], "an input the patches do not tile: the convolution"
+    with torch.enable_grad():
+        x = images.clone().requires_grad_(True)
+        conv(x).sum().backward()  # autograd: the convolution
+    assert products == [] and x.grad is not None
