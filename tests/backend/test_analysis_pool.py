@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.services.analysis_pool import AnalysisPool, PoolClosed, PoolFull
+from backend.services.analysis_pool import AnalysisInterrupted, AnalysisPool, PoolClosed, PoolFull
 from backend.services.prediction import Question
 
 
@@ -90,15 +90,19 @@ def test_the_app_s_shutdown_closes_its_analysis(web_data, tmp_path):
     assert not worker.is_alive() and analyzer.loaded() == 0, "CLIP and the SAE are let go"
 
 
-def test_an_upload_the_shutdown_left_unanswered_is_a_503_to_retry(web):
+@pytest.mark.parametrize("error, retry_after, words", [
+    (PoolClosed("The server shut down before this upload was analysed."), "5", "shutting down"),
+    (AnalysisInterrupted("The analysis was interrupted (KeyboardInterrupt); try again."), "1", "interrupted"),
+], ids=["shutdown", "interrupted"])
+def test_an_upload_the_pool_left_unanswered_is_a_503_to_retry(web, error, retry_after, words):
     from concurrent.futures import Future
 
     client, key = web
-    closed = Future()
-    closed.set_exception(PoolClosed("The server shut down before this upload was analysed."))
-    client.app.state.analysis.submit = lambda *args, **kwargs: closed
+    failed = Future()
+    failed.set_exception(error)
+    client.app.state.analysis.submit = lambda *args, **kwargs: failed
     r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
-    assert r.status_code == 503 and r.headers["Retry-After"] == "5" and "shutting down" in r.json()["detail"]
+    assert r.status_code == 503 and r.headers["Retry-After"] == retry_after and words in r.json()["detail"]
 
 
 def _png() -> bytes:
@@ -148,8 +152,6 @@ class InterruptingAnalyzer(RecordingAnalyzer):
 
 
 def test_an_interrupted_worker_fails_every_upload_it_took_and_the_next_upload_starts_another(monkeypatch):
-    from backend.services.analysis_pool import AnalysisInterrupted
-
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's end is expected here
     analyzer = InterruptingAnalyzer()
     pool = AnalysisPool(analyzer, queue_size=8, max_batch=8)
@@ -165,16 +167,3 @@ def test_an_interrupted_worker_fails_every_upload_it_took_and_the_next_upload_st
     assert not pool._thread.is_alive()
     assert pool.submit(b, "3").result(10) == ("b", "3", False, None), "a later upload starts a worker again"
     pool.close(timeout=10)
-
-
-def test_an_interrupted_analysis_is_a_503_to_retry(web):
-    from concurrent.futures import Future
-
-    from backend.services.analysis_pool import AnalysisInterrupted
-
-    client, key = web
-    interrupted = Future()
-    interrupted.set_exception(AnalysisInterrupted("The analysis was interrupted (KeyboardInterrupt); try again."))
-    client.app.state.analysis.submit = lambda *args, **kwargs: interrupted
-    r = client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")})
-    assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "interrupted" in r.json()["detail"]
