@@ -129,3 +129,18 @@ def test_class_support_is_the_mean_over_each_class_s_images_of_the_centred_logit
     mean = expected[2] / 2
     best = [f for f in mean.argsort(descending=True)[:3].tolist() if mean[f] > 0]
     assert [f for f, _ in top[2]] == best and all(v == pytest.approx(float(mean[f]), abs=1e-5) for f, v in top[2])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40], ids=["one_image", "few_slots", "many_slots"])
+def test_slopes_along_the_fired_atoms_equal_the_dense_product_s(rows, monkeypatch):
+    from clipscope.attribution import slopes_along
+
+    gen = torch.Generator().manual_seed(rows)
+    atoms, g = torch.randn(256, 16, generator=gen), torch.randn(rows, 16, generator=gen)
+    indices = torch.stack([torch.randperm(256, generator=gen)[:32] for _ in range(rows)])
+    products = []
+    matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(b.shape) or matmul(a, b))
+    got = slopes_along(g, atoms, indices, chunk=16)
+    assert (products != []) == (rows * 32 * 2 > 256), "few slots read only their atoms; many, every atom once a chunk"
+    torch.testing.assert_close(got, torch.einsum("rd,rkd->rk", g, atoms[indices]), rtol=1e-5, atol=1e-5)
