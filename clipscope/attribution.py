@@ -74,17 +74,18 @@ def explain(
     target: int | None = None,
     exact: int = 24,
     contrast: int | None = None,
+    code: SparseCode | None = None,
 ) -> Explanation:
     """Explain one image from its residual stream ``resid`` ``[1, positions, width]`` after block ``layer``.
 
     ``classifier`` is ``[embed_dim, classes]`` (``build_classifier``); ``exact`` bounds how many
-    features are measured by running the tower (the rest keep their estimate only).
+    features are measured by running the tower (the rest keep their estimate only). ``code``: the SAE's
+    code of the stream's tokens (``sae.encode(resid[0, tokens])``), when the caller has it.
     """
     check_question(resid, classifier, classes, "explain")
     visual, select = model.visual, token_slice(tokens)
     with torch.no_grad():
-        x = resid[0, select].float()
-        code = sae.encode(x)
+        code = code if code is not None else sae.encode(resid[0, select].float())
         x_hat = sae.decode(code)
         spliced = resid.clone()
         spliced[0, select] = x_hat.to(resid.dtype)

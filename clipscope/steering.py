@@ -117,21 +117,25 @@ def steer(
     classifier: torch.Tensor,
     classes: list[str],
     edits: list[Edit],
+    code: SparseCode | None = None,
 ) -> Steering:
     """Apply ``edits`` to one image's residual stream ``resid`` ``[1, positions, width]`` after block
-    ``layer`` and read the zero-shot prediction over ``classifier`` ``[embed_dim, classes]``, clean and edited."""
+    ``layer`` and read the zero-shot prediction over ``classifier`` ``[embed_dim, classes]``, clean and edited.
+    ``code``: the SAE's code of the stream's tokens, when the caller has it (:func:`edit_stream`)."""
     check_question(resid, classifier, classes, "steer")
     with torch.no_grad():
-        edited, before, after = edit_stream(sae, resid, tokens, edits)
+        edited, before, after = edit_stream(sae, resid, tokens, edits, code)
         logits = zero_shot_logits(model, continue_from(model.visual, torch.cat([resid, edited]), layer), classifier)
     return Steering(list(classes), list(edits), logits[0].softmax(-1).cpu(), logits[1].softmax(-1).cpu(), (logits[1] - logits[0]).cpu(),
                     before[0].tolist(), after[0].tolist())
 
 
-def edit_stream(sae: TopKSAE, resid: torch.Tensor, tokens: str, edits: list[Edit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def edit_stream(sae: TopKSAE, resid: torch.Tensor, tokens: str, edits: list[Edit], code: SparseCode | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``resid`` ``[batch, positions, width]`` with ``edits`` applied at the SAE's tokens of every image,
     and each edited feature's activation per image before and after the edit (its largest over the
-    tokens), ``[batch, len(edits)]`` each."""
+    tokens), ``[batch, len(edits)]`` each. ``code``: the SAE's code of those tokens (``[batch * tokens]``
+    rows, row-major), when the caller has it."""
     if not edits:
         raise ValueError("an edit of the stream needs at least one edit")
     if bad := [e.feature for e in edits if not 0 <= e.feature < sae.d_sae]:
@@ -141,7 +145,7 @@ def edit_stream(sae: TopKSAE, resid: torch.Tensor, tokens: str, edits: list[Edit
     select = token_slice(tokens)
     x = resid[:, select].float()
     b, t, d = x.shape
-    before, after = edited_activations(sae.encode(x.reshape(b * t, d)), edits)  # [m, b * t]
+    before, after = edited_activations(code if code is not None else sae.encode(x.reshape(b * t, d)), edits)  # [m, b * t]
     atoms = sae.W_dec.detach().float()[[e.feature for e in edits]]  # [m, width]
     edited = resid.clone()
     edited[:, select] = (x + ((after - before).T @ atoms).view(b, t, d)).to(resid.dtype)

@@ -19,7 +19,7 @@ from clipscope.clip.zeroshot import build_classifier, template_set
 from clipscope.config import ModelConfig
 from clipscope.db.models import Sae
 from clipscope.sae.io import load_sae
-from clipscope.sae.model import TopKSAE
+from clipscope.sae.model import SparseCode, TopKSAE
 from clipscope.steering import Steering, steer
 from clipscope.token_maps import firing_entries, occlusions
 
@@ -129,11 +129,9 @@ class Analyzer:
                                        loaded.model_cfg.name, classes, templates, self.device)
         return self._classifiers.get((_weights_of(loaded.model_cfg), tuple(templates), classes), make)
 
-    def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool, resid: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:func:`firing_entries` of a preprocessed batch (or of its residual stream ``resid``)."""
-        if resid is None:
-            resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
+    def _entries(self, loaded: _Loaded, batch: torch.Tensor, maps: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:func:`firing_entries` of a preprocessed batch."""
+        resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
         return firing_entries(loaded.sae, resid[:, token_slice(loaded.model_cfg.tokens)], maps)
 
     def _occluded(self, loaded: _Loaded, image: torch.Tensor, features: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -157,15 +155,17 @@ class Analyzer:
         loaded = self._get(sae)
         return build_classifier(loaded.clip.model, loaded.model_cfg.name, [text], templates, self.device)[:, 0].float().cpu()
 
-    def _explain(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, question: Question) -> Explanation:
+    def _explain(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, code: SparseCode, question: Question) -> Explanation:
         classifier = self._classifier(sae, loaded, question.classes)
         with torch.inference_mode(False):  # one backward pass, from a stream that is not an inference tensor
+            code = SparseCode(code.indices.clone(), code.values.clone(), code.d_sae)
             return explain(loaded.clip.model, loaded.sae, resid.clone(), loaded.model_cfg.layer, loaded.model_cfg.tokens,
-                           classifier.clone(), list(question.classes), question.target, exact=question.measure, contrast=question.contrast)
+                           classifier.clone(), list(question.classes), question.target, exact=question.measure, contrast=question.contrast,
+                           code=code)
 
-    def _steer(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, question: Question) -> Steering:
+    def _steer(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, code: SparseCode, question: Question) -> Steering:
         return steer(loaded.clip.model, loaded.sae, resid, loaded.model_cfg.layer, loaded.model_cfg.tokens,
-                     self._classifier(sae, loaded, question.classes), list(question.classes), list(question.edits))
+                     self._classifier(sae, loaded, question.classes), list(question.classes), list(question.edits), code)
 
     @torch.inference_mode()
     def analyse(self, sae: Sae, images: list[Image.Image], occlude: bool = False, question: Question | None = None) -> list[Analysis]:
@@ -175,14 +175,17 @@ class Analyzer:
         loaded = self._get(sae)
         batch = loaded.preprocess(images, self.device)
         resid = residual_at(loaded.clip.visual, batch, loaded.model_cfg.layer)
-        img, feat, val, maps = self._entries(loaded, batch, maps=True, resid=resid)
+        x = resid[:, token_slice(loaded.model_cfg.tokens)]
+        tokens = x.shape[1]
+        code = loaded.sae.encode(x.reshape(-1, x.shape[2]).float())  # once: an explanation and edits read it too
+        img, feat, val, maps = firing_entries(loaded.sae, x, True, code)
         out = []
         for row, view in enumerate(loaded.preprocess.pixels(batch)):
             mine = img == row
             occluded = self._occluded(loaded, batch[row], feat[mine]) if occlude else None
-            one = resid[row : row + 1]
-            explanation = self._explain(sae, loaded, one, question) if question and question.explain else None
-            steering = self._steer(sae, loaded, one, question) if question and question.edits else None
+            one, its_code = resid[row : row + 1], code.rows(row * tokens, (row + 1) * tokens)
+            explanation = self._explain(sae, loaded, one, its_code, question) if question and question.explain else None
+            steering = self._steer(sae, loaded, one, its_code, question) if question and question.edits else None
             out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), maps[mine] if maps is not None else None,
                                 model_view=view, occluded=occluded, explanation=explanation, steering=steering))
         return out

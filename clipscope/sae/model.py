@@ -42,6 +42,10 @@ class SparseCode:
         """Number of non-zero latents per input, ``[batch]``."""
         return (self.values > 0).sum(dim=-1)
 
+    def rows(self, start: int, stop: int) -> "SparseCode":
+        """The code of inputs ``start .. stop - 1`` (views, no copy)."""
+        return SparseCode(self.indices[start:stop], self.values[start:stop], self.d_sae)
+
     def to_dense(self) -> torch.Tensor:
         dense = self.values.new_zeros(self.values.shape[0], self.d_sae)
         return dense.scatter_(1, self.indices, self.values)

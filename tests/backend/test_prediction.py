@@ -376,3 +376,15 @@ def test_a_patch_token_sae_is_steered_at_its_patches(patch_web_data, tmp_path):
     for e in s["edits"]:
         assert (e["before"], e["after"]) == pytest.approx(acts[e["index"]], rel=1e-5)
     assert s["edits"][0]["before"] == pytest.approx(fired[0]["activation"], rel=1e-5)
+
+
+def test_an_upload_explained_and_edited_goes_through_the_encoder_once(web, monkeypatch):
+    from clipscope.sae.model import TopKSAE
+
+    client, key = web
+    assert _analyze(client, key).status_code == 200  # CLIP and the SAE loaded
+    encoded, encode = [], TopKSAE.encode
+    monkeypatch.setattr(TopKSAE, "encode", lambda self, x, *args, **kwargs: encoded.append(x.shape) or encode(self, x, *args, **kwargs))
+    body = _analyze(client, key, explain=True, edits="0*2, 1=1").json()
+    assert body["prediction"]["features"] and body["steering"]["edits"]
+    assert len(encoded) == 1, "the explanation and the edits read the analysis's code"

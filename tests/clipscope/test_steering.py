@@ -107,3 +107,22 @@ def test_edits_are_read_from_text():
                        ("1=1e5", "beyond"), ("1=inf", "Cannot read"), (",".join(f"{i}=0" for i in range(33)), "at most 32")):
         with pytest.raises(EditError, match=says):
             parse_edits(text, 64)
+
+
+@pytest.mark.parametrize("tokens", ["cls", "all"])
+def test_a_code_the_caller_has_is_read_instead_of_encoding_again(random_clip, image, classifier, tokens, monkeypatch):
+    """Explanation and edits of an analysed upload read the analysis's own code: the same answers
+    without a second pass through the encoder."""
+    sae, resid, code = stream_and_code(random_clip, image, tokens)
+    on = firing(code)
+    edits = [Edit(on[0], 3.0, scale=True), Edit(on[1], 0.25)]
+    explained, steered = (explain(random_clip.model, sae, resid, LAYER, tokens, classifier, CLASSES, exact=4),
+                          steer(random_clip.model, sae, resid, LAYER, tokens, classifier, CLASSES, edits))
+
+    def refuse(*_args, **_kwargs):
+        raise RuntimeError("encoded again")
+
+    monkeypatch.setattr(sae, "encode", refuse)
+    again = explain(random_clip.model, sae, resid, LAYER, tokens, classifier, CLASSES, exact=4, code=code)
+    assert again.estimates == explained.estimates and again.effects == explained.effects
+    torch.testing.assert_close(steer(random_clip.model, sae, resid, LAYER, tokens, classifier, CLASSES, edits, code).steered, steered.steered)
