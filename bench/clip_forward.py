@@ -31,8 +31,7 @@ from clipscope.clip import zeroshot  # noqa: E402
 from clipscope.clip.zeroshot import CLIP_CIFAR_TEMPLATES, build_classifier  # noqa: E402
 from clipscope.config import ModelConfig, NamingConfig  # noqa: E402
 from clipscope.naming import read_vocabulary  # noqa: E402
-
-CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+from serve import CIFAR10  # noqa: E402  (bench/serve.py's ten classes)
 
 
 def compare(run, rounds: int, seconds: float, reference: dict | None = None) -> dict[str, float]:
