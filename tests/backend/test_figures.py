@@ -25,6 +25,14 @@ def test_what_a_dataset_names_is_escaped():
     assert 'alt="image #7"' in str(figures([_example(class_name=None)])), "an unlabelled image"
 
 
+def test_each_character_that_needs_it_is_escaped_alone_and_plain_text_is_kept():
+    for char, entity in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ('"', "&#34;"), ("'", "&#39;")):
+        html = str(figures([_example(class_name=f"a{char}b", thumbnail=f"/t/{char}.webp")]))
+        assert f'src="/t/{entity}.webp" alt="a{entity}b #7"' in html, char
+        assert f"a{entity}b" in str(label_badge({"category": "visual", "text": f"a{char}b"})), char
+    assert 'src="/thumbnails/ab/cd.webp" alt="sushi #7"' in str(figures([_example()]))
+
+
 def test_a_token_map_veils_the_image_only_for_an_sae_over_patches_and_links_wrap_both():
     mapped = _example(token_map=[1.0] + [0.0] * 48)
     html = str(figures([mapped], tokens="patches", link="/saes/k/images/"))
