@@ -31,14 +31,14 @@ def figures(examples: Iterable[dict[str, Any]], tokens: str | None = None, link:
     """One ``<figure>`` per example: its thumbnail, veiled where the feature does not fire when ``tokens``
     (the SAE's token mode) is given and the example has a token map, linked to ``link`` + its image id
     when ``link`` is given, and captioned with its activation."""
-    out = []
+    out, href = [], escape(link) if link else None
     for e in examples:
         veil = veil_data_uri(e["token_map"], tokens) if tokens and e["token_map"] else None
         img = f'<img src="{_escaped(e["thumbnail"])}" alt="{_escaped(e["class_name"] or "image")} #{e["index"]}" loading="lazy">'
         if veil:
             img += _VEIL.format(escape(veil))
-        if link:
-            img = f'<a class="to-image" href="{escape(link)}{e["image_id"]}" title="what else this image fires">{img}</a>'
+        if href:
+            img = f'<a class="to-image" href="{href}{e["image_id"]}" title="what else this image fires">{img}</a>'
         out.append(f'<figure{_MAPPED if veil else ""}>{img}<figcaption>{"%.3g" % e["activation"]}</figcaption></figure>')
     return Markup("\n".join(out))
 
