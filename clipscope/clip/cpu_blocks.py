@@ -73,16 +73,28 @@ def _hooked(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
-def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, token: int | torch.Tensor | None = None) -> torch.Tensor:
+def forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, token: int | torch.Tensor | None = None,
+            shared_rest: bool = False) -> torch.Tensor:
     """``block(x, attn_mask=attn_mask)`` for a :func:`plain` block and a batch-first ``x``; ``attn_mask``
     is added to the attention scores, as open_clip passes it (the text tower's causal mask). With a
     ``token`` (0 the first, -1 the last, or a position per row), only that token's output,
     ``[batch, 1, width]``: its query attends to the tokens its row of the mask lets it see, and the
-    rest of the block runs on that token alone."""
+    rest of the block runs on that token alone.
+
+    ``shared_rest`` (with an int ``token``): every row of ``x`` equals the first outside ``token`` (copies
+    of one stream edited at that token), so the keys and values there are computed once, from the first
+    row: the QKV product runs on ``tokens + batch - 1`` rows instead of ``batch * tokens``. Not where
+    autograd records ``x``, whose other rows would then get no gradient there."""
     attn, mlp = block.attn, block.mlp
     batch, tokens, width = x.shape
     heads = attn.num_heads
-    qkv = gemm.linear(block.ln_1(x).reshape(batch * tokens, width), attn.in_proj_weight, attn.in_proj_bias)
+    if shared_rest and isinstance(token, int) and not (torch.is_grad_enabled() and x.requires_grad):
+        t = token % tokens
+        qkv = gemm.linear(block.ln_1(torch.cat([x[0], x[1:, t]])), attn.in_proj_weight, attn.in_proj_bias)
+        rest, own = qkv[None, :tokens].expand(batch, -1, -1), torch.cat([qkv[t : t + 1], qkv[tokens:]])[:, None]
+        qkv = torch.cat([rest[:, :t], own, rest[:, t + 1 :]], 1)  # each row's own token among the shared ones
+    else:
+        qkv = gemm.linear(block.ln_1(x).reshape(batch * tokens, width), attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     mask = attn_mask.to(x.dtype) if attn_mask is not None else None
     if isinstance(token, int):

@@ -37,6 +37,17 @@ def test_each_measured_effect_is_the_whole_model_with_the_feature_removed_from_t
     assert changes == sorted(changes)
 
 
+@pytest.mark.parametrize("tokens", ["cls", "all"])
+def test_the_measured_copies_of_a_cls_stream_share_the_last_blocks_other_tokens(random_clip, image, classifier, tokens, monkeypatch):
+    """Removing a feature of a CLS SAE edits the CLS token alone, so the copies' other tokens are computed once."""
+    from clipscope.clip import cpu_blocks
+
+    calls, forward = [], cpu_blocks.forward
+    monkeypatch.setattr(cpu_blocks, "forward", lambda block, x, *a, **kw: calls.append((x.shape[0], kw.get("shared_rest"))) or forward(block, x, *a, **kw))
+    run(random_clip, image, classifier, tokens, exact=6)
+    assert ((6, True) in calls) == (tokens == "cls") and ((6, False) in calls) == (tokens == "all")
+
+
 def test_estimates_are_the_first_order_change(random_clip, image, classifier):
     """The estimate is the derivative of the logit along the removed vector: a small fraction of it
     removed changes the logit by that fraction of the estimate."""

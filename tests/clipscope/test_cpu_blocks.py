@@ -120,13 +120,55 @@ def test_the_last_block_computes_the_cls_token_alone_with_and_without_autograd(r
         return out.detach(), grad
 
     ours = embedding_and_gradient()
-    assert (last, {"token": 0}) in calls  # under autograd too
+    assert (last, {"token": 0, "shared_rest": False}) in calls  # under autograd too
     calls.clear()
     monkeypatch.setattr(cpu_blocks, "one_token_applies", lambda block, x: False)
     module = embedding_and_gradient()
     assert all(kw == {} for _, kw in calls)
     for a, b in zip(ours, module):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def qkv_rows(monkeypatch):
+    """The rows of every product :func:`cpu_blocks.forward` ran with the attention's packed QKV weight."""
+    rows, linear = [], gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda x, w, b=None: (rows.append(x.shape[0]) if w.shape[0] == 3 * w.shape[1] else None) or linear(x, w, b))
+    return rows
+
+
+@pytest.mark.parametrize("token", [0, -1, 4])
+def test_copies_edited_at_one_token_share_the_other_tokens_keys_and_values(random_clip, qkv_rows, token):
+    causal = torch.full((50, 50), float("-inf")).triu(1)
+    for block, width, mask in ((random_clip.visual.transformer.resblocks[11], 768, None), (random_clip.visual.transformer.resblocks[11], 768, causal),
+                               (_layer_scaled_block(), 64, None)):
+        g = torch.Generator().manual_seed(6)
+        x = torch.randn(1, 50, width, generator=g).repeat(5, 1, 1)
+        x[:, token] += torch.randn(5, width, generator=g)  # five copies of one stream, each edited at that token
+        one = slice(token, token + 1 or None)
+        with torch.inference_mode():
+            module = ResidualAttentionBlock.forward(block, x, attn_mask=mask)[:, one]
+            qkv_rows.clear()
+            torch.testing.assert_close(cpu_blocks.forward(block, x, mask, token=token, shared_rest=True), module, rtol=1e-5, atol=1e-5)
+            assert qkv_rows == [50 + 5 - 1], "the first row whole, then the others' own token"
+    x = x.clone().requires_grad_(True)  # autograd would give the other rows no gradient at the shared tokens: the whole product
+    qkv_rows.clear()
+    (grad,) = torch.autograd.grad(cpu_blocks.forward(block, x, token=token, shared_rest=True).sum(), x)
+    assert qkv_rows == [5 * 50] and grad[1:].abs().sum(-1).gt(0).all()
+
+
+def test_continuing_from_the_block_before_the_last_shares_the_keys_and_values_of_cls_edits(random_clip, qkv_rows):
+    visual = random_clip.visual
+    with torch.no_grad():
+        for layer in (10, 9):
+            stream = residual_at(visual, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7)), layer).repeat(4, 1, 1)
+            stream[:, 0] += torch.randn(4, 768, generator=torch.Generator().manual_seed(8))
+            qkv_rows.clear()
+            shared = continue_from(visual, stream, layer, cls_edits_only=True)
+            last = qkv_rows[-1]
+            torch.testing.assert_close(shared, continue_from(visual, stream, layer), rtol=1e-5, atol=1e-5)
+            # after block 9, block 10 carries each copy's edit to every token: the last block runs on all of them
+            assert last == (50 + 4 - 1 if layer == 10 else 4 * 50), layer
 
 
 def test_a_hook_on_the_last_block_sees_its_whole_output(random_clip):
