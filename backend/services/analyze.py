@@ -196,20 +196,18 @@ def rank_features(session: Session, sae: Sae, analysis: Firing, limit: int = 30,
     each with where on the image it fires (``token_map``, None for a CLS-only SAE) and, when occlusion
     was asked for, how much greying out each patch lowers it (``occlusion_map``)."""
     acts = analysis.activations
-    ids = list(acts)
-    stats, labels = maxima_of(session, sae.id, ids), labels_of(session, sae.id, ids)  # plain rows, no JSON columns
+    stats = maxima_of(session, sae.id, list(acts))  # plain rows, no JSON columns
     entries = []
     for f, a in acts.items():
         mx = stats[f].max_activation if f in stats else 0.0
-        entries.append({"index": f, "activation": a, "relative": a / mx if mx > 0 else None, "max_activation": mx,
-                        "frequency": stats[f].frequency if f in stats else None, "label": label_dict(labels.get(f)),
-                        "auto_name": stats[f].auto_name if f in stats else None})
+        entries.append({"index": f, "activation": a, "relative": a / mx if mx > 0 else None, "max_activation": mx})
     by_act = sorted(entries, key=lambda e: (-e["activation"], e["index"]))[:limit]
     by_rel = sorted((e for e in entries if e["relative"] is not None), key=lambda e: (-e["relative"], e["index"]))[:limit]
-    shown = {e["index"]: e for e in by_act + by_rel}  # a feature in both rankings is one dict: filled once
-    strips = top_examples(session, sae.id, sorted(shown), limit=strip)
-    for e in shown.values():
-        e["examples"] = strips.get(e["index"], [])
-        e["token_map"] = analysis.token_map(e["index"])
-        e["occlusion_map"] = analysis.occlusion_map(e["index"])
+    shown = {e["index"]: e for e in by_act + by_rel}  # a feature in both rankings is one dict: filled once, and only these
+    ids = sorted(shown)
+    labels, strips = labels_of(session, sae.id, ids), top_examples(session, sae.id, ids, limit=strip)
+    for f, e in shown.items():
+        e.update(frequency=stats[f].frequency if f in stats else None, label=label_dict(labels.get(f)),
+                 auto_name=stats[f].auto_name if f in stats else None, examples=strips.get(f, []),
+                 token_map=analysis.token_map(f), occlusion_map=analysis.occlusion_map(f))
     return {"n_active": len(entries), "by_activation": by_act, "by_relative": by_rel}

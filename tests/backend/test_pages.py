@@ -550,6 +550,21 @@ def test_analyze_ranks_the_features_that_fire_as_clip_and_the_sae_compute_them(w
     assert np.abs(view - 255 * expected.permute(1, 2, 0).numpy()).max() <= 1, "exactly the crop CLIP saw, not the upload"
 
 
+def test_each_ranked_feature_of_an_analysis_carries_its_label_and_frequency(web):
+    client, key = web
+    post = lambda: client.post(f"/api/saes/{key}/analyze", files={"file": ("x.png", _png(), "image/png")}).json()  # noqa: E731
+    top = post()["by_activation"][0]["index"]
+    assert client.post(f"/api/saes/{key}/features/{top}/labels", json={"text": "stripes", "category": "visual", "author": "ann"}).status_code == 201
+    body = post()
+    freqs = {f["index"]: f["frequency"] for f in client.get(f"/api/saes/{key}/features", params={"per_page": 64}).json()["features"]}
+    for e in body["by_activation"] + body["by_relative"]:
+        assert e["frequency"] == freqs[e["index"]]
+        if e["index"] == top:
+            assert (e["label"]["text"], e["label"]["category"], e["label"]["author"]) == ("stripes", "visual", "ann")
+        else:
+            assert e["label"] is None
+
+
 @pytest.mark.parametrize("payload", [b"", b"not an image at all", _png()[:60]])
 def test_analyze_refuses_what_is_not_an_image_with_a_clear_4xx(web, payload):
     client, key = web
