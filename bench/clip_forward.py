@@ -3,7 +3,9 @@
 (torch's own path: MKL's products, the fused attention kernel, ``conv2d``), alternately in the same
 process on the same inputs. The image tower to block 10 at batch 1 (an analysed upload) and at
 extraction's batches; the rest of it from block 10 (where ClipScope's last block computes the CLS
-token alone) for 24 streams, as an explanation measures its features; the text tower building a
+token alone) for 24 streams, as an explanation measures its features, and for 24 copies of one stream
+edited at the CLS token (a CLS SAE's measured features), whose last block computes the other tokens'
+keys and values once (``shared_rest``) against for every copy; the text tower building a
 zero-shot classifier (CLIP's 18 CIFAR templates per class, as an explained prediction's first
 request or the evaluation does). Then the text tower's prompts in passes by length with a one-token
 last block (``zeroshot.TrimmedPrompts``) against one pass per call of open_clip's 10 classes over
@@ -82,7 +84,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="about how long each side runs per round")
     a = parser.parse_args()
     clip = load_clip(ModelConfig(pretrained="none"), "cpu")
-    results = {}
+    results, forward = {}, cpu_blocks.forward
     with torch.inference_mode():
         for batch in a.batches:
             images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
@@ -91,6 +93,11 @@ def main() -> None:
         if a.rest:  # the tower after the hook site, as an explanation runs it for the features it measures
             stream = torch.randn(a.rest, 50, 768, generator=torch.Generator().manual_seed(0))
             results[f"rest_of_tower_batch_{a.rest}"] = compare(lambda: continue_from(clip.visual, stream, a.layer), a.rounds, a.seconds)
+            copies = stream[:1].repeat(a.rest, 1, 1)  # one stream, each copy edited at the CLS token alone (a CLS SAE's measured features)
+            copies[:, 0] += torch.randn(a.rest, 768, generator=torch.Generator().manual_seed(1))
+            whole = {(cpu_blocks, "forward"): lambda block, x, *args, shared_rest=False, **kw: forward(block, x, *args, **kw)}
+            results[f"rest_of_tower_cls_copies_{a.rest}"] = compare(
+                lambda: continue_from(clip.visual, copies, a.layer, cls_edits_only=True), a.rounds, a.seconds, whole)
         if a.classes:
             names = [f"class number {i}" for i in range(a.classes)]
             classifier = lambda: build_classifier(clip.model, "ViT-B-32", names, CLIP_CIFAR_TEMPLATES, "cpu")  # noqa: E731
