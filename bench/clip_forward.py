@@ -97,7 +97,7 @@ def main() -> None:
             copies[:, 0] += torch.randn(a.rest, 768, generator=torch.Generator().manual_seed(1))
             whole = {(cpu_blocks, "forward"): lambda block, x, *args, shared_rest=False, **kw: forward(block, x, *args, **kw)}
             results[f"rest_of_tower_cls_copies_{a.rest}"] = compare(
-                lambda: continue_from(clip.visual, copies, a.layer, cls_edits_only=True), a.rounds, a.seconds, whole)
+                lambda: continue_from(clip.visual, copies, a.layer, edited_at=slice(0, 1)), a.rounds, a.seconds, whole)
         if a.classes:
             names = [f"class number {i}" for i in range(a.classes)]
             classifier = lambda: build_classifier(clip.model, "ViT-B-32", names, CLIP_CIFAR_TEMPLATES, "cpu")  # noqa: E731

@@ -89,8 +89,7 @@ def explain(
         x_hat = sae.decode(code)
         spliced = resid.clone()
         spliced[0, select] = x_hat.to(resid.dtype)
-        stream = continue_from(visual, torch.cat([resid, spliced]), layer, cls_edits_only=tokens == "cls")
-        clean_logits, spliced_logits = zero_shot_logits(model, stream, classifier)
+        clean_logits, spliced_logits = zero_shot_logits(model, continue_from(visual, torch.cat([resid, spliced]), layer, edited_at=select), classifier)
     target = int(clean_logits.argmax()) if target is None else target
     for name, c in (("target", target), ("contrast", contrast)):
         if c is not None and not 0 <= c < len(classes):
@@ -154,7 +153,7 @@ def _measure(model, sae: TopKSAE, resid, layer: int, select: slice, code, chosen
         edited = resid.expand(len(feats), -1, -1).clone()
         removed = amount[:, :, None] * sae.W_dec.float()[feats][:, None, :]  # [m, t, width]
         edited[:, select] = (edited[:, select].float() - removed).to(resid.dtype)
-        logits = zero_shot_logits(model, continue_from(model.visual, edited, layer, cls_edits_only=select == token_slice("cls")), classifier)
+        logits = zero_shot_logits(model, continue_from(model.visual, edited, layer, edited_at=select), classifier)
         probs, change = logits.softmax(-1), logits @ weight - clean
         for i, f in enumerate(feats.tolist()):
             out.append(FeatureEffect(f, float(amount[i].max()), 0.0, float(change[i]), float(probs[i, target]), int(logits[i].argmax())))

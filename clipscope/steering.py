@@ -125,7 +125,7 @@ def steer(
     check_question(resid, classifier, classes, "steer")
     with torch.no_grad():
         edited, before, after = edit_stream(sae, resid, tokens, edits, code)
-        logits = zero_shot_logits(model, continue_from(model.visual, torch.cat([resid, edited]), layer, cls_edits_only=tokens == "cls"), classifier)
+        logits = zero_shot_logits(model, continue_from(model.visual, torch.cat([resid, edited]), layer, edited_at=token_slice(tokens)), classifier)
     return Steering(list(classes), list(edits), logits[0].softmax(-1).cpu(), logits[1].softmax(-1).cpu(), (logits[1] - logits[0]).cpu(),
                     before[0].tolist(), after[0].tolist())
 

@@ -41,19 +41,19 @@ def residual_at(visual: torch.nn.Module, images: torch.Tensor, layer: int) -> to
     return _blocks(visual, visual._embeds(images), 0, layer + 1)
 
 
-def continue_from(visual: torch.nn.Module, resid: torch.Tensor, layer: int, cls_edits_only: bool = False) -> torch.Tensor:
+def continue_from(visual: torch.nn.Module, resid: torch.Tensor, layer: int, edited_at: slice | None = None) -> torch.Tensor:
     """Run blocks ``layer + 1 ..`` on a residual stream, then pool and project: the image embedding.
 
     Where the tower pools the CLS token alone, the last block computes that token's output only on the
-    CPU (``cpu_blocks.one_token_applies``): the other tokens' outputs are never read. ``cls_edits_only``:
-    the rows of ``resid`` are copies of one stream that differ at the CLS token alone (a CLS SAE's edits);
-    where the last block follows ``layer`` directly, the other tokens' keys and values are then computed
-    once for all rows (``cpu_blocks.forward``'s ``shared_rest``)."""
+    CPU (``cpu_blocks.one_token_applies``): the other tokens' outputs are never read. ``edited_at``: the
+    rows of ``resid`` are copies of one stream that differ at these positions alone (an SAE's edits at its
+    tokens); when that is the CLS token and the last block follows ``layer`` directly, the other tokens'
+    keys and values are computed once for all rows (``cpu_blocks.forward``'s ``shared_rest``)."""
     check_layer(visual, layer)
     blocks = visual.transformer.resblocks
     last = len(blocks) - 1
     if layer < last and _pools_cls(visual) and cpu_blocks.one_token_applies(blocks[last], resid):
-        shared = cls_edits_only and layer == last - 1  # an earlier block would carry the edit to every token
+        shared = edited_at == token_slice("cls") and layer == last - 1  # an earlier block would carry the edit to every token
         x = cpu_blocks.forward(blocks[last], _blocks(visual, resid, layer + 1, last), token=0, shared_rest=shared)
     else:
         x = _blocks(visual, resid, layer + 1, len(blocks))

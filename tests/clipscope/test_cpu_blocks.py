@@ -164,7 +164,7 @@ def test_continuing_from_the_block_before_the_last_shares_the_keys_and_values_of
             stream = residual_at(visual, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7)), layer).repeat(4, 1, 1)
             stream[:, 0] += torch.randn(4, 768, generator=torch.Generator().manual_seed(8))
             qkv_rows.clear()
-            shared = continue_from(visual, stream, layer, cls_edits_only=True)
+            shared = continue_from(visual, stream, layer, edited_at=slice(0, 1))
             last = qkv_rows[-1]
             torch.testing.assert_close(shared, continue_from(visual, stream, layer), rtol=1e-5, atol=1e-5)
             # after block 9, block 10 carries each copy's edit to every token: the last block runs on all of them
