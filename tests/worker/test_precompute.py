@@ -49,6 +49,26 @@ def test_group_topk_breaks_ties_for_the_entry_seen_first():
         assert acc.payload[g].tolist() == best
         assert acc.scores[g].tolist() == [scores[i].item() for i in best]
 
+def test_group_topk_holds_exactly_the_entries_it_kept():
+    """Tied scores (an entry equal to a group's k-th kept score, kept or not) and a group with fewer
+    entries than k (every one kept, its k-th score -inf): holds agrees with the kept payloads."""
+    rng = np.random.default_rng(3)
+    groups = torch.from_numpy(rng.integers(0, 5, 300))
+    groups[groups == 4] = 3
+    groups[:2] = 4  # two entries, k = 6
+    scores = torch.from_numpy(rng.integers(0, 4, 300).astype(np.float64))
+    payload = torch.arange(300)
+    acc = GroupTopK(5, 6)
+    for lo in range(0, 300, 17):
+        sl = slice(lo, lo + 17)
+        acc.update(groups[sl], scores[sl], payload[sl], scores[sl].float())
+    kept = [set(acc.payload[g].tolist()) for g in range(5)]
+    expected = [int(p) in kept[int(g)] for g, p in zip(groups, payload)]
+    held = acc.holds(groups, scores.float(), payload)
+    assert held.tolist() == expected and sum(expected) == 4 * 6 + 2
+    assert held[:2].all() and (scores[~held] <= acc.scores[groups[~held], -1]).all()
+
+
 def test_group_topk_carries_each_entrys_bytes_with_it():
     """The extra bytes (a token map) follow their entry through streamed updates, ties and evictions."""
     rng = np.random.default_rng(2)

@@ -32,6 +32,18 @@ class GroupTopK:
         """Which entries could enter their group's top k now (an equal score loses to the one kept)."""
         return scores.double() > self.scores[groups, -1]
 
+    def holds(self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
+        """Which entries are kept: their group holds their payload (a payload appears once in a group).
+
+        A kept entry scores at least its group's k-th kept score, so only the entries that do are looked
+        up: in the precompute's second pass ~4,000 of a batch's 256,000 entries, where ``torch.isin``
+        over every entry's (feature, image) key took 31 ms a batch (4.5 s of 65 s at the Food-101 size).
+        """
+        held = torch.zeros(groups.shape, dtype=torch.bool, device=groups.device)
+        maybe = (scores.double() >= self.scores[groups, -1]).nonzero().squeeze(1)
+        held[maybe] = (self.payload[groups[maybe]] == payload[maybe, None]).any(1)
+        return held
+
     @torch.no_grad()
     def update(
         self, groups: torch.Tensor, scores: torch.Tensor, payload: torch.Tensor, values: torch.Tensor, extra: torch.Tensor | None = None
@@ -74,10 +86,6 @@ class FeatureStats:
         self.count = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.total = torch.zeros(d_sae, dtype=torch.float64, device=device)
         self.max = torch.zeros(d_sae, dtype=torch.float32, device=device)
-
-    def entering(self, groups: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Which entries could enter their group's top k now (an equal score loses to the one kept)."""
-        return scores.double() > self.scores[groups, -1]
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, values: torch.Tensor) -> None:

@@ -100,7 +100,6 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
     int_counts = torch.zeros(d_sae * max(n_int, 1), dtype=torch.long, device=device)
     samples = GroupTopK(d_sae * max(n_int, 1), pc.per_interval, device)
     classes = ClassCounts.for_labels(torch.from_numpy(np.array(cache.labels())), d_sae, device) if pc.top_classes else None
-    top_keys = torch.sort((torch.arange(d_sae, device=device)[:, None] * n + top.payload)[top.payload >= 0]).values
     for path in chunks:
         with np.load(path) as z:
             img = torch.from_numpy(z["img"].astype(np.int64)).to(device)
@@ -116,7 +115,7 @@ def compute(sae: TopKSAE, cache: ActivationCache, pc: PrecomputeConfig, spill_di
             ib = (torch.ceil(val / width).long() - 1).clamp(0, n_int - 1)
             group = feat * n_int + ib
             int_counts.index_add_(0, group, torch.ones_like(group))
-            not_top = ~torch.isin(feat * n + img, top_keys)
+            not_top = ~top.holds(feat, val, img)  # the interval samples leave out the top images
             prio = torch.from_numpy(sample_priority(img.cpu().numpy(), feat.cpu().numpy(), pc.seed)).to(device)
             samples.update(group[not_top], prio[not_top], img[not_top], val[not_top])
     shutil.rmtree(spill_dir, ignore_errors=True)
