@@ -6,6 +6,7 @@ Run parameters (model, dataset, SAE size, recipe) live in the TOML run config in
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -14,6 +15,11 @@ from pydantic import Field, NonNegativeInt, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clipscope.errors import ClipScopeError, validation_reason
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity; all of them on macOS, which has none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -139,10 +145,7 @@ class Settings(BaseSettings):
         """``num_workers`` with 'auto' decided by the cores this process may run on."""
         if self.num_workers != "auto":
             return self.num_workers
-        import os
-
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has no affinity
-        return max(1, min(16, usable - 1))
+        return max(1, min(16, usable_cores() - 1))
 
     def resolved_device(self) -> str:
         """The concrete torch device string for ``device='auto'``; a GPU asked for must be there."""

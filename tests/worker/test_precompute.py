@@ -243,6 +243,23 @@ def test_thumbnails_are_stored_once_by_content_hash(trained):
         assert im.format == "WEBP" and im.size == (32, 32)
 
 
+def test_thumbnails_written_side_by_side_answer_each_row_with_its_own_image(tmp_path):
+    """Threads finish in any order; each row still gets its own image's hash, file and size (a row asked twice too)."""
+    from PIL import Image as PILImage
+
+    from clipscope.thumbnails import content_hash, thumbnail_relpath
+    from worker.precompute.stage import thumbnails
+
+    rng = np.random.default_rng(4)
+    images = [PILImage.fromarray(rng.integers(0, 255, (20 + 7 * i, 30 + 3 * i, 3), dtype=np.uint8)) for i in range(23)]
+    dataset = [(image, 0) for image in images]
+    rows = [5, 0, 22, 5, *range(1, 20, 3)]
+    got = thumbnails(tmp_path, dataset, rows, 16, threads=4)
+    expected = [(content_hash(images[r]), thumbnail_relpath(content_hash(images[r])), images[r].width, images[r].height) for r in rows]
+    assert got == expected
+    assert sorted(p.name for p in (tmp_path / "thumbnails").rglob("*.webp")) == sorted({f"{h}.webp" for h, *_ in expected})
+
+
 def test_top_examples_of_a_patch_sae_keep_where_the_feature_fired(tmp_path):
     """Over 5 tokens an image's activation is its maximum over them, and each top example stores its
     activation on every token as a byte fraction of that maximum; CLS-only SAEs store none."""

