@@ -85,12 +85,14 @@ def test_group_topk_carries_each_entrys_bytes_with_it():
         acc.update(groups[:3], scores[:3], torch.arange(3), scores[:3].float())
 
 
-@pytest.mark.parametrize(("atoms", "chunk"), [(30, 7), (30, 3), (30, 64), (200, 64)])
-def test_neighbours_equal_brute_force_cosines(atoms, chunk):
+@pytest.mark.parametrize(("atoms", "chunk", "tile"), [(30, 7, 64), (30, 7, 5), (30, 3, 2), (30, 64, 8), (200, 64, 64), (200, 64, 24)])
+def test_neighbours_equal_brute_force_cosines(atoms, chunk, tile):
     """Blocks of 7 (the last one short), of fewer rows than neighbours asked for, one block, and blocks of
-    64 rows, whose later columns take the grouped top-k (rows in 8 groups of 8, 4 of them candidates)."""
+    64 rows, whose later columns take the grouped top-k (rows in 8 groups of 8, 4 of them candidates);
+    the later columns in one tile, in tiles narrower than the block or than the neighbours asked for,
+    and in tiles that do not divide them (the last one short)."""
     w = torch.randn(atoms, 8, generator=torch.Generator().manual_seed(chunk))
-    idx, cos = decoder_neighbours(w, 4, chunk=chunk)
+    idx, cos = decoder_neighbours(w, 4, chunk=chunk, tile=tile)
     unit = torch.nn.functional.normalize(w, dim=1)
     sims = unit @ unit.T
     sims.fill_diagonal_(-2)
