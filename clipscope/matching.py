@@ -14,6 +14,8 @@ import math
 import numpy as np
 import torch
 
+from clipscope import gemm
+
 
 def unit_atoms(W_dec: torch.Tensor) -> torch.Tensor:
     """``[d_sae, d_in]`` float32 rows of unit length (a zero atom stays zero)."""
@@ -42,19 +44,23 @@ SHARED_AT = (0.5, 0.7, 0.9)
 
 
 @torch.no_grad()
-def best_cosines(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def best_cosines(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048, tile: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """For unit rows ``a`` ``[n_a, d]`` and ``b`` ``[n_b, d]`` (:func:`unit_atoms`): each row's largest cosine
-    to any row of the other, ``([n_a], [n_b])``, from one product taken ``chunk`` rows of ``a`` at a time."""
+    to any row of the other, ``([n_a], [n_b])``, from one product taken ``chunk`` rows of ``a`` by ``tile``
+    rows of ``b`` at a time (64 MiB of cosines at most), through :func:`clipscope.gemm.linear`."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"atoms of width {a.shape[1]} cannot be matched to atoms of width {b.shape[1]}")
     best_a = torch.full((len(a),), -1.0, device=a.device)
     best_b = torch.full((len(b),), -1.0, device=a.device)
     if not len(a) or not len(b):
         return best_a.cpu(), best_b.cpu()
+    b = b.contiguous()
     for lo in range(0, len(a), chunk):
-        cos = a[lo : lo + chunk] @ b.T
-        best_a[lo : lo + chunk] = cos.amax(dim=1)
-        torch.maximum(best_b, cos.amax(dim=0), out=best_b)
+        rows = a[lo : lo + chunk]
+        for col in range(0, len(b), tile):
+            cos = gemm.linear(rows, b[col : col + tile], None)
+            torch.maximum(best_a[lo : lo + chunk], cos.amax(dim=1), out=best_a[lo : lo + chunk])
+            torch.maximum(best_b[col : col + tile], cos.amax(dim=0), out=best_b[col : col + tile])
     return best_a.cpu(), best_b.cpu()
 
 

@@ -35,13 +35,13 @@ def test_the_chance_level_is_what_the_best_of_as_many_random_directions_reaches(
     assert chance_level(49_152, 768) == pytest.approx(math.sqrt(2 * math.log(49_152) / 768)) and 0.16 < chance_level(49_152, 768) < 0.18
 
 
-def test_best_cosines_are_each_rows_largest_cosine_to_the_other_set_in_both_directions_whatever_the_chunk():
+def test_best_cosines_are_each_rows_largest_cosine_to_the_other_set_in_both_directions_whatever_the_chunk_and_tile():
     g = torch.Generator().manual_seed(0)
     a, b = unit_atoms(torch.randn(37, 12, generator=g)), unit_atoms(torch.randn(23, 12, generator=g))
     full = a @ b.T
-    for chunk in (1, 5, 37, 100):
-        best_a, best_b = best_cosines(a, b, chunk=chunk)
-        assert torch.allclose(best_a, full.amax(1)) and torch.allclose(best_b, full.amax(0)), chunk
+    for chunk, tile in ((1, 8192), (5, 1), (5, 7), (37, 23), (100, 4)):
+        best_a, best_b = best_cosines(a, b, chunk=chunk, tile=tile)
+        assert torch.allclose(best_a, full.amax(1)) and torch.allclose(best_b, full.amax(0)), (chunk, tile)
     same_a, same_b = best_cosines(a, a[:10])
     assert torch.allclose(same_a[:10], torch.ones(10)) and torch.allclose(same_b, torch.ones(10)), "an atom both SAEs have: cosine 1"
     with pytest.raises(ValueError, match="width 12 cannot be matched to atoms of width 5"):
