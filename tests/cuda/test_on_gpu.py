@@ -133,3 +133,36 @@ def test_the_notebook_encodes_a_precompute_set_on_the_gpu_as_on_the_cpu(tmp_path
         assert np.array_equal(first > 0, again > 0) and np.allclose(first, again, rtol=1e-5, atol=0)
         answers.append(first)
     assert np.allclose(answers[0], answers[1], atol=1e-4)
+
+
+def test_the_precompute_computes_on_the_gpu_what_it_computes_on_the_cpu(tmp_path):
+    """Both passes and the neighbour search (in tiles narrower than the atoms) on each device, from one cache
+    and one SAE. The encoders' products differ in rounding, so a latent tied at an image's k-th place may
+    fire on one device only: counts may differ by such flips, and the rest is compared where they agree."""
+    from clipscope.config import PrecomputeConfig
+    from tests.conftest import array_cache
+    from worker.precompute import neighbours
+    from worker.precompute.stage import compute
+
+    rng = np.random.default_rng(0)
+    acts = rng.standard_normal((600, D_IN)) + rng.gamma(1.0, 1.0, (600, D_IN))
+    cache = array_cache(tmp_path, acts.astype(np.float16), labels=rng.integers(0, 5, 600))
+    sae = TopKSAE(D_IN, D_SAE, K)
+    sae.init_weights(generator=torch.Generator().manual_seed(0))
+    pc = PrecomputeConfig(top_k=12, intervals=3, per_interval=2, neighbours=5, batch_size=128, names={"enabled": False})
+    real = neighbours.decoder_neighbours
+    tables = []
+    for device in ("cpu", "cuda"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("worker.precompute.stage.decoder_neighbours", lambda w, n: real(w, n, chunk=256, tile=384))
+            tables.append(compute(sae.to(device).eval(), cache, pc, tmp_path / f"spill-{device}", device))
+    cpu, gpu = tables
+    assert all(t.device.type == "cpu" for t in (gpu.stats.count, gpu.top.payload, gpu.neighbour_idx)), "answered on the CPU"
+    assert int((cpu.stats.count - gpu.stats.count).abs().sum()) <= 4 and int(cpu.stats.count.sum()) == 600 * K
+    same = cpu.stats.count == gpu.stats.count
+    assert same.float().mean() > 0.99
+    torch.testing.assert_close(cpu.stats.max[same], gpu.stats.max[same], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu.top.values[same], gpu.top.values[same], rtol=1e-5, atol=1e-5)
+    assert torch.equal(cpu.interval_counts[same].sum(1), gpu.interval_counts[same].sum(1))
+    assert torch.equal(cpu.neighbour_idx, gpu.neighbour_idx)
+    torch.testing.assert_close(cpu.neighbour_cos, gpu.neighbour_cos, rtol=0, atol=1e-5)
