@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
 from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache
@@ -249,10 +249,10 @@ def write(
         row_to_id = {row: image_ids[(info["dataset_key"], info["index"])] for row, info in thumbs.items()}
         s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
         s.execute(delete(Feature).where(Feature.sae_id == sae_id))
-        s.execute(insert(Feature), features)
+        s.execute(Feature.__table__.insert(), features)  # Core executemany: the ORM's bulk path costs ~6 us a row more
         rows, n_examples = _example_rows(sae_id, tb, row_to_id, n_int, pc.per_interval), 0
         while chunk := list(islice(rows, 50_000)):  # bounded memory for millions of examples
-            s.execute(insert(FeatureExample), chunk)
+            s.execute(FeatureExample.__table__.insert(), chunk)
             n_examples += len(chunk)
         sae = s.get(Sae, sae_id)
         seconds = time.perf_counter() - started
@@ -330,8 +330,8 @@ def _upsert_images(session, infos: list[dict]) -> dict[tuple[str, int], int]:
             chunk = indices[start : start + 500]
             for img_id, idx in session.execute(select(Image.id, Image.index).where(Image.dataset_key == dkey, Image.index.in_(chunk))):
                 ids[(dkey, idx)] = img_id
-    missing = [Image(**info) for info in infos if (info["dataset_key"], info["index"]) not in ids]
-    session.add_all(missing)
-    session.flush()
-    ids.update({(image.dataset_key, image.index): image.id for image in missing})
+    missing = [info for info in infos if (info["dataset_key"], info["index"]) not in ids]
+    if missing:  # one executemany that returns the new ids, instead of an ORM object and unit-of-work flush per image
+        returning = Image.__table__.insert().returning(Image.id, Image.dataset_key, Image.index, sort_by_parameter_order=True)
+        ids.update({(dkey, idx): img_id for img_id, dkey, idx in session.execute(returning, missing)})
     return ids
