@@ -332,6 +332,6 @@ def _upsert_images(session, infos: list[dict]) -> dict[tuple[str, int], int]:
                 ids[(dkey, idx)] = img_id
     missing = [info for info in infos if (info["dataset_key"], info["index"]) not in ids]
     if missing:  # one executemany that returns the new ids, instead of an ORM object and unit-of-work flush per image
-        returning = Image.__table__.insert().returning(Image.id, Image.dataset_key, Image.index, sort_by_parameter_order=True)
+        returning = Image.__table__.insert().returning(Image.id, Image.dataset_key, Image.index)  # keyed by what comes back: any order
         ids.update({(dkey, idx): img_id for img_id, dkey, idx in session.execute(returning, missing)})
     return ids
