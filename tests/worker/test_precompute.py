@@ -262,6 +262,29 @@ def test_thumbnails_written_side_by_side_answer_each_row_with_its_own_image(tmp_
     assert sorted(p.name for p in (tmp_path / "thumbnails").rglob("*.webp")) == sorted({f"{h}.webp" for h, *_ in expected})
 
 
+def test_an_image_that_fails_its_thumbnail_stops_the_others_at_once(tmp_path):
+    """The error reaches the caller without every queued image being read first."""
+    import time
+
+    from PIL import Image as PILImage
+
+    from worker.precompute.stage import thumbnails
+
+    read = []
+
+    class Broken:
+        def __getitem__(self, row):
+            read.append(row)
+            if row == 3:
+                raise OSError("image 3 is truncated")
+            time.sleep(0.005)
+            return PILImage.new("RGB", (20, 20), (row, 0, 0)), 0
+
+    with pytest.raises(OSError, match="image 3 is truncated"):
+        thumbnails(tmp_path, Broken(), list(range(400)), 16, threads=2)
+    assert len(read) < 200
+
+
 def test_top_examples_of_a_patch_sae_keep_where_the_feature_fired(tmp_path):
     """Over 5 tokens an image's activation is its maximum over them, and each top example stores its
     activation on every token as a byte fraction of that maximum; CLS-only SAEs store none."""
