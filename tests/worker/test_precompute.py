@@ -281,8 +281,8 @@ def test_an_image_that_fails_its_thumbnail_stops_the_others_at_once(tmp_path):
             return PILImage.new("RGB", (20, 20), (row, 0, 0)), 0
 
     with pytest.raises(OSError, match="image 3 is truncated"):
-        thumbnails(tmp_path, Broken(), list(range(400)), 16, threads=2)
-    assert len(read) < 200
+        thumbnails(tmp_path, Broken(), list(range(1000)), 16, threads=2)
+    assert len(read) < 500  # reading them all would take 2.5 s
 
 
 def test_top_examples_of_a_patch_sae_keep_where_the_feature_fired(tmp_path):
