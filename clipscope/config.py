@@ -298,7 +298,7 @@ class PrecomputeConfig(_Strict):
     overlaps: bool = Field(
         True,
         description="Then measure how many of its features each other ready SAE at the same hook site has too, and the "
-        "reverse (one decoder product per pair: about 24 s a pair of 49,152-latent SAEs on 2 CPU cores, by estimate under a second "
+        "reverse (one decoder product per pair: about 22 s a pair of 49,152-latent SAEs on 2 CPU cores, by estimate under a second "
         "on a GPU). Off, `clipscope saes overlaps` measures them later. Changes nothing the precompute writes, so "
         "it does not redo a finished precompute.",
     )

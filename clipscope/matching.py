@@ -43,8 +43,13 @@ SHARED_AT = (0.5, 0.7, 0.9)
 """Cosines at which a feature counts as shared with another SAE (0.9: nearly the same atom)."""
 
 
+TILE = 8192
+"""Columns of one cosine product taken at a time (here and in the precompute's neighbour search): with
+blocks of 2,048 rows, 64 MiB of fp32 cosines, however many atoms there are."""
+
+
 @torch.no_grad()
-def best_cosines(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048, tile: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def best_cosines(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """For unit rows ``a`` ``[n_a, d]`` and ``b`` ``[n_b, d]`` (:func:`unit_atoms`): each row's largest cosine
     to any row of the other, ``([n_a], [n_b])``, from one product taken ``chunk`` rows of ``a`` by ``tile``
     rows of ``b`` at a time (64 MiB of cosines at most), through :func:`clipscope.gemm.linear`."""

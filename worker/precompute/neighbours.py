@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from clipscope import gemm
+from clipscope.matching import TILE
 from clipscope.sae.sparse_ops import topk_unsorted
 
 
 @torch.no_grad()
-def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 2048, tile: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def decoder_neighbours(W_dec: torch.Tensor, n: int, chunk: int = 2048, tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """``(indices, cosines)``, each ``[d_sae, n]``, most similar first, excluding the feature itself.
 
     The cosine matrix is symmetric, so each block of ``chunk`` rows is multiplied only with itself
