@@ -109,6 +109,9 @@ def test_two_saes_are_compared_side_by_side_over_every_set_either_was_evaluated_
     assert rows[key]["synthetic/test drop"].endswith(" pp") and rows[key]["coherence"] != "–"
     assert "trained" in table and "random CLIP" in table
     assert rows["seed-b"]["semantic (random sample)"] == rows[key]["semantic (random sample)"] == "–", "no labelled sample yet"
+    cards = {k: page.split(f'id="sae-{k}"', 1)[1].split("</section>", 1)[0] for k in ("seed-b", key)}
+    assert "Prompt templates: clip_cifar." in cards["seed-b"], "a named set by its name"
+    assert "Prompt templates: “a photo of a {}.”." in cards[key] and "custom:" not in page, "a config's own templates, quoted"
 
 
 def test_every_page_of_a_random_weights_sae_carries_the_banner(web):
