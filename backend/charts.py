@@ -70,9 +70,10 @@ def line_chart(
 
 
 def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, width: int = 560, height: int = 160,
-              label: str = "activation histogram", below_label: str = "below", log: bool = True) -> Markup:
-    """Bars over bins (log-spaced unless ``log`` is off); the count below the first edge is shown as text,
-    ``below_label`` after it."""
+              label: str = "activation histogram", below_label: str | None = None, log: bool = True) -> Markup:
+    """Bars over bins (log-spaced unless ``log`` is off). The ``below`` values left of the first edge have no
+    bar: where there are any, a line under the axis counts them, ``below_label`` after the count (default:
+    "below" and the first edge), and says they are not drawn."""
     if not counts:
         return Markup('<p class="muted">Never fires on the precompute images.</p>')
     pad_l, pad_b, pad_t = 40, 30, 8
@@ -88,7 +89,10 @@ def histogram(edges: Sequence[float], counts: Sequence[int], below: int = 0, wid
     parts.append(f'<text x="{pad_l - 4}" y="{pad_t + 8}" text-anchor="end">{top}</text>')
     parts.append(f'<text x="{pad_l}" y="{height - 12}">{edges[0]:.3g}</text>')
     parts.append(f'<text x="{width - 8}" y="{height - 12}" text-anchor="end">{edges[-1]:.3g}{" (log scale)" if log else ""}</text>')
-    parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle">{below} {escape(below_label)}</text></svg>')
+    if below:
+        what = escape(below_label) if below_label is not None else f"below {edges[0]:.3g}"
+        parts.append(f'<text x="{width / 2:.0f}" y="{height - 12}" text-anchor="middle" class="off-axis">+ {below} {what}, not drawn</text>')
+    parts.append("</svg>")
     return Markup("".join(parts))
 
 

@@ -1,6 +1,6 @@
 import re
 
-from backend.charts import line_chart, scatter
+from backend.charts import histogram, line_chart, scatter
 
 
 def _lines(svg: str) -> list[list[tuple[float, float]]]:
@@ -62,3 +62,11 @@ def test_a_point_with_an_interval_draws_it_as_a_bar_inside_the_frame():
     x1, x2, low, high = map(float, bar)
     assert x1 == x2 == xa and high < ya < low, "through the point, from its low (below) to its high (above)"
     assert 10 <= high and low <= 220 - 34, "the interval widens the y range: the bar stays inside the frame"
+
+
+def test_a_histogram_counts_what_lies_left_of_its_first_edge_in_words_only_where_there_is_any():
+    edges, counts = [0.5, 1.0, 2.0], [3, 1]
+    assert len(re.findall(r'class="bar"', histogram(edges, counts, below=7))) == 2, "no bar for the values below"
+    assert ">+ 7 below 0.5, not drawn</text>" in histogram(edges, counts, below=7)
+    assert ">+ 2 never &lt;fire&gt;, not drawn</text>" in histogram(edges, counts, below=2, below_label="never <fire>")
+    assert "not drawn" not in histogram(edges, counts, below=0), "nothing to count: no line that could pass for a tick"

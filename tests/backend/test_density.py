@@ -29,7 +29,7 @@ def test_the_overview_shows_it_and_follows_a_new_precompute(web):
     page = client.get("/").text
     density = client.get(f"/api/saes/{key}").json()["density"]
     assert "Feature density" in page and f'<span class="dead-count">{density["dead"]}</span> never fire' in page
-    assert 'aria-label="feature density' in page and f"{density['dead']} never fire</text>" in page
+    assert 'aria-label="feature density' in page and f">+ {density['dead']} never fire, not drawn</text>" in page and density["dead"] > 0
     live = [f["index"] for f in client.get(f"/api/saes/{key}/features", params={"per_page": 200, "dead": "hide"}).json()["features"]][:3]
     with session_scope(client.app.state.database_url) as s:
         sae = s.scalar(select(Sae).where(Sae.key == key))
