@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from clipscope.db.migrate import head_revision
 from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint, UtcDateTime
+from clipscope.db.session import bulk_writes
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import caches_of, sae_row
 from clipscope.storage import DataLayout
@@ -191,17 +192,18 @@ def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str
             if not _HASH.fullmatch(str(image["content_hash"])) or image["thumbnail"] != thumbnail_relpath(image["content_hash"]):
                 raise ClipScopeError(f"The bundle's image {image['dataset']} #{image['index']} names the thumbnail {image['thumbnail']!r}, "
                                      "not the one of its content hash: nothing was imported.")
-        session.add(sae)
-        session.flush()
-        for table in OWN_TABLES:
-            added[table.__tablename__] = _insert(session, table, ({**_typed(table, r), "sae_id": sae.id} for r in _rows(tar, table.__tablename__)))
-        wanted = [(r["dataset_key"], r["index"]) for r in incoming]
-        here = _image_ids(session, wanted)  # shared with the SAEs over the same images already here
-        added["images"] = _insert(session, Image, (r for r in incoming if (r["dataset_key"], r["index"]) not in here))
-        ids = _image_ids(session, wanted)
-        examples = ({**_typed(FeatureExample, {k: v for k, v in r.items() if k != "image"}), "sae_id": sae.id, "image_id": ids[tuple(r["image"])]}
-                    for r in _rows(tar, "feature_examples"))
-        added["feature_examples"] = _insert(session, FeatureExample, examples)
+        with bulk_writes(session):
+            session.add(sae)
+            session.flush()
+            for table in OWN_TABLES:
+                added[table.__tablename__] = _insert(session, table, ({**_typed(table, r), "sae_id": sae.id} for r in _rows(tar, table.__tablename__)))
+            wanted = [(r["dataset_key"], r["index"]) for r in incoming]
+            here = _image_ids(session, wanted)  # shared with the SAEs over the same images already here
+            added["images"] = _insert(session, Image, (r for r in incoming if (r["dataset_key"], r["index"]) not in here))
+            ids = _image_ids(session, wanted)
+            examples = ({**_typed(FeatureExample, {k: v for k, v in r.items() if k != "image"}), "sae_id": sae.id, "image_id": ids[tuple(r["image"])]}
+                        for r in _rows(tar, "feature_examples"))
+            added["feature_examples"] = _insert(session, FeatureExample, examples)
         session.commit()
         _copy_files(tar, layout, files, key)
     return key, added

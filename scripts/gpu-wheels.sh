@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 names=(pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions
-       sqlalchemy alembic mako open_clip_torch ftfy wcwidth)
+       sqlalchemy alembic mako open_clip_torch ftfy wcwidth orjson)
 rm -rf .whl && mkdir .whl
 for name in "${names[@]}"; do
   version=$(.venv/bin/python -m pip show "$name" | sed -n 's/^Version: //p')

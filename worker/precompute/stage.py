@@ -25,7 +25,7 @@ from tqdm import tqdm
 from clipscope.activation_cache import ActivationCache
 from clipscope.config import PrecomputeConfig, stable_hash
 from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
-from clipscope.db.session import session_scope
+from clipscope.db.session import bulk_writes, session_scope
 from clipscope.naming import FeatureNames, directions_file, read_vocabulary
 from clipscope.sae.model import TopKSAE
 from clipscope.settings import usable_cores
@@ -245,7 +245,7 @@ def write(
             "top_class_share": top_classes[f][0]["share"] if top_classes[f] else None,
             **named[f],
         })
-    with session_scope(ctx.database_url) as s:
+    with session_scope(ctx.database_url) as s, bulk_writes(s):
         image_ids = _upsert_images(s, list(thumbs.values()))
         row_to_id = {row: image_ids[(info["dataset_key"], info["index"])] for row, info in thumbs.items()}
         s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
