@@ -14,7 +14,6 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache
 from clipscope.config import PrecomputeConfig, stable_hash
+from clipscope.db.bulk import insert_rows
 from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
 from clipscope.db.session import bulk_writes, session_scope
 from clipscope.naming import FeatureNames, directions_file, read_vocabulary
@@ -250,11 +250,8 @@ def write(
         row_to_id = {row: image_ids[(info["dataset_key"], info["index"])] for row, info in thumbs.items()}
         s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
         s.execute(delete(Feature).where(Feature.sae_id == sae_id))
-        s.execute(Feature.__table__.insert(), features)  # Core executemany: the ORM's bulk path costs ~6 us a row more
-        rows, n_examples = _example_rows(sae_id, tb, row_to_id, n_int, pc.per_interval), 0
-        while chunk := list(islice(rows, 50_000)):  # bounded memory for millions of examples
-            s.execute(FeatureExample.__table__.insert(), chunk)
-            n_examples += len(chunk)
+        insert_rows(s, Feature.__table__, features)  # not the ORM's bulk path: it costs ~6 us a row more
+        n_examples = insert_rows(s, FeatureExample.__table__, _example_rows(sae_id, tb, row_to_id, n_int, pc.per_interval))
         sae = s.get(Sae, sae_id)
         seconds = time.perf_counter() - started
         sae.precompute = {
