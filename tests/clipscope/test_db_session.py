@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+
+import numpy as np
 
 from sqlalchemy import select, text
 
@@ -28,6 +31,9 @@ def test_json_columns_read_back_what_was_written(tmp_path):
         assert row.metrics == metrics and row.config == {"nested": {"list": [1, 2.5, "é"]}}, "floats to the last bit, text as written"
     assert json_dumps({1: (2, 3)}) == '{"1":[2,3]}', "keys written as strings and tuples as lists, as json.dumps writes them"
     assert json_dumps({"nan": math.nan, "inf": -math.inf}) == '{"nan":null,"inf":null}', "no NaN or Infinity: JSON has none, PostgreSQL refuses them"
+    numbers = {"f64": np.float64(1 / 3), "i64": np.int64(7), "list": list(np.geomspace(1, 8, 4))}
+    assert json.loads(json_dumps(numbers)) == {"f64": 1 / 3, "i64": 7, "list": [1.0, 2.0, 4.0, 8.0]}, "NumPy's numbers, which json.dumps took as floats"
+    assert json_dumps({"big": 2**70}) == json.dumps({"big": 2**70}), "what orjson cannot write, written as json.dumps writes it"
 
 
 def test_a_value_the_standard_library_wrote_with_nan_still_reads(tmp_path):
