@@ -29,10 +29,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import LargeBinary, select, tuple_
+from sqlalchemy import LargeBinary, select
 from sqlalchemy.orm import Session
 
 from clipscope.db.bulk import insert_rows
+from clipscope.db.images import upsert_images
 from clipscope.db.migrate import head_revision
 from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint, UtcDateTime
 from clipscope.db.session import bulk_writes
@@ -45,7 +46,6 @@ FORMAT = 1
 MANIFEST = "clipscope-bundle.json"
 OWN_TABLES = (Feature, Label, LabelRevision, TrainingPoint, Evaluation)
 """The tables whose rows belong to one SAE by ``sae_id`` alone (examples name their images, so they go apart)."""
-_LOOKUP = 500  # (dataset_key, index) pairs per IN (...)
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -197,25 +197,13 @@ def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str
             session.flush()
             for table in OWN_TABLES:
                 added[table.__tablename__] = insert_rows(session, table.__table__, ({**_typed(table, r), "sae_id": sae.id} for r in _rows(tar, table.__tablename__)))
-            wanted = [(r["dataset_key"], r["index"]) for r in incoming]
-            here = _image_ids(session, wanted)  # shared with the SAEs over the same images already here
-            added["images"] = insert_rows(session, Image.__table__, (r for r in incoming if (r["dataset_key"], r["index"]) not in here))
-            ids = _image_ids(session, wanted)
+            ids, added["images"] = upsert_images(session, incoming)  # sharing the rows of the SAEs over the same images here
             examples = ({**_typed(FeatureExample, {k: v for k, v in r.items() if k != "image"}), "sae_id": sae.id, "image_id": ids[tuple(r["image"])]}
                         for r in _rows(tar, "feature_examples"))
             added["feature_examples"] = insert_rows(session, FeatureExample.__table__, examples)
         session.commit()
         _copy_files(tar, layout, files, key)
     return key, added
-
-
-def _image_ids(session: Session, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    """The ids of the image rows here among ``keys`` ``(dataset_key, index)``."""
-    ids = {}
-    for start in range(0, len(keys), _LOOKUP):
-        found = session.execute(select(Image.dataset_key, Image.index, Image.id).where(tuple_(Image.dataset_key, Image.index).in_(keys[start : start + _LOOKUP])))
-        ids.update({(k, i): id_ for k, i, id_ in found})
-    return ids
 
 
 def _files(tar: tarfile.TarFile, key: str, caches: tuple[str, ...]) -> list[tuple[tarfile.TarInfo, str]]:

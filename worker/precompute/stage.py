@@ -24,7 +24,8 @@ from tqdm import tqdm
 from clipscope.activation_cache import ActivationCache
 from clipscope.config import PrecomputeConfig, stable_hash
 from clipscope.db.bulk import insert_rows
-from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
+from clipscope.db.images import upsert_images
+from clipscope.db.models import Feature, FeatureExample, Sae, SaeStatus
 from clipscope.db.session import bulk_writes, session_scope
 from clipscope.naming import FeatureNames, directions_file, read_vocabulary
 from clipscope.sae.model import TopKSAE
@@ -246,7 +247,7 @@ def write(
             **named[f],
         })
     with session_scope(ctx.database_url) as s, bulk_writes(s):
-        image_ids = _upsert_images(s, list(thumbs.values()))
+        image_ids, _ = upsert_images(s, list(thumbs.values()))
         row_to_id = {row: image_ids[(info["dataset_key"], info["index"])] for row, info in thumbs.items()}
         s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
         s.execute(delete(Feature).where(Feature.sae_id == sae_id))
@@ -315,22 +316,3 @@ def _example_rows(sae_id: int, tb: FeatureTables, row_to_id: dict[int, int], n_i
             picked = sorted(((v, r) for r, v in zip(s_p[f][b], s_v[f][b]) if r >= 0), reverse=True)
             for rank, (v, r) in enumerate(picked):
                 yield {"sae_id": sae_id, "feature": f, "bucket": b, "rank": rank, "image_id": row_to_id[r], "activation": v, "token_map": None}
-
-
-def _upsert_images(session, infos: list[dict]) -> dict[tuple[str, int], int]:
-    """Insert the images not yet known; return ids keyed by (dataset_key, index).
-
-    Each dataset's ids are read whole, before and after the insert, rather than asked for by
-    ``IN (...)`` lists or returned by the insert: psycopg parses anew each statement of over 50
-    parameters, and at the Food-101 size on PostgreSQL the 152 lists of 500 and the returning
-    insert's batches cost 10 s of a 44 s write (docs/benchmarks.md)."""
-    keys = {info["dataset_key"] for info in infos}
-
-    def known() -> dict[tuple[str, int], int]:
-        rows = session.execute(select(Image.dataset_key, Image.index, Image.id).where(Image.dataset_key.in_(keys)))
-        return {(dkey, idx): img_id for dkey, idx, img_id in rows}
-
-    ids = known()
-    if insert_rows(session, Image.__table__, (info for info in infos if (info["dataset_key"], info["index"]) not in ids)):
-        ids = known()
-    return ids
