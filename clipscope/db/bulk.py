@@ -4,8 +4,12 @@ bundle's rows (docs/benchmarks.md, the precompute's write).
 - PostgreSQL: ``COPY ... FROM STDIN``. SQLAlchemy's executemany goes through psycopg's pipeline, one
   prepared INSERT a row, and a precompute's 676,000 examples took most of 25 s that way (its
   "insertmanyvalues", one INSERT of many rows, 70 s).
-- SQLite: the driver's own ``executemany`` over tuples that the column types' bind processors made,
-  as SQLAlchemy's executemany makes them, without its per-row work around them (~1 s of 12).
+- SQLite: the driver's own ``executemany`` over tuples whose values the column types' bind processors
+  converted, as SQLAlchemy's executemany converts them, without its per-row work around them.
+
+Rows come as dicts (:func:`insert_rows`) or as one sequence of values per column (:func:`insert_columns`,
+what arrays give for free). Either way the values are converted a column at a time, in chunks of
+:data:`CHUNK` rows: only the columns whose type has a converter (JSON, Float, Boolean on SQLite) are touched.
 
 A table with a column of another type (a date, an Enum: a TypeDecorator or a subclass converts its
 values in ways a plain value does not show) goes through SQLAlchemy's executemany on either engine.
@@ -13,8 +17,11 @@ values in ways a plain value does not show) goes through SQLAlchemy's executeman
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from itertools import chain, islice
-from typing import Any, Iterable, Iterator
+from operator import itemgetter
+from typing import Any, Iterable, Iterator, Sequence
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, Integer, LargeBinary, String, Table, Text
 from sqlalchemy.engine import Connection
@@ -23,7 +30,7 @@ from sqlalchemy.orm import Session
 from clipscope.db.session import json_dumps
 
 CHUNK = 50_000
-"""Rows per executemany: memory stays bounded for millions of rows."""
+"""Rows converted and handed to the driver at a time: memory stays bounded for millions of rows."""
 
 _PLAIN = {Integer, BigInteger, Float, Boolean, String, Text, LargeBinary, JSON}
 """Column types (exactly these) whose values go to the driver as they are, JSON's as :func:`json_dumps` text."""
@@ -36,42 +43,87 @@ def insert_rows(session: Session, table: Table, rows: Iterable[dict[str, Any]]) 
     first = next(rows, None)
     if first is None:
         return 0
-    rows, columns, conn = chain([first], rows), list(first), session.connection()
-    if not all(type(table.c[c].type) in _PLAIN for c in columns):
-        return _executemany(conn, table.insert(), rows)
+    names = list(first)
+    get = itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
+    return _insert(session.connection(), table, names, map(get, chain([first], rows)))
+
+
+def insert_columns(session: Session, table: Table, columns: dict[str, Sequence[Any]]) -> int:
+    """:func:`insert_rows` for rows given column by column: ``columns`` maps column names of ``table`` to
+    sequences of one length (lists, or arrays and tensors, which are read through their ``tolist()``), row
+    ``i`` made of every sequence's ``i``-th value; returns how many rows."""
+    columns = {name: values.tolist() if hasattr(values, "tolist") else values for name, values in columns.items()}
+    lengths = {name: len(values) for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"columns of unequal lengths: {lengths}")
+    if not lengths or not next(iter(lengths.values())):
+        return 0
+    return _insert(session.connection(), table, list(columns), zip(*columns.values()))
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (as it was after it; nested blocks keep it off).
+
+    Building a precompute's rows makes millions of dicts and lists that stay alive until they are
+    written, and allocations keep triggering collections that walk every one of them: ~4 s of the seed
+    recipe's ~11 s write. Those rows form no cycles, so reference counting still frees all of them.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _insert(conn: Connection, table: Table, names: list[str], rows: Iterator[tuple]) -> int:
+    if not all(type(table.c[c].type) in _PLAIN for c in names):
+        return _executemany(conn, table.insert(), (dict(zip(names, row)) for row in rows))
     if conn.dialect.name == "postgresql":
-        return _copy(conn, table, columns, rows)
+        convert = [json_dumps if type(table.c[c].type) is JSON else None for c in names]
+        return _copy(conn, table, names, _converted(rows, convert))
     dialect = conn.dialect
-    processors = [table.c[c].type.dialect_impl(dialect).bind_processor(dialect) or _same for c in columns]
-    sql = f"INSERT INTO {_table(conn, table)} ({_quoted(conn, columns)}) VALUES ({', '.join('?' * len(columns))})"
-    return _executemany(conn, sql, (tuple([p(row[c]) for p, c in zip(processors, columns)]) for row in rows))
-
-
-def _copy(conn: Connection, table: Table, columns: list[str], rows: Iterator[dict]) -> int:
-    as_json = [type(table.c[c].type) is JSON for c in columns]
+    convert = [table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in names]
+    sql = f"INSERT INTO {_table(conn, table)} ({_quoted(conn, names)}) VALUES ({', '.join('?' * len(names))})"
     n = 0
-    with conn.connection.driver_connection.cursor() as cursor:  # the session's own connection and transaction
-        with cursor.copy(f"COPY {_table(conn, table)} ({_quoted(conn, columns)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([json_dumps(row[c]) if j else row[c] for c, j in zip(columns, as_json)])
-                n += 1
-    return n
-
-
-def _executemany(conn: Connection, statement, rows: Iterator) -> int:
-    """``statement`` (a Core insert over dicts, or the driver's SQL over tuples) in chunks of :data:`CHUNK`."""
-    n = 0
-    while chunk := list(islice(rows, CHUNK)):
-        if isinstance(statement, str):
-            conn.exec_driver_sql(statement, chunk)
-        else:
-            conn.execute(statement, chunk)
+    for chunk in _converted(rows, convert):
+        conn.exec_driver_sql(sql, chunk)
         n += len(chunk)
     return n
 
 
-def _same(value: Any) -> Any:
-    return value
+def _converted(rows: Iterator[tuple], convert: list) -> Iterator[list[tuple]]:
+    """Chunks of ``rows`` with each value passed through its column's converter (None: as it is), a column at a time."""
+    columns = [(i, f) for i, f in enumerate(convert) if f is not None]
+    while chunk := list(islice(rows, CHUNK)):
+        if columns:
+            values = list(zip(*chunk))
+            for i, f in columns:
+                values[i] = map(f, values[i])
+            chunk = list(zip(*values))
+        yield chunk
+
+
+def _copy(conn: Connection, table: Table, names: list[str], chunks: Iterator[list[tuple]]) -> int:
+    n = 0
+    with conn.connection.driver_connection.cursor() as cursor:  # the session's own connection and transaction
+        with cursor.copy(f"COPY {_table(conn, table)} ({_quoted(conn, names)}) FROM STDIN") as copy:
+            for chunk in chunks:
+                for row in chunk:
+                    copy.write_row(row)
+                n += len(chunk)
+    return n
+
+
+def _executemany(conn: Connection, statement, rows: Iterator[dict]) -> int:
+    """SQLAlchemy's executemany of ``statement`` (a Core insert) over ``rows``, in chunks of :data:`CHUNK`."""
+    n = 0
+    while chunk := list(islice(rows, CHUNK)):
+        conn.execute(statement, chunk)
+        n += len(chunk)
+    return n
 
 
 def _table(conn: Connection, table: Table) -> str:

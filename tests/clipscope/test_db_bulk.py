@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select, text
 
-from clipscope.db.bulk import insert_rows
+from clipscope.db.bulk import gc_paused, insert_columns, insert_rows
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae, SaeStatus
 from clipscope.db.session import session_scope
 
@@ -31,7 +33,14 @@ def _features(sae_id: int) -> list[dict]:
     } for f in range(4)]
 
 
-def test_rows_are_stored_as_an_insert_stores_them_on_either_engine(db_url):
+def _by_columns(session, table, rows: list[dict]) -> int:
+    """``rows`` through :func:`insert_columns`, the integer columns as arrays."""
+    columns = {c: [row[c] for row in rows] for c in rows[0]}
+    return insert_columns(session, table, {c: np.array(v) if all(type(x) is int for x in v) else v for c, v in columns.items()})
+
+
+@pytest.mark.parametrize("write", [insert_rows, _by_columns], ids=["rows", "columns"])
+def test_rows_are_stored_as_an_insert_stores_them_on_either_engine(db_url, write):
     with session_scope(db_url) as s:
         bulk, plain = _sae(s, "bulk"), _sae(s, "plain")
         image = s.execute(Image.__table__.insert().returning(Image.id), [{
@@ -40,8 +49,8 @@ def test_rows_are_stored_as_an_insert_stores_them_on_either_engine(db_url):
         examples = lambda sae_id: [  # noqa: E731
             {"sae_id": sae_id, "feature": f, "bucket": -1, "rank": r, "image_id": image, "activation": 0.1 * r + f,
              "token_map": bytes(range(256)) if r == 1 else None} for f in range(4) for r in range(3)]
-        assert insert_rows(s, Feature.__table__, _features(bulk)) == 4
-        assert insert_rows(s, FeatureExample.__table__, examples(bulk)) == 12
+        assert write(s, Feature.__table__, _features(bulk)) == 4
+        assert write(s, FeatureExample.__table__, examples(bulk)) == 12
         s.execute(Feature.__table__.insert(), _features(plain))
         s.execute(FeatureExample.__table__.insert(), examples(plain))
         assert insert_rows(s, Label.__table__, iter([])) == 0
@@ -87,3 +96,32 @@ def test_executemany_chunks_hold_every_row(db_url, monkeypatch, n):
         assert insert_rows(s, Feature.__table__, iter(_features(sae_id))) == 4
     with session_scope(db_url) as s:
         assert s.scalars(select(Feature.idx).order_by(Feature.idx)).all() == [0, 1, 2, 3]
+
+
+def test_columns_of_unequal_lengths_are_refused_before_anything_is_written(db_url):
+    with session_scope(db_url) as s:
+        sae_id = _sae(s, "u")
+        with pytest.raises(ValueError, match="unequal lengths"):
+            insert_columns(s, Feature.__table__, {**{c: [row[c] for row in _features(sae_id)] for c in _features(sae_id)[0]}, "idx": [0, 1, 2]})
+        assert insert_columns(s, Feature.__table__, {"sae_id": [], "idx": []}) == 0
+        assert s.scalar(select(func.count()).select_from(Feature)) == 0
+
+
+def test_gc_paused_turns_the_collector_off_for_its_block_then_back_as_it_was():
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():  # nested: the outer block keeps it off
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        raise RuntimeError("a failed write")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
