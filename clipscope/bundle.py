@@ -24,19 +24,20 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import LargeBinary, select
 from sqlalchemy.orm import Session
 
-from clipscope.db.bulk import insert_rows
+from clipscope.db.bulk import gc_paused, insert_rows
 from clipscope.db.images import upsert_images
 from clipscope.db.migrate import head_revision
 from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint, UtcDateTime
-from clipscope.db.session import bulk_writes
+from clipscope.db.session import bulk_writes, json_loads
 from clipscope.errors import ClipScopeError
 from clipscope.inventory import caches_of, sae_row
 from clipscope.storage import DataLayout
@@ -66,18 +67,21 @@ def _plain(table, row: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
 
 def _typed(table, row: dict[str, Any]) -> dict[str, Any]:
     """:func:`_plain` read back; a column the bundle does not name is left to its default."""
-    columns = table.__table__.columns
+    decoders = _decoders(table)
     out = {}
     for key, value in row.items():
-        if key not in columns:
+        if key not in decoders:
             raise ClipScopeError(f"The bundle's {table.__tablename__} rows have a column {key!r} this ClipScope does not know.")
-        kind = columns[key].type
-        if value is not None and isinstance(kind, LargeBinary):
-            value = base64.b64decode(value)
-        elif value is not None and isinstance(kind, UtcDateTime):
-            value = datetime.fromisoformat(value)
-        out[key] = value
+        decode = decoders[key]
+        out[key] = value if decode is None or value is None else decode(value)
     return out
+
+
+@lru_cache(maxsize=None)
+def _decoders(table) -> dict[str, Callable[[Any], Any] | None]:
+    """Per column of ``table``, what turns :func:`_plain`'s value back into the column's (None: the value itself)."""
+    return {c.key: base64.b64decode if isinstance(c.type, LargeBinary) else datetime.fromisoformat if isinstance(c.type, UtcDateTime) else None
+            for c in table.__table__.columns}
 
 
 def _mapped(session: Session, statement) -> Iterator[dict[str, Any]]:
@@ -154,7 +158,7 @@ def _rows(tar: tarfile.TarFile, table: str) -> Iterator[dict[str, Any]]:
         raise ClipScopeError(f"The bundle has no rows/{table}.jsonl.gz.")
     with gzip.GzipFile(fileobj=member) as gz:
         for line in gz:
-            yield json.loads(line)
+            yield json_loads(line)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -192,7 +196,7 @@ def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str
             if not _HASH.fullmatch(str(image["content_hash"])) or image["thumbnail"] != thumbnail_relpath(image["content_hash"]):
                 raise ClipScopeError(f"The bundle's image {image['dataset']} #{image['index']} names the thumbnail {image['thumbnail']!r}, "
                                      "not the one of its content hash: nothing was imported.")
-        with bulk_writes(session):
+        with bulk_writes(session), gc_paused():
             session.add(sae)
             session.flush()
             for table in OWN_TABLES:

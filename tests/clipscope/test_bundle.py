@@ -114,6 +114,23 @@ def test_a_second_sae_shares_the_image_rows_and_thumbnails_here_and_its_overlap_
     assert _answers(settings, b) == _answers(target, b), "shared as where they were made"
 
 
+def test_the_rows_go_in_with_the_garbage_collector_paused(source, tmp_path, monkeypatch):
+    import gc
+
+    import clipscope.bundle as bundle
+
+    settings, (a, _) = source
+    real, seen = bundle.insert_rows, []
+
+    def watched(session, table, rows):
+        seen.append(gc.isenabled())
+        return real(session, table, rows)
+
+    monkeypatch.setattr(bundle, "insert_rows", watched)
+    _move(settings, _fresh(settings, tmp_path, "target"), a, tmp_path)
+    assert seen and not any(seen) and gc.isenabled()
+
+
 def test_with_caches_the_image_pages_work_where_the_sae_moved(source, tmp_path):
     settings, (a, _) = source
     target = _fresh(settings, tmp_path, "target")
