@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,17 @@ def _mapped(session: Session, statement) -> Iterator[dict[str, Any]]:
         yield dict(row)
 
 
+_LINES_PER_WRITE = 10_000
+
+
 def _add_jsonl(tar: tarfile.TarFile, name: str, rows: Iterator[dict[str, Any]]) -> int:
+    """``rows`` as gzipped JSON lines, handed to gzip :data:`_LINES_PER_WRITE` lines at a time and compressed at zlib's default
+    level (gzip's own, 9, took 2-3x the time for a few per cent: 10 s of a 49,152-feature SAE's 29 s export)."""
     buf, n = io.BytesIO(), 0
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
-        for row in rows:
-            gz.write((json.dumps(row, sort_keys=True) + "\n").encode())
-            n += 1
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz:
+        while lines := [json.dumps(row, sort_keys=True) for row in islice(rows, _LINES_PER_WRITE)]:
+            gz.write(("\n".join(lines) + "\n").encode())
+            n += len(lines)
     info = tarfile.TarInfo(name)
     info.size = buf.tell()
     buf.seek(0)
@@ -112,7 +118,7 @@ def export_bundle(session: Session, layout: DataLayout, key: str, out: Path, cac
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as tmp:
         try:
-            with tarfile.open(fileobj=tmp, mode="w") as tar:
+            with tarfile.open(fileobj=tmp, mode="w") as tar, gc_paused():  # the collector would walk every batch of rows again and again
                 for table in OWN_TABLES:
                     drop = ("id", "sae_id")
                     rows = (_plain(table, r, drop) for r in _mapped(session, select(table.__table__).where(table.sae_id == sae.id)))

@@ -127,8 +127,26 @@ def test_the_rows_go_in_with_the_garbage_collector_paused(source, tmp_path, monk
         return real(session, table, rows)
 
     monkeypatch.setattr(bundle, "insert_rows", watched)
+    real_add = bundle._add_jsonl
+    monkeypatch.setattr(bundle, "_add_jsonl", lambda *args: seen.append(gc.isenabled()) or real_add(*args))
     _move(settings, _fresh(settings, tmp_path, "target"), a, tmp_path)
-    assert seen and not any(seen) and gc.isenabled()
+    assert len(seen) > 8 and not any(seen) and gc.isenabled()  # the export's tables and the import's
+
+
+def test_rows_written_a_few_lines_at_a_time_read_back_whole(source, tmp_path, monkeypatch):
+    import clipscope.bundle as bundle
+
+    settings, (a, _) = source
+
+    def rows(name: str) -> dict[str, list]:
+        with session_scope(settings.resolved_database_url) as s:
+            export_bundle(s, DataLayout(settings.data_dir), a, tmp_path / name)
+        with tarfile.open(tmp_path / name) as tar:
+            return {t: list(bundle._rows(tar, t)) for t in ("features", "feature_examples", "images", "labels", "label_revisions")}
+
+    whole = rows("whole.tar")
+    monkeypatch.setattr(bundle, "_LINES_PER_WRITE", 3)
+    assert rows("by-threes.tar") == whole and len(whole["features"]) > 3 and len(whole["label_revisions"]) == 2
 
 
 def test_with_caches_the_image_pages_work_where_the_sae_moved(source, tmp_path):
