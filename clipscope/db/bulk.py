@@ -67,7 +67,8 @@ def gc_paused() -> Iterator[None]:
 
     Building a precompute's rows makes millions of dicts and lists that stay alive until they are
     written, and allocations keep triggering collections that walk every one of them: ~4 s of the seed
-    recipe's ~11 s write. Those rows form no cycles, so reference counting still frees all of them.
+    recipe's ~13 s write (a bundle's export and import: ~3-6 s). Those rows form no cycles, so
+    reference counting still frees all of them.
     """
     was = gc.isenabled()
     gc.disable()
@@ -96,11 +97,11 @@ def _insert(conn: Connection, table: Table, names: list[str], rows: Iterator[tup
 
 def _converted(rows: Iterator[tuple], convert: list) -> Iterator[list[tuple]]:
     """Chunks of ``rows`` with each value passed through its column's converter (None: as it is), a column at a time."""
-    columns = [(i, f) for i, f in enumerate(convert) if f is not None]
+    touched = [(i, f) for i, f in enumerate(convert) if f is not None]
     while chunk := list(islice(rows, CHUNK)):
-        if columns:
+        if touched:
             values = list(zip(*chunk))
-            for i, f in columns:
+            for i, f in touched:
                 values[i] = map(f, values[i])
             chunk = list(zip(*values))
         yield chunk
