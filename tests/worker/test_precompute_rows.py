@@ -3,15 +3,15 @@ same rows read one feature and one value at a time in plain Python: equal to the
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from clipscope.config import PrecomputeConfig
+from clipscope.db.session import json_dumps
 from clipscope.naming import FeatureNames
 from worker.precompute.accumulate import FeatureStats, GroupTopK
+from worker.precompute.rows_reference import example_rows, feature_rows
 from worker.precompute.stage import FeatureTables, _example_columns, _feature_columns, _names_of, _rounded
 
 D_SAE, N_IMAGES, CONCEPTS = 9, 50, [f"concept {i}" for i in range(7)]
@@ -53,75 +53,25 @@ def _tables(n_int: int, per_interval: int = 3, tokens: int = 0) -> FeatureTables
     )
 
 
-def _names_by_row(tb: FeatureTables) -> list[dict]:
-    idx, scores, coherence = tb.names.concepts.tolist(), tb.names.scores.tolist(), tb.names.coherence.tolist()
-    out = []
-    for f in range(D_SAE):
-        found = [{"name": tb.concepts[c], "score": round(s, 6)} for c, s in zip(idx[f], scores[f]) if c >= 0]
-        named = bool(found) and found[0]["score"] > 0
-        out.append({
-            "auto_name": found[0]["name"] if named else None, "auto_score": found[0]["score"] if found else None, "auto_names": found or None,
-            "coherence": None if math.isnan(coherence[f]) else coherence[f],
-            "output_names": [{"name": tb.concepts[c], "score": round(s, 6)}
-                             for c, s in zip(tb.names.output_concepts[f].tolist(), tb.names.output_scores[f].tolist())],
-        })
-    return out
-
-
-def _features_by_row(tb: FeatureTables, pc: PrecomputeConfig, top_classes: list) -> list[dict]:
-    count, total, maxima = tb.stats.count.tolist(), tb.stats.total.tolist(), tb.stats.max.tolist()
-    hist, below, icounts = tb.hist_counts.tolist(), tb.hist_below.tolist(), tb.interval_counts.tolist()
-    named, n_int, ratio = _names_by_row(tb), pc.intervals, pc.histogram_range
-    rows = []
-    for f in range(D_SAE):
-        m = maxima[f]
-        width = m / n_int if n_int else 0.0
-        rows.append({
-            "idx": f, "n_active": count[f], "frequency": count[f] / tb.n_images, "mean_active": total[f] / count[f] if count[f] else 0.0,
-            "max_activation": m, "is_dead": count[f] == 0, "is_dense": count[f] / tb.n_images > pc.dense_threshold,
-            "histogram": {"edges": [m / ratio * ratio ** (i / pc.histogram_bins) for i in range(pc.histogram_bins + 1)] if m > 0 else [],
-                          "counts": hist[f] if m > 0 else [], "below": below[f]},
-            "intervals": [{"lo": i * width, "hi": (i + 1) * width, "count": icounts[f][i], "share": icounts[f][i] / count[f] if count[f] else 0.0}
-                          for i in range(n_int)] if m > 0 else [],
-            "neighbours": [[n, round(c, 6), named[n]["auto_name"]] for n, c in zip(tb.neighbour_idx[f].tolist(), tb.neighbour_cos[f].tolist())],
-            "classes": top_classes[f], "top_class": top_classes[f][0]["name"] if top_classes[f] else None,
-            "top_class_share": top_classes[f][0]["share"] if top_classes[f] else None, **named[f],
-        })
-    return rows
-
-
-def _examples_by_row(tb: FeatureTables, row_to_id: np.ndarray, n_int: int) -> list[tuple]:
-    rows = []
-    for f in range(D_SAE):
-        kept = [(r, v, slot) for slot, (r, v) in enumerate(zip(tb.top.payload[f].tolist(), tb.top.values[f].tolist())) if r >= 0]
-        for rank, (r, v, slot) in enumerate(kept):
-            token_map = tb.top.extra[f, slot].numpy().tobytes() if tb.top.extra is not None else None
-            rows.append((f, -1, rank, int(row_to_id[r]), v, token_map))
-    for f in range(D_SAE):
-        for b in range(n_int):
-            group = f * n_int + b
-            picked = sorted(((v, r) for r, v in zip(tb.samples.payload[group].tolist(), tb.samples.values[group].tolist()) if r >= 0), reverse=True)
-            rows += [(f, b, rank, int(row_to_id[r]), v, None) for rank, (v, r) in enumerate(picked)]
-    return rows
-
-
 @pytest.mark.parametrize(("n_int", "tokens"), [(3, 0), (0, 0), (2, 5)])
 def test_the_columns_equal_the_rows_read_one_value_at_a_time(n_int, tokens):
     tb = _tables(n_int, tokens=tokens)
     pc = PrecomputeConfig(intervals=n_int, per_interval=3, histogram_bins=4, histogram_range=100.0, dense_threshold=0.5)
     top_classes = [[{"name": f"class {f}", "share": f / 10}] if f % 3 else None for f in range(D_SAE)]
-    features = _feature_columns(tb, pc, top_classes, _names_of(tb, D_SAE))
-    expected = _features_by_row(tb, pc, top_classes)
+    features = {"sae_id": [42] * D_SAE, **_feature_columns(tb, pc, top_classes, _names_of(tb, D_SAE))}
+    expected = feature_rows(42, tb, pc, top_classes)
     assert list(features) == list(expected[0])
     for name, values in features.items():
         assert values == [row[name] for row in expected], name
-        assert [type(v) for v in values] == [type(row[name]) for row in expected], name  # 1 is not 1.0 to SQLite
+        assert json_dumps(values) == json_dumps([row[name] for row in expected]), name  # types too, nested ones: 1 is not 1.0 to SQLite
 
     row_to_id = np.arange(N_IMAGES) * 10 + 7
     examples = _example_columns(42, tb, row_to_id, n_int)
-    got = list(zip(examples["feature"], examples["bucket"], examples["rank"], examples["image_id"], examples["activation"], examples["token_map"]))
-    assert got == _examples_by_row(tb, row_to_id, n_int) and set(examples["sae_id"]) == {42}
-    assert all(type(v) is float for v in examples["activation"]) and all(type(v) is int for v in examples["image_id"])
+    expected = example_rows(42, tb, row_to_id, n_int)
+    assert sorted(examples) == sorted(expected[0])
+    assert [dict(zip(examples, row)) for row in zip(*examples.values())] == expected
+    for name, values in examples.items():
+        assert [type(v) for v in values] == [type(row[name]) for row in expected], name
 
 
 def test_without_names_every_naming_column_is_empty():
