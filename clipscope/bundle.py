@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import LargeBinary, select
 from sqlalchemy.orm import Session
 
-from clipscope.db.bulk import gc_paused, insert_rows
+from clipscope.db.bulk import analyze, gc_paused, insert_rows
 from clipscope.db.images import upsert_images
 from clipscope.db.migrate import head_revision
 from clipscope.db.models import Evaluation, Feature, FeatureExample, Image, Label, LabelRevision, Sae, TrainingPoint, UtcDateTime
@@ -208,6 +208,7 @@ def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str
             for table in OWN_TABLES:
                 added[table.__tablename__] = insert_rows(session, table.__table__, ({**_typed(table, r), "sae_id": sae.id} for r in _rows(tar, table.__tablename__)))
             ids, added["images"] = upsert_images(session, incoming)  # sharing the rows of the SAEs over the same images here
+            analyze(session, Feature.__table__, Image.__table__)  # what the examples' foreign keys are checked against
             examples = ({**_typed(FeatureExample, {k: v for k, v in r.items() if k != "image"}), "sae_id": sae.id, "image_id": ids[tuple(r["image"])]}
                         for r in _rows(tar, "feature_examples"))
             added["feature_examples"] = insert_rows(session, FeatureExample.__table__, examples)

@@ -61,6 +61,21 @@ def insert_columns(session: Session, table: Table, columns: dict[str, Sequence[A
     return _insert(session.connection(), table, list(columns), zip(*columns.values()))
 
 
+def analyze(session: Session, *tables: Table) -> None:
+    """PostgreSQL: fresh planner statistics of ``tables`` inside the session's transaction (its own new rows
+    counted), for the rows whose foreign keys point into them to go in next.
+
+    A table analysed while it held pages but no live rows (after an SAE's rows were deleted, or during a
+    write that was then rolled back) reads as empty, and the foreign-key check of each new example was
+    planned through an index that only starts with the SAE, reading all of its features: the seed recipe's
+    write ran for over 8 minutes instead of 12 s (docs/benchmarks.md). ANALYZE takes a lock that blocks
+    neither readers nor writers. SQLite: nothing to do (its checks use the parent's key).
+    """
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"ANALYZE {', '.join(_table(conn, t) for t in tables)}")
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the block (as it was after it; nested blocks keep it off).

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
-from clipscope.db.bulk import gc_paused, insert_columns, insert_rows
+from clipscope.db.bulk import analyze, gc_paused, insert_columns, insert_rows
 from clipscope.db.models import Feature, FeatureExample, Image, Label, Sae, SaeStatus
 from clipscope.db.session import session_scope
 
@@ -125,3 +126,41 @@ def test_gc_paused_turns_the_collector_off_for_its_block_then_back_as_it_was():
         assert not gc.isenabled()  # it was off before: it stays off
     finally:
         gc.enable()
+
+
+def test_analyze_lets_the_foreign_key_checks_use_the_key_where_the_statistics_said_empty(postgres_server):
+    """A table analysed while it held pages and no live rows (here: during a write then rolled back) reads as
+    empty, and the check of each new example's feature was planned through an index that only starts with
+    the SAE: each check read all of the SAE's features."""
+    from sqlalchemy import create_engine
+
+    from tests.conftest import fresh_postgresql_database
+
+    url = fresh_postgresql_database(postgres_server)
+    engine = create_engine(url)
+    with engine.connect() as writer, engine.connect() as other:
+        sae_id = _sae(Session(writer), "gone")
+        writer.execute(text("INSERT INTO features (sae_id, idx, n_active, frequency, mean_active, max_activation, is_dead, is_dense, histogram, "
+                            "intervals, neighbours) SELECT :s, g, 1, 0.1, 0.1, 0.1, false, false, '{}', '[]', '[]' FROM generate_series(0, 19999) g"),
+                       {"s": sae_id})
+        other.execute(text("ANALYZE features"))
+        other.commit()
+        writer.rollback()
+    engine.dispose()
+
+    def check_plan(s) -> str:  # the generic plan of the lookup PostgreSQL's foreign-key trigger runs for an example's feature
+        s.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+        s.execute(text("PREPARE fk_check(int, int) AS SELECT 1 FROM ONLY features x WHERE sae_id = $1 AND idx = $2 FOR KEY SHARE OF x"))
+        plan = "\n".join(s.execute(text("EXPLAIN EXECUTE fk_check(1, 1)")).scalars())
+        s.execute(text("DEALLOCATE fk_check"))
+        return plan
+
+    with session_scope(url) as s:
+        sae_id = _sae(s, "new")
+        insert_columns(s, Feature.__table__, {**{c: [row[c] for row in _features(sae_id)] for c in _features(sae_id)[0]}})
+        s.execute(text("INSERT INTO features (sae_id, idx, n_active, frequency, mean_active, max_activation, is_dead, is_dense, histogram, "
+                       "intervals, neighbours) SELECT :s, g, 1, 0.1, 0.1, 0.1, false, false, '{}', '[]', '[]' FROM generate_series(4, 19999) g"),
+                  {"s": sae_id})
+        assert "features_pkey" not in check_plan(s)  # (sae_id, coherence, idx): every feature of the SAE read for each check
+        analyze(s, Feature.__table__, Image.__table__)
+        assert "Index Cond" in check_plan(s) and "using features_pkey" in check_plan(s)

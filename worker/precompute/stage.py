@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from clipscope.activation_cache import ActivationCache
 from clipscope.config import PrecomputeConfig, stable_hash
-from clipscope.db.bulk import gc_paused, insert_columns
+from clipscope.db.bulk import analyze, gc_paused, insert_columns
 from clipscope.db.images import upsert_images
-from clipscope.db.models import Feature, FeatureExample, Sae, SaeStatus
+from clipscope.db.models import Feature, FeatureExample, Image, Sae, SaeStatus
 from clipscope.db.session import bulk_writes, session_scope
 from clipscope.naming import FeatureNames, directions_file, read_vocabulary
 from clipscope.sae.model import TopKSAE
@@ -228,6 +228,7 @@ def write(
             s.execute(delete(FeatureExample).where(FeatureExample.sae_id == sae_id))
             s.execute(delete(Feature).where(Feature.sae_id == sae_id))
             insert_columns(s, Feature.__table__, features)  # not the ORM's bulk path: it costs ~6 us a row more
+            analyze(s, Feature.__table__, Image.__table__)  # what the examples' foreign keys are checked against
             n_examples = insert_columns(s, FeatureExample.__table__, _example_columns(sae_id, tb, row_to_id, pc.intervals))
             sae = s.get(Sae, sae_id)
             seconds = time.perf_counter() - started
