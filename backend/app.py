@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.cofiring = CoFiring(settings.data_dir)
     app.state.dataset_images = DatasetImages(settings.data_dir, analyzer)  # encodes with the analysis' SAE
     app.state.label_summaries = LabelSummaries()
-    app.state.diagnostics = RecentlyUsed(32)  # per SAE row version: backend/routes/api.py:density_of, redundancy_of
+    app.state.diagnostics = RecentlyUsed(48)  # per SAE row version: backend/routes/api.py:density_of, redundancy_of, coverage_of
     # Templates ship with the code: no modification-time check of three files on every render.
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(FRONTEND / "templates"), autoescape=jinja2.select_autoescape(), auto_reload=False)
     templates = Jinja2Templates(env=env)

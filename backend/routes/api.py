@@ -84,6 +84,11 @@ def redundancy_of(request: Request, session, sae) -> dict[str, Any] | None:
     return request.app.state.diagnostics.get(("redundancy", sae.key, sae.updated_at), lambda: decoder_redundancy(session, sae))
 
 
+def coverage_of(request: Request, session, sae) -> dict[str, Any]:
+    """:func:`class_coverage`, kept like :func:`density_of` (a read of every live feature's classes: ~0.5 s at 49,152)."""
+    return request.app.state.diagnostics.get(("classes", sae.key, sae.updated_at), lambda: class_coverage(session, sae))
+
+
 def invalid_query(field: str, message: str, value: Any) -> RequestValidationError:
     """A 422 of the documented shape, as FastAPI's own, naming the query field at fault."""
     return RequestValidationError([{"type": "value_error", "loc": ("query", field), "msg": message, "input": value}])
@@ -265,14 +270,14 @@ def api_export_csv(sae: SaeDep, session: SessionDep):
 
 
 @router.get("/saes/{sae}/classes", summary="Which classes of the precompute set the live features lead, and which none leads")
-def api_classes(sae: SaeDep, session: SessionDep) -> dict[str, Any]:
+def api_classes(request: Request, sae: SaeDep, session: SessionDep) -> dict[str, Any]:
     """``classes``: each class leading a live feature (the class holding most of the images it fires on), most
     features first, with how many it leads (``features``) and the one that alone picks it out best (``best``:
     ``index``, ``share`` of its images in the class times ``of_class``, the share of the class's images it fires
     on, largest); ``without``: the precompute set's classes that lead none; ``n_classes``; ``live`` features.
     The features a class leads: ``/api/saes/{sae}/features?top_class="NAME"`` (quoted: exactly that name)."""
     require_ready(sae)
-    return class_coverage(session, sae)
+    return coverage_of(request, session, sae)
 
 
 @router.get("/saes/{sae}/labels/summary", summary="How many features are labelled, and what the random sample's labels estimate")

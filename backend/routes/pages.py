@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from backend.deps import FeatureOrdersDep, SaeDep, SessionDep, read_sae
 from backend.services.concepts import ConceptsUnavailable
 from backend.routes.api import (
-    analyze_image, analyze_upload, analyze_uploads, answers, dataset_image, dataset_picture, density_of, feature_cofiring, feature_matches, image_name,
+    analyze_image, analyze_upload, analyze_uploads, answers, coverage_of, dataset_image, dataset_picture, density_of, feature_cofiring, feature_matches, image_name,
     image_of_set, redundancy_of,
 )
 from backend.auth import auth_enabled, author_for_write, current_user
@@ -24,7 +24,6 @@ from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
 from backend.services.analyze import rank_features
 from backend.services.image_sets import features_of_set
-from backend.services.classes import class_coverage
 from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
 from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature, ranking_of
@@ -146,7 +145,7 @@ async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, qu
 def classes_page(request: Request, sae: SaeDep, session: SessionDep):
     """Which classes of the precompute set the SAE's live features lead, and which none leads."""
     require_ready(sae)
-    return render(request, "classes.html", sae=sae_summary(sae), coverage=class_coverage(session, sae))
+    return render(request, "classes.html", sae=sae_summary(sae), coverage=coverage_of(request, session, sae))
 
 
 @router.get("/saes/{sae}/features/next-to-label")
