@@ -212,6 +212,7 @@ def import_bundle(session: Session, layout: DataLayout, path: Path) -> tuple[str
             examples = ({**_typed(FeatureExample, {k: v for k, v in r.items() if k != "image"}), "sae_id": sae.id, "image_id": ids[tuple(r["image"])]}
                         for r in _rows(tar, "feature_examples"))
             added["feature_examples"] = insert_rows(session, FeatureExample.__table__, examples)
+            analyze(session, FeatureExample.__table__)  # what the pages read first
         session.commit()
         _copy_files(tar, layout, files, key)
     return key, added

@@ -199,6 +199,29 @@ def fresh_postgresql_database(server: str) -> str:
     return url
 
 
+def autovacuum_off(url: str, *tables: str) -> None:
+    """PostgreSQL: autovacuum leaves ``tables`` alone, so that only the code under test analyses them."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for table in tables:
+            conn.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+    engine.dispose()
+
+
+def planner_statistics(url: str, table: str) -> tuple[float, int]:
+    """PostgreSQL: the rows the planner believes ``table`` holds, and the rows changed since it was last analysed."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        found = conn.execute(text("SELECT c.reltuples, s.n_mod_since_analyze FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "
+                                  "WHERE c.relname = :t"), {"t": table}).one()
+    engine.dispose()
+    return float(found[0]), int(found[1])
+
+
 @pytest.fixture
 def db_ctx(tmp_path, db_url) -> Context:
     """A context whose database is ``db_url`` (SQLite or PostgreSQL)."""

@@ -16,7 +16,7 @@ from clipscope.db.models import Image, Sae, SaeOverlap
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
 from clipscope.storage import DataLayout
-from tests.conftest import copy_data_dir, fresh_postgresql_database
+from tests.conftest import autovacuum_off, copy_data_dir, fresh_postgresql_database, planner_statistics
 from worker.context import Context
 from worker.precompute.overlaps import update_overlaps
 
@@ -87,8 +87,12 @@ def test_an_sae_moved_to_a_fresh_installation_answers_as_it_did(source, tmp_path
     kept = DataLayout(settings.data_dir).saes / a / "set-thresholds"
     kept.mkdir(exist_ok=True)
     (kept / "v.npy").write_bytes(b"the notebook's screen")
+    if url:
+        autovacuum_off(url, "feature_examples")
     (key, added), bundle = _move(settings, target, a, tmp_path)
     assert key == a and added["label_revisions"] == 2 and added["features"] == 64 and added["images"] == 40
+    if url:  # the pages that read the examples first find them analysed (clipscope/db/bulk.py:analyze)
+        assert planner_statistics(url, "feature_examples") == (added["feature_examples"], 0)
     mine, theirs = _answers(settings, a), _answers(target, a)
     assert mine.pop("shared") and theirs.pop("shared") == [], "b is not there: nothing shared yet"
     assert mine == theirs

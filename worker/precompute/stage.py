@@ -230,6 +230,7 @@ def write(
             insert_columns(s, Feature.__table__, features)  # not the ORM's bulk path: it costs ~6 us a row more
             analyze(s, Feature.__table__, Image.__table__)  # what the examples' foreign keys are checked against
             n_examples = insert_columns(s, FeatureExample.__table__, _example_columns(sae_id, tb, row_to_id, pc.intervals))
+            analyze(s, FeatureExample.__table__)  # what the pages read first
             sae = s.get(Sae, sae_id)
             seconds = time.perf_counter() - started
             sae.precompute = {
