@@ -157,9 +157,12 @@ def next_to_label(request: Request, sae: SaeDep, session: SessionDep):
 
 
 @router.get("/saes/{sae}/features/random")
-def random_page(sae: SaeDep, session: SessionDep):
-    require_ready(sae)
-    return RedirectResponse(f"/saes/{sae.key}/features/{random_feature(session, sae)}", status_code=303)
+async def random_page(request: Request, sae: str, orders: FeatureOrdersDep):
+    def work(session, sae):
+        require_ready(sae)
+        return RedirectResponse(f"/saes/{sae.key}/features/{random_feature(session, sae, orders)}", status_code=303)
+
+    return await read_sae(request, sae, work)
 
 
 @router.get("/saes/{sae}/features/go")

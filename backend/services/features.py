@@ -6,7 +6,7 @@ import random
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from backend.services.feature_order import FeatureOrders, Ranking
@@ -262,15 +262,9 @@ def feature_detail(session: Session, sae: Sae, idx: int) -> dict[str, Any] | Non
     }
 
 
-def random_feature(session: Session, sae: Sae, alive_only: bool = True) -> int:
-    """A uniformly random feature index (alive ones preferred)."""
-    stmt = select(func.count()).select_from(Feature).where(Feature.sae_id == sae.id)
-    if alive_only:
-        stmt = stmt.where(Feature.is_dead.is_(False))
-    n = session.scalar(stmt) or 0
-    if n == 0:
-        return random.randrange(sae.d_sae)
-    pick = select(Feature.idx).where(Feature.sae_id == sae.id)
-    if alive_only:
-        pick = pick.where(Feature.is_dead.is_(False))
-    return session.scalar(pick.order_by(Feature.idx).offset(random.randrange(n)).limit(1))
+def random_feature(session: Session, sae: Sae, orders: FeatureOrders) -> int:
+    """A uniformly random live feature (any feature when none is live), drawn from the kept ordering of the live
+    ones: the list's "hide dead" view (a count and an offset per draw took 9 ms on SQLite, 32 ms on PostgreSQL
+    at 49,152 features)."""
+    alive = orders.get(session, sae, FeatureQuery(dead="hide"))
+    return int(random.choice(alive)) if len(alive) else random.randrange(sae.d_sae)

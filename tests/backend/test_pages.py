@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from clipscope.clip.zeroshot import loss_recovered
-from clipscope.db.models import Evaluation, Sae, SaeStatus, utcnow
+from clipscope.db.models import Evaluation, Feature, Sae, SaeStatus, utcnow
 from clipscope.db.session import session_scope
 from tests.backend.conftest import with_token
 
@@ -178,6 +178,24 @@ def test_feature_page_has_collage_stats_neighbours_navigation_and_editor(web):
     assert r.status_code == 303 and re.fullmatch(rf"/saes/{key}/features/\d+", r.headers["location"])
     assert client.get(f"/saes/{key}/features/64").status_code == 404
     assert client.get("/saes/nope/features/1").status_code == 404
+
+
+def test_a_random_feature_is_a_live_one_and_follows_a_new_precompute(web):
+    client, key = web
+
+    def drawn(n: int = 200) -> set[int]:
+        return {int(client.get(f"/saes/{key}/features/random", follow_redirects=False).headers["location"].rsplit("/", 1)[1]) for _ in range(n)}
+
+    features = client.get(f"/api/saes/{key}/features", params={"per_page": 500}).json()["features"]
+    live = sorted(f["index"] for f in features if not f["is_dead"])
+    assert 4 < len(live) < len(features)
+    first = drawn()
+    assert first <= set(live) and len(first) > len(live) // 2, "uniform over the live ones: 200 draws reach most of them"
+    with session_scope(client.app.state.database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        s.execute(update(Feature).where(Feature.sae_id == sae.id, Feature.idx.in_(live[2:])).values(is_dead=True))
+        sae.name = sae.name + " "  # as a precompute does, the row's update moves updated_at
+    assert drawn(40) == set(live[:2])
 
 
 def test_the_header_box_goes_to_a_feature_by_its_number(web):
