@@ -13,6 +13,7 @@ loopback only, bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -35,19 +37,22 @@ sys.path.insert(0, str(ROOT))
 from scratch import scratch_dir  # noqa: E402
 
 
-def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
+def build_database(data_dir: Path, d_sae: int, k: int, n_images: int, url: str | None = None) -> str:
+    """The serving benchmarks' SAE (``d_sae`` features x 12 examples over ``n_images`` images, activation cache and
+    weights) and a second SAE at its site, in ``url`` (default: SQLite under ``data_dir``); returns the first's key."""
     from sqlalchemy import insert
 
     from clipscope.activation_cache import ActivationCache
     from clipscope.config import ModelConfig, parse_config
     from clipscope.db import migrate
+    from clipscope.db.bulk import analyze
     from clipscope.db.models import Feature, FeatureExample, Image as ImageRow, Sae, SaeStatus
     from clipscope.db.session import session_scope
     from clipscope.sae.io import save_sae
     from clipscope.sae.model import TopKSAE
     from clipscope.thumbnails import ensure_thumbnail
 
-    url = f"sqlite:///{data_dir / 'clipscope.db'}"
+    url = url or f"sqlite:///{data_dir / 'clipscope.db'}"
     migrate.upgrade(url)
     key = "bench-serve"
     sae = TopKSAE(768, d_sae, k, use_b_dec=False)
@@ -96,6 +101,7 @@ def build_database(data_dir: Path, d_sae: int, k: int, n_images: int) -> str:
                     layer=10, tokens="cls", d_in=768, d_sae=d_sae, k=k, recipe="topk", config=cfg.model_dump(mode="json"), provenance={},
                     metrics={})
         s.add(other)  # a second SAE at the same site, without feature rows: what a feature page's matches read
+        analyze(s, ImageRow.__table__, Feature.__table__, FeatureExample.__table__)  # PostgreSQL: as the precompute leaves them
     save_sae(TopKSAE(768, d_sae, k, use_b_dec=False), data_dir / "saes" / "bench-other" / "sae", {"layer": 10, "tokens": "cls", "model": "ViT-B-32"})
     return key
 
@@ -104,6 +110,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(data_dir: Path, database_url: str | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """A ``clipscope serve`` process over ``data_dir`` (and ``database_url``), once it answers: ``(process, base URL)``."""
+    env = {**os.environ, "CLIPSCOPE_DATA_DIR": str(data_dir), "CLIPSCOPE_DEVICE": "cpu",
+           **({"CLIPSCOPE_DATABASE_URL": database_url} if database_url else {})}
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "clipscope"), "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"clipscope serve did not answer at {base} within 30 s")
+        yield server, base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -161,19 +191,8 @@ def main() -> None:
     t = time.perf_counter()
     key = build_database(data_dir, a.d_sae, 500, 5000)
     build_s = time.perf_counter() - t
-    port = free_port()
-    env = {**os.environ, "CLIPSCOPE_DATA_DIR": str(data_dir), "CLIPSCOPE_DEVICE": "cpu"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "clipscope"), "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with running_server(data_dir) as (server, base):
         with httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=a.concurrency * 2)) as client:
-            for _ in range(300):
-                try:
-                    if client.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             feature = lambda r: f"/saes/{key}/features/{r.randrange(a.d_sae)}"  # noqa: E731
             listing = lambda r: f"/saes/{key}/features?page={r.randrange(1, a.d_sae // 50)}&sort=frequency&order=desc"  # noqa: E731
             for name, fn in (("feature_page", feature), ("feature_list", listing)):  # each page's reference: a file of its size
@@ -230,9 +249,6 @@ def main() -> None:
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lambda _: post().status_code, range(32)))
             concurrent_s = time.perf_counter() - started
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     print(json.dumps({
         "setup": f"{a.d_sae} features x 12 examples in SQLite (built in {build_s:.0f} s), one uvicorn worker, {a.concurrency} client threads, 2-core machine shared with the load generator",
         **results,
