@@ -22,16 +22,15 @@ def class_coverage(session: Session, sae: Sae) -> dict[str, Any]:
     (``features``) and its ``best`` one (``index``, ``share`` of its images in the class, ``of_class``: share of
     the class's images it fires on; the lowest index among equals); ``without``: the precompute set's classes
     that lead none, in the set's order; ``n_classes``; ``live`` (live features)."""
-    rows = session.execute(select(Feature.idx, Feature.top_class, Feature.classes)
-                           .where(Feature.sae_id == sae.id, Feature.is_dead.is_(False)).order_by(Feature.idx)).all()
+    rows = session.connection().execute(select(Feature.idx, Feature.top_class, Feature.classes[0])  # the leading class comes first
+                                        .where(Feature.sae_id == sae.id, Feature.is_dead.is_(False)).order_by(Feature.idx)).all()
     led: dict[str, dict[str, Any]] = {}
-    for idx, name, classes in rows:
+    for idx, name, lead in rows:
         if name is None:
             continue
         entry = led.setdefault(name, {"name": name, "features": 0, "best": None})
         entry["features"] += 1
-        lead = next((c for c in classes or () if c["name"] == name), None)
-        if lead is None:
+        if lead is None or lead["name"] != name:
             continue
         best = entry["best"]
         if best is None or lead["share"] * lead["of_class"] > best["share"] * best["of_class"]:

@@ -61,8 +61,8 @@ def decoder_redundancy(session: Session, sae: Sae, bins: int = 20) -> dict[str, 
     near-copies. None before the precompute."""
     if sae.status != SaeStatus.READY:
         return None
-    rows = session.execute(select(Feature.neighbours).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False)))
-    nearest = np.array([found[0][1] for found, in rows if found], dtype=np.float64)
+    first = select(Feature.neighbours[0]).where(Feature.sae_id == sae.id, Feature.is_dead.is_(False))  # decoding whole lists: 5x the time
+    nearest = np.array([found[1] for found in session.connection().execute(first).scalars() if found], dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     return {
         "n_features": int(nearest.size), "edges": edges.tolist(), "counts": np.histogram(nearest, edges)[0].tolist(),
