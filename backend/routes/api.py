@@ -85,7 +85,7 @@ def redundancy_of(request: Request, session, sae) -> dict[str, Any] | None:
 
 
 def coverage_of(request: Request, session, sae) -> dict[str, Any]:
-    """:func:`class_coverage`, kept like :func:`density_of` (a read of every live feature's classes: ~0.5 s at 49,152)."""
+    """:func:`class_coverage`, kept like :func:`density_of` (a read of every live feature's leading class: 0.2-0.3 s at 49,152)."""
     return request.app.state.diagnostics.get(("classes", sae.key, sae.updated_at), lambda: class_coverage(session, sae))
 
 
