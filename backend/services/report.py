@@ -73,7 +73,7 @@ def _summary(session: Session, sae: Sae) -> list[str]:
     lines += [
         f"A TopK sparse autoencoder ({sae.recipe} recipe) of {sae.d_sae:,} latents with k = {sae.k} on the residual stream of "
         f"{md(sae.model)} ({md(sae.pretrained)}) after block {sae.layer}, {sae.tokens} tokens; its features measured over "
-        f"{pc.get('n_images', '?'):,} precompute images.", "",
+        f"{num(pc.get('n_images'), ',')} precompute images.", "",
         "## Reconstruction", "",
         "| EVR | MSE | L0 | dead |", "| --- | --- | --- | --- |",
         f"| {pct(m.get('evr'), 2)} | {num(m.get('mse'), '.4g')} | {num(m.get('l0'), '.1f')} | {pct(m.get('dead_fraction'))} |", "",

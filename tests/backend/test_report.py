@@ -33,6 +33,7 @@ def test_the_report_holds_the_sae_s_numbers_and_each_chosen_feature_s_collage(we
     assert (f"| {ev['dataset']}/{ev['split']} | {ev['n']:,} | {100 * ev['conditions']['clean']['top1']:.2f} % | "
             f"{100 * ev['conditions']['spliced']['top1']:.2f} % | {ev['drop_pp']:.2f} pp | {recovered} |") in text
     assert f"{sae['density']['dead']:,} of 64 features never fire" in text
+    assert f"its features measured over {sae['precompute']['n_images']:,} precompute images." in text
     hurt = text[text.index("the splice hurts most"):]
     for r in ev["by_class"][:8]:  # the eight most hurt classes, in order
         row = f"| {r['class']} | {r['n']} | {100 * r['clean']:.1f} % | {100 * r['spliced']:.1f} % | {r['drop_pp']:.1f} pp |"
@@ -80,3 +81,14 @@ def test_the_report_command(web, web_data, tmp_path, monkeypatch):
         assert CliRunner().invoke(app, ["report", key, "-o", str(tmp_path / "r"), "--order", "best"]).exit_code == 2
     finally:
         get_settings.cache_clear()
+
+
+def test_a_precompute_record_without_its_image_count_is_reported_as_unknown(web, web_data, tmp_path):
+    """A bundle or database written by another version may lack a field of the precompute's record: the report
+    says it does not know instead of failing."""
+    client, key = web
+    with session_scope(client.app.state.database_url) as s:
+        sae = s.scalar(select(Sae).where(Sae.key == key))
+        sae.precompute = {k: v for k, v in sae.precompute.items() if k != "n_images"}
+    text = _write(client, key, web_data[0].data_dir, tmp_path / "report", features=1).read_text()
+    assert "its features measured over – precompute images." in text
