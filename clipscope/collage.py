@@ -37,7 +37,7 @@ def render_collage(
         canvas.paste(tile.convert("RGB"), (x, y))
         draw.text((x + 4, y + cell + 2), f"#{i + 1}  {act:.3f}", fill="black")
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=True)
+    canvas.save(buf, format="PNG")  # zlib's default level: optimize=True took 3.6x the time for 1.5 % fewer bytes
     return buf.getvalue()
 
 
