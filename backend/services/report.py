@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from backend.services.labels import CATEGORY_NAMES
 from backend.services.saes import decoder_redundancy, evaluation_table, feature_density, shared_features
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.errors import ClipScopeError
+from clipscope.settings import usable_cores
 
 ORDERS = {
     "frequency": (FeatureFilter(sort="frequency", order="desc", dead="hide"), "the most frequently firing features (the study's choice: its 300 most active)"),
@@ -53,13 +55,20 @@ def write_report(session: Session, sae: Sae, data_dir: Path, out: Path, features
     collages.mkdir(parents=True, exist_ok=True)
     lines = _summary(session, sae)
     lines += ["", f"## Features: {len(ids):,} of {sae.d_sae:,}", "", f"Chosen as {chosen_by}. Each collage holds its top images, the highest activation first.", ""]
-    for idx in ids:
-        detail = feature_detail(session, sae, idx)
-        lines += _feature(detail)
-        if detail["top"]:
-            name = f"feature-{idx}.png"
-            shutil.copyfile(feature_collage(data_dir, sae, detail), collages / name)
-            lines += [f"![the top images of feature {idx}](collages/{name})", ""]
+    details = [feature_detail(session, sae, idx) for idx in ids]
+
+    def collage(detail: dict[str, Any]) -> str | None:
+        if not detail["top"]:
+            return None
+        name = f"feature-{detail['index']}.png"
+        shutil.copyfile(feature_collage(data_dir, sae, detail), collages / name)
+        return name
+
+    with ThreadPoolExecutor(min(16, usable_cores())) as pool:  # PIL decodes, resizes and encodes outside the GIL: 2 cores, 2x
+        for detail, name in zip(details, pool.map(collage, details)):
+            lines += _feature(detail)
+            if name:
+                lines += [f"![the top images of feature {detail['index']}](collages/{name})", ""]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
