@@ -1,5 +1,6 @@
 import base64
 import io
+import json
 import re
 
 import numpy as np
@@ -497,6 +498,24 @@ def test_labels_export_as_jsonl_and_csv_and_import_back(web):
     assert [h["text"] for h in client.get(f"/api/saes/{key}/features/9/labels").json()] == ["three", "two", "one"]
     bad = client.post(f"/api/saes/{key}/labels/import", files={"file": ("l.jsonl", b'{"feature": 9}\nnot json\n')})
     assert bad.status_code == 400
+
+
+def test_an_import_appends_each_feature_s_rows_in_file_order_after_its_stored_revisions(web):
+    client, key = web
+    client.post(f"/api/saes/{key}/features/9/labels", json={"text": "kept", "category": "unclear", "author": "ann"})
+    rows = [(11, "first", "noise", "bob"), (9, "then", "visual", "bob"), (11, "second", "semantic", "cy"), (11, "first", "noise", "bob"),
+            (9, "kept", "unclear", "ann"), (12, "only", "visual", "dee")]
+    body = "".join(json.dumps({"feature": f, "text": t, "category": c, "author": a}) + "\n" for f, t, c, a in rows).encode()
+    assert client.post(f"/api/saes/{key}/labels/import", files={"file": ("l.jsonl", body)}).json() == {"added": 4, "skipped": 2}
+    history = {f: client.get(f"/api/saes/{key}/features/{f}/labels").json() for f in (9, 11, 12)}
+    assert [(h["revision"], h["text"], h["author"]) for h in history[9]] == [(2, "then", "bob"), (1, "kept", "ann")]
+    assert [(h["revision"], h["text"], h["category"]) for h in history[11]] == [(2, "second", "semantic"), (1, "first", "noise")]
+    assert [h["text"] for h in history[12]] == ["only"] and all(h["created_at"] for hs in history.values() for h in hs)
+    current = {f["index"]: f["label"] for f in client.get(f"/api/saes/{key}/features", params={"labelled": "yes", "per_page": 500}).json()["features"]}
+    assert {f: (lab["revision"], lab["text"], lab["category"], lab["author"]) for f, lab in current.items()} == {
+        9: (2, "then", "visual", "bob"), 11: (2, "second", "semantic", "cy"), 12: (1, "only", "visual", "dee")}
+    r = client.post(f"/api/saes/{key}/features/11/labels", json={"text": "third", "category": "noise", "author": "ann", "base_revision": 2})
+    assert r.status_code == 201, "the editor goes on from the imported revision"
 
 
 GOOD_ROW = b'{"feature": 2, "text": "fine", "category": "noise", "author": "ann"}\n'
