@@ -197,14 +197,15 @@ def export_labels(
     ),
 ) -> None:
     """Export every label revision of an SAE (JSONL or CSV), or with --features its feature table."""
-    from backend.services import features as feature_service
     from backend.services import labels
     from backend.services.csv_export import csv_text
-    from backend.services.feature_order import FeatureOrders
     from clipscope.db.models import SaeStatus
 
     with _sae_session(sae) as (session, row):
         if features:
+            from backend.services import features as feature_service  # imports torch (3 s here): not for labels
+            from backend.services.feature_order import FeatureOrders
+
             if row.status != SaeStatus.READY:
                 raise ClipScopeError(f"SAE {sae} has no feature table yet (status: {row.status}); run `clipscope precompute` first.")
             rows = feature_service.feature_table(session, row, feature_service.FeatureFilter(), FeatureOrders())

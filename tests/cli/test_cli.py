@@ -169,6 +169,10 @@ def test_labels_export_and_import_through_the_cli(env, tmp_path):
     assert out.exit_code == 0 and "added 1" in out.output
     out = runner.invoke(app, ["export", key])
     assert '"text": "second"' in out.output and '"text": "first"' in out.output
+    probe = ("import sys; from typer.testing import CliRunner; from clipscope_cli.main import app; "
+             f"out = CliRunner().invoke(app, ['export', {key!r}]); assert '\"second\"' in out.output, out.output; print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=env, env={**os.environ})
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", ("exporting labels loads no torch (3 s here)", proc.stdout, proc.stderr[-800:])
     (tmp_path / "latin1.csv").write_bytes("feature,text,category,author\n3,crème,noise,bob\n".encode("latin-1"))
     out = runner.invoke(app, ["import", key, str(tmp_path / "latin1.csv")])
     assert isinstance(out.exception, ClipScopeError) and "latin1.csv: The file is not UTF-8 text" in str(out.exception)
