@@ -156,11 +156,10 @@ def import_rows(session: Session, sae: Sae, rows: list[dict[str, Any]]) -> dict[
             raise LabelError(f"Row {n}: {exc}") from None
         if not 0 <= feature < sae.d_sae:
             raise LabelError(f"Row {n}: feature {feature} does not exist (0..{sae.d_sae - 1}).")
-    known = {
-        (r.feature, r.text, r.category, r.author)
-        for r in session.scalars(select(LabelRevision).where(LabelRevision.sae_id == sae.id))
-    }
-    stored = {lab.feature: lab for lab in session.scalars(select(Label).where(Label.sae_id == sae.id).with_for_update())}
+    # plain rows, not ORM objects: an SAE may hold a label for every feature (49,152 objects took 2.3 s)
+    revisions_of = select(LabelRevision.feature, LabelRevision.text, LabelRevision.category, LabelRevision.author)
+    known = set(map(tuple, session.execute(revisions_of.where(LabelRevision.sae_id == sae.id))))
+    stored = {lab.feature: lab for lab in session.execute(select(Label.feature, Label.id, Label.revision).where(Label.sae_id == sae.id).with_for_update())}
     now, revisions, latest, skipped = utcnow(), [], {}, 0
     for entry in checked:
         if entry in known:
