@@ -161,14 +161,15 @@ def import_rows(session: Session, sae: Sae, rows: list[dict[str, Any]]) -> dict[
     revisions_of = select(LabelRevision.feature, LabelRevision.text, LabelRevision.category, LabelRevision.author)
     known = set(map(tuple, session.execute(revisions_of.where(LabelRevision.sae_id == sae.id))))
     stored = {lab.feature: lab for lab in session.execute(select(Label.feature, Label.id, Label.revision).where(Label.sae_id == sae.id).with_for_update())}
+    newest = {feature: lab.revision for feature, lab in stored.items()}  # each feature's last revision, imported ones counted
     now, revisions, latest, skipped = utcnow(), [], {}, 0
     for entry in checked:
         if entry in known:
             skipped += 1
             continue
         feature, text, category, author = entry
-        base = latest[feature]["revision"] if feature in latest else stored[feature].revision if feature in stored else 0
-        row = {"sae_id": sae.id, "feature": feature, "revision": base + 1, "text": text, "category": category, "author": author}
+        newest[feature] = newest.get(feature, 0) + 1
+        row = {"sae_id": sae.id, "feature": feature, "revision": newest[feature], "text": text, "category": category, "author": author}
         revisions.append({**row, "created_at": now})
         latest[feature] = {**row, "updated_at": now}
         known.add(entry)
