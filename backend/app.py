@@ -35,7 +35,7 @@ from backend.services.concepts import ConceptSearch
 from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
 from clipscope.settings import Settings, get_settings
-from clipscope.token_maps import occlusion_veil_data_uri, veil_data_uri
+from clipscope.veils import occlusion_veil_data_uri, veil_data_uri
 
 FRONTEND = Path(__file__).resolve().parents[1] / "frontend"
 HTMX = "vendor/htmx-2.0.11.min.js"

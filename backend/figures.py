@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from markupsafe import Markup, escape
 
 from backend.services.labels import CATEGORY_NAMES
-from clipscope.token_maps import veil_data_uri
+from clipscope.veils import veil_data_uri
 
 _MAPPED = ' class="mapped"'
 _VEIL = '<img class="veil" src="{}" alt="" title="dark where the feature does not fire; hover to see the image">'

@@ -17,7 +17,7 @@ def render_collage(
     veils: Sequence[Image.Image | None] = (),
 ) -> bytes:
     """PNG bytes: up to ``cols * rows`` thumbnails (files, or images) in rank order, each captioned with its
-    activation and covered by its veil when ``veils`` has one (``clipscope.token_maps.veil_image``)."""
+    activation and covered by its veil when ``veils`` has one (``clipscope.veils.veil_image``)."""
     header = 24 if title else 0
     caption = 18
     canvas = Image.new("RGB", (cols * cell, header + rows * (cell + caption)), "white")

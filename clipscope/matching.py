@@ -3,15 +3,12 @@ their dictionary atoms: do two recipes, sizes or seeds learn the same feature?
 
 Two SAEs at the same site (same CLIP model and weights, same block) read and write the same
 residual stream, so their atoms live in one space. A cosine near 1 says the other SAE has a feature
-that writes the same direction; a best cosine near :func:`chance_level` (what the best of as many
+that writes the same direction; a best cosine near :func:`clipscope.overlap_rows.chance_level` (what the best of as many
 random directions reaches: 0.17 for 49,152 atoms of width 768) says it has none.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from clipscope import gemm
@@ -31,12 +28,6 @@ def best_matches(atom: torch.Tensor, atoms: torch.Tensor, k: int) -> list[tuple[
     cos = atoms @ (atom.float() / atom.float().norm().clamp(min=1e-12))
     value, index = cos.topk(min(k, len(cos)))
     return list(zip(index.tolist(), value.tolist()))
-
-
-def chance_level(n: int, d: int) -> float:
-    """About the largest cosine between a fixed direction and ``n`` random ones in ``d`` dimensions,
-    ``sqrt(2 ln n / d)`` (each cosine is close to normal with variance ``1 / d``)."""
-    return math.sqrt(2 * math.log(max(n, 2)) / d)
 
 
 SHARED_AT = (0.5, 0.7, 0.9)
@@ -79,21 +70,3 @@ def overlap_summary(best: torch.Tensor, chance: float, bins: int = 20) -> dict:
         "features": len(best), "median": float(best.median()) if len(best) else None, "bins": bins, "counts": counts,
         "shared": {f"{t:g}": float((best >= t).float().mean()) if len(best) else None for t in SHARED_AT}, "chance": chance,
     }
-
-
-def pair_versions(mine: dict | None, theirs: dict | None) -> dict:
-    """``SaeOverlap.versions`` of a pair measured over these two precomputes (``Sae.precompute`` of each):
-    a stored pair is current while it equals this."""
-    return {"sae": (mine or {}).get("key"), "other": (theirs or {}).get("key")}
-
-
-def best_bytes(best: torch.Tensor, live: np.ndarray, d_sae: int) -> bytes:
-    """``SaeOverlap.best``: the live features' best cosines at their indices, NaN elsewhere, float16 little-endian."""
-    out = np.full(d_sae, np.nan, dtype="<f2")
-    out[live] = best.numpy()
-    return out.tobytes()
-
-
-def best_of(stored: bytes) -> np.ndarray:
-    """:func:`best_bytes` read back as float32."""
-    return np.frombuffer(stored, dtype="<f2").astype(np.float32)

@@ -1,4 +1,4 @@
-"""Where on an image a feature fires: its activation on each token an SAE reads, laid out as patches.
+"""Where on an image a feature fires: its activation on each token an SAE reads.
 
 An SAE over the ``patches`` or ``all`` tokens codes every token of an image, and an image's
 activation of a feature is its maximum over them. The per-token values (a *token map*) show where
@@ -6,50 +6,20 @@ in the image the feature fires. ViT-B/32 at 224 x 224 has 7 x 7 patches in row-m
 the CLS token; in ``all`` mode the map's first value is the CLS token's, which has no place.
 
 Stored maps are one byte per token, the fraction of the image's activation
-(``round(255 * value / activation)``): a heatmap needs no more, and a feature's twelve top images
-cost 12 x 49 bytes. A page draws one as a veil over the image (``veil_data_uri``): clear where the
-feature fires at the image's maximum, darkest where it does not fire.
+(``round(255 * value / activation)``, :func:`quantise`): a heatmap needs no more, and a feature's
+twelve top images cost 12 x 49 bytes. This module computes them (torch); :mod:`clipscope.veils`
+reads them back and draws them, without torch.
 """
 
 from __future__ import annotations
 
-import base64
-import io
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 
 if TYPE_CHECKING:
     from clipscope.sae.model import TopKSAE
-
-VEIL_RGB = (17, 24, 39)
-VEIL_ALPHA = 215
-"""Opacity (of 255) of the veil over a patch where the feature does not fire; a patch at the image's maximum is clear."""
-
-
-@dataclass(frozen=True)
-class PatchGrid:
-    """How a token map is laid out: ``side`` x ``side`` patches starting at token ``offset``."""
-
-    side: int
-    offset: int
-
-    def patches(self, token_map: Sequence[float]) -> list[float]:
-        return list(token_map[self.offset : self.offset + self.side * self.side])
-
-
-def patch_grid(tokens: str, n_tokens: int) -> PatchGrid | None:
-    """The patch layout of an SAE's token maps, or None when its tokens have no place (CLS only)."""
-    if tokens == "cls":
-        return None
-    offset = 1 if tokens == "all" else 0
-    side = math.isqrt(max(n_tokens - offset, 0))
-    if side == 0 or side * side != n_tokens - offset:
-        return None
-    return PatchGrid(side, offset)
 
 
 @dataclass
@@ -120,11 +90,6 @@ def quantise(maps: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
     return (frac.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def fractions(stored: bytes) -> list[float]:
-    """A stored token map as fractions of the image's activation."""
-    return [b / 255 for b in stored]
-
-
 def occlusions(image: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
     """``[3, H, W]`` model input -> ``[patches, 3, H, W]``: patch ``p`` (row-major) set to 0 in copy ``p``.
 
@@ -138,36 +103,3 @@ def occlusions(image: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
         r, c = divmod(p, cols)
         out[p, :, r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = 0
     return out
-
-
-def relative_drops(drops: Sequence[float]) -> list[float]:
-    """Occlusion drops scaled so the largest is 1 (rises count as 0): what a veil over them shows."""
-    top = max(max(drops, default=0.0), 0.0)
-    return [max(d, 0.0) / top if top > 0 else 0.0 for d in drops]
-
-
-def veil_image(token_map: Sequence[float], tokens: str) -> Image.Image | None:
-    """A ``side x side`` RGBA image to lay over the image (scaled without smoothing) from a token map of
-    fractions (clamped to 0..1): clear at 1, darkest at 0; None when the SAE's tokens have no place on the image."""
-    grid = patch_grid(tokens, len(token_map))
-    if grid is None:
-        return None
-    alpha = bytes(round(VEIL_ALPHA * (1 - min(max(f, 0.0), 1.0))) for f in grid.patches(token_map))
-    veil = Image.new("RGBA", (grid.side, grid.side), (*VEIL_RGB, 0))
-    veil.putalpha(Image.frombytes("L", (grid.side, grid.side), alpha))
-    return veil
-
-
-def veil_data_uri(token_map: Sequence[float], tokens: str) -> str | None:
-    """``veil_image`` as a PNG ``data:`` URL, for a page to lay over a thumbnail."""
-    veil = veil_image(token_map, tokens)
-    if veil is None:
-        return None
-    buf = io.BytesIO()
-    veil.save(buf, format="PNG", compress_level=1)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def occlusion_veil_data_uri(drops: Sequence[float]) -> str | None:
-    """The veil of an occlusion map (one drop per patch, row-major): clear where greying a patch lowers the feature most."""
-    return veil_data_uri(relative_drops(drops), "patches")

@@ -203,7 +203,7 @@ def export_labels(
 
     with _sae_session(sae) as (session, row):
         if features:
-            from backend.services import features as feature_service  # imports torch (3 s here): not for labels
+            from backend.services import features as feature_service
             from backend.services.feature_order import FeatureOrders
 
             if row.status != SaeStatus.READY:

@@ -15,15 +15,16 @@ from clipscope.activation_cache import ActivationCache
 from clipscope.attribution import ClassSupport
 from clipscope.clip.hooks import residual_at
 from clipscope.clip.loading import LoadedClip
-from clipscope.clip.zeroshot import class_drops, correct_at_k, loss_recovered, loss_sums, template_set, zero_shot_logits
+from clipscope.clip.zeroshot import correct_at_k, loss_sums, template_set, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig, stable_hash
+from clipscope.datasets import build_dataset
 from clipscope.db.models import Evaluation, Sae, utcnow
 from clipscope.db.session import session_scope
+from clipscope.evaluation_summary import class_drops, loss_recovered
 from clipscope.sae.model import TopKSAE
 from clipscope.splice import CONDITIONS, check_error_splice, spliced_features
 from worker.batches import autocast
 from worker.context import Context
-from clipscope.datasets import build_dataset
 from worker.zero_shot_set import zero_shot_set
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from clipscope.collage import cached_collage
 from clipscope.db.models import Sae
 from clipscope.errors import ClipScopeError
 from clipscope.storage import DataLayout
-from clipscope.token_maps import veil_image
+from clipscope.veils import veil_image
 
 
 def feature_collage(data_dir: Path, sae: Sae, detail: dict[str, Any], veil: bool = True) -> Path:

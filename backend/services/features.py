@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from backend.services.feature_order import FeatureOrders, Ranking
 from backend.services.saes import match_ranking
 from clipscope.db.models import FEATURE_STAT_NAMES, FEATURE_STATS, Feature, FeatureExample, Image, Label, Sae
-from clipscope.token_maps import fractions
+from clipscope.veils import fractions
 
 if TYPE_CHECKING:
     from backend.services.concepts import ConceptSearch

@@ -14,7 +14,8 @@ from backend.services.features import feature_cards
 from backend.services.recently_used import RecentlyUsed
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.errors import ClipScopeError
-from clipscope.matching import best_matches, chance_level, unit_atoms
+from clipscope.matching import best_matches, unit_atoms
+from clipscope.overlap_rows import chance_level
 from clipscope.sae.io import load_sae
 
 _SAME_SITE = select(Sae).where(Sae.status == SaeStatus.READY).order_by(Sae.created_at.desc(), Sae.id.desc())

@@ -9,9 +9,9 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from backend.services.feature_order import Ranking
-from clipscope.clip.zeroshot import class_drops, loss_recovered
 from clipscope.db.models import Evaluation, Feature, Sae, SaeOverlap, SaeStatus, TrainingPoint
-from clipscope.matching import best_of, chance_level, pair_versions
+from clipscope.evaluation_summary import class_drops, loss_recovered
+from clipscope.overlap_rows import best_of, chance_level, pair_versions
 
 
 def sae_summary(sae: Sae) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 import csv
 import io
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import select
@@ -120,6 +123,11 @@ def test_clipscope_export_features_writes_the_apis_table(web_data, tmp_path, mon
         as_json = [__import__("json").loads(line) for line in runner.invoke(app, ["export", key, "--features"]).output.splitlines()]
         assert [r["index"] for r in as_json] == list(range(64)) and as_json[5]["label_text"] == 'blue, "bright"'
         assert isinstance(as_json[0]["is_dead"], bool) and isinstance(as_json[0]["frequency"], float)
+        probe = ("import sys; from typer.testing import CliRunner; from clipscope_cli.main import app; "
+                 f"out = CliRunner().invoke(app, ['export', {key!r}, '--features']); assert out.exit_code == 0, out.output; "
+                 "print(len(out.output.splitlines()), 'torch' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env={**os.environ})
+        assert proc.stdout.split() == ["64", "False"], ("the feature table is read without torch (3-5 s to import here)", proc.stdout, proc.stderr[-800:])
         with session_scope(url) as s:
             s.query(Sae).filter(Sae.key == key).update({"status": SaeStatus.TRAINED})
         out = runner.invoke(app, ["export", key, "--features"])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sqlalchemy import select, update
 
-from clipscope.clip.zeroshot import loss_recovered
+from clipscope.evaluation_summary import loss_recovered
 from clipscope.db.models import Evaluation, Feature, Sae, SaeStatus, utcnow
 from clipscope.db.session import session_scope
 from tests.backend.conftest import with_token

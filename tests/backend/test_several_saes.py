@@ -14,7 +14,8 @@ from sqlalchemy import select
 from backend.services.saes import frontier
 from clipscope.db.models import Feature, Sae, SaeOverlap
 from clipscope.db.session import session_scope
-from clipscope.matching import best_bytes, best_of, unit_atoms
+from clipscope.matching import unit_atoms
+from clipscope.overlap_rows import best_bytes, best_of
 from clipscope.sae.io import load_sae
 from tests.conftest import copy_data_dir
 

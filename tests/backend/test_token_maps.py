@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from clipscope.db.models import FeatureExample, Sae
 from clipscope.db.session import session_scope
-from clipscope.token_maps import VEIL_ALPHA, VEIL_RGB
+from clipscope.veils import VEIL_ALPHA, VEIL_RGB
 from tests.backend.conftest import private_app, with_token
 from tests.backend.test_pages import _png
 

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from clipscope.matching import best_cosines, best_matches, chance_level, overlap_summary, unit_atoms
+from clipscope.matching import best_cosines, best_matches, overlap_summary, unit_atoms
+from clipscope.overlap_rows import chance_level
 
 
 def test_best_matches_are_the_largest_cosines_best_first():

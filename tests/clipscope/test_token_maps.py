@@ -1,4 +1,4 @@
-"""Token maps: per-image entries over several tokens, their patch layout, bytes and veils."""
+"""Token maps: per-image entries over several tokens (clipscope.token_maps), their patch layout, bytes and veils (clipscope.veils)."""
 
 import base64
 import io
@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipscope.token_maps import (
-    VEIL_ALPHA, PatchGrid, fractions, occlusions, patch_grid, per_image_entries, quantise, relative_drops, veil_data_uri,
-)
+from clipscope.token_maps import occlusions, per_image_entries, quantise
+from clipscope.veils import VEIL_ALPHA, PatchGrid, fractions, patch_grid, relative_drops, veil_data_uri
 
 
 def test_an_images_activation_is_its_maximum_over_tokens():

@@ -164,7 +164,7 @@ def test_the_losses_are_the_cross_entropy_and_the_kl_from_clean_in_nats():
 
 
 def test_loss_recovered_reads_between_mean_ablation_and_clean():
-    from clipscope.clip.zeroshot import loss_recovered
+    from clipscope.evaluation_summary import loss_recovered
 
     assert loss_recovered(0.25, 0.45, 2.25) == 0.9
     assert loss_recovered(0.25, 0.25, 2.25) == 1 and loss_recovered(0.25, 2.25, 2.25) == 0 and loss_recovered(0.25, 3.25, 2.25) == -0.5

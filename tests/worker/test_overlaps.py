@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 
 from clipscope.db.models import Feature, Sae, SaeOverlap
 from clipscope.db.session import session_scope
-from clipscope.matching import chance_level, overlap_summary, unit_atoms
+from clipscope.matching import overlap_summary, unit_atoms
+from clipscope.overlap_rows import chance_level
 from clipscope.sae.io import load_sae
 from tests.conftest import copy_data_dir
 from worker.context import Context

@@ -17,7 +17,8 @@ from sqlalchemy import delete, select
 from clipscope.db.models import Feature, Sae, SaeOverlap, SaeStatus
 from clipscope.db.session import session_scope
 from clipscope.errors import ClipScopeError
-from clipscope.matching import best_bytes, best_cosines, chance_level, overlap_summary, pair_versions, unit_atoms
+from clipscope.matching import best_cosines, overlap_summary, unit_atoms
+from clipscope.overlap_rows import best_bytes, chance_level, pair_versions
 from clipscope.sae.io import load_sae
 from worker.context import Context
 
