@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.concepts = ConceptSearch(analyzer, settings.data_dir)  # shares the loaded CLIP
     app.state.kept_uploads = KeptUploads(settings.analyze_kept)
     app.state.matches = Matches(settings.data_dir)
-    app.state.cofiring = CoFiring(settings.data_dir)
+    app.state.cofiring = CoFiring(settings.data_dir, analyzer)
     app.state.dataset_images = DatasetImages(settings.data_dir, analyzer)  # encodes with the analysis' SAE
     app.state.label_summaries = LabelSummaries()
     app.state.diagnostics = RecentlyUsed(48)  # per SAE row version: backend/routes/api.py:density_of, redundancy_of, coverage_of

@@ -4,7 +4,8 @@ latency of analyzing a 512 x 512 JPEG, of explaining its zero-shot prediction ov
 three feature edits and the prediction after them, and the throughput under 8 concurrent uploads; a
 feature's closest features in a second SAE at the same site (the first request reads both SAEs' atoms);
 the page of an image of the precompute set (every feature it fires, from the activation cache); and the
-features a set of eight uploads shares, against eight single analyses.
+features a set of eight uploads shares, against eight single analyses; and the server's resident memory
+after its start, after the page loads and at the end, with its peak.
 
 The server is a real `clipscope serve` process; the load comes from threads in this process, on
 loopback only, bounded in count and time.
@@ -142,6 +143,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def memory_gb(pid: int) -> dict[str, float]:
+    """A process's resident memory now and its peak so far, in GB (Linux ``/proc``)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss": int(fields["VmRSS"].split()[0]) / 1e6, "peak": int(fields["VmHWM"].split()[0]) / 1e6}
+
+
 def load(client: httpx.Client, urls, seconds: float, concurrency: int, server_pid: int) -> dict:
     """Requests/s and latency quantiles under ``concurrency`` clients, and the server's CPU per request:
     steadier than requests/s on a shared machine, and the ratio that matters once the one server
@@ -192,6 +199,7 @@ def main() -> None:
     key = build_database(data_dir, a.d_sae, 500, 5000)
     build_s = time.perf_counter() - t
     with running_server(data_dir) as (server, base):
+        memory = {"started": memory_gb(server.pid)}
         with httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=a.concurrency * 2)) as client:
             feature = lambda r: f"/saes/{key}/features/{r.randrange(a.d_sae)}"  # noqa: E731
             listing = lambda r: f"/saes/{key}/features?page={r.randrange(1, a.d_sae // 50)}&sort=frequency&order=desc"  # noqa: E731
@@ -201,6 +209,7 @@ def main() -> None:
             for name, fn in (("feature_page", feature), ("feature_list", listing)):
                 results[f"static_{name}_size"] = load(client, lambda r, name=name: f"/thumbnails/{name}.html", a.seconds, a.concurrency, server.pid)
                 results[name] = load(client, fn, a.seconds, a.concurrency, server.pid)
+            memory["after_the_page_loads"] = memory_gb(server.pid)
             t = time.perf_counter()
             assert client.get(f"/api/saes/{key}/features/0/matches").status_code == 200  # reads both SAEs' atoms
             matches_first = time.perf_counter() - t
@@ -249,6 +258,7 @@ def main() -> None:
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lambda _: post().status_code, range(32)))
             concurrent_s = time.perf_counter() - started
+            memory["at_the_end"] = memory_gb(server.pid)  # CLIP and the SAE loaded, both SAEs' atoms kept for the matches
     print(json.dumps({
         "setup": f"{a.d_sae} features x 12 examples in SQLite (built in {build_s:.0f} s), one uvicorn worker, {a.concurrency} client threads, 2-core machine shared with the load generator",
         **results,
@@ -270,6 +280,7 @@ def main() -> None:
         "image_page_p50_over_analyze_p50": statistics.median(imaged) / statistics.median(lat),
         "analyze_set_of_8_median_ms": 1000 * statistics.median(set_times),
         "analyze_set_of_8_over_8_analyze_p50": statistics.median(set_times) / (8 * statistics.median(lat)),
+        "server_memory_gb": {**{f"{when}_rss": round(m["rss"], 2) for when, m in memory.items()}, "peak": round(memory["at_the_end"]["peak"], 2)},
     }, indent=2))
 
 

@@ -51,19 +51,20 @@ class FiringTable:
 
     @classmethod
     def from_cache(cls, sae: TopKSAE, cache: ActivationCache, limit: int | None = None, batch: int = 256) -> FiringTable:
-        """The SAE's firing entries over the first ``limit`` images of an activation cache (all by default);
-        an image fires a feature where any of its tokens does."""
+        """The SAE's firing entries over the first ``limit`` images of an activation cache (all by default),
+        encoded on the SAE's device and kept on the CPU; an image fires a feature where any of its tokens does."""
         acts, t = cache.activations(), cache.tokens_per_image
         n = cache.n_images if limit is None else min(limit, cache.n_images)
+        device = sae.encoder_weight.device
         images, features = [], []
         with torch.no_grad():
             for start in range(0, n, batch):
                 end = min(n, start + batch)
-                x = torch.from_numpy(np.asarray(acts[start:end], dtype=np.float32).reshape(-1, cache.d))
+                x = torch.from_numpy(np.asarray(acts[start:end], dtype=np.float32).reshape(-1, cache.d)).to(device)
                 code = sae.encode(x)
-                img, feat, _ = per_image_entries(code.indices, code.values, torch.arange(start, end), t, sae.d_sae)
-                images.append(img)
-                features.append(feat)
+                img, feat, _ = per_image_entries(code.indices, code.values, torch.arange(start, end, device=device), t, sae.d_sae)
+                images.append(img.cpu())
+                features.append(feat.cpu())
         return cls.from_entries(torch.cat(images).long(), torch.cat(features).long(), n, sae.d_sae)
 
     def fires_on(self, feature: int) -> int:

@@ -1,5 +1,5 @@
 """A feature's partners: the features that fire on the same precompute images
-(:mod:`clipscope.cofiring`), from the SAE's weights and its precompute's activation cache."""
+(:mod:`clipscope.cofiring`), from the SAE the analysis keeps and its precompute's activation cache."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from backend.services.analyze import Analyzer
 from backend.services.features import feature_cards
 from backend.services.recently_used import RecentlyUsed
 from clipscope.activation_cache import open_precompute_cache
 from clipscope.cofiring import FiringTable
 from clipscope.db.models import Sae
-from clipscope.sae.io import load_sae
 
 MAX_IMAGES = 10_000
 """Images of the precompute set the table is built over (the first ones; the study's precompute set
@@ -22,10 +22,11 @@ is 5,000): encoding them through a 49,152-latent SAE is a few seconds on 2 CPU c
 
 class CoFiring:
     """Keeps the firing tables of the ``capacity`` most recently asked SAEs (int64 entries: ~40 MB for
-    5,000 images x k = 500), keyed by the SAE row's version."""
+    5,000 images x k = 500), keyed by the SAE row's version. A table is encoded with the SAE the analysis
+    keeps (:meth:`Analyzer.sae`), on its device: no second copy of the weights, and no second read."""
 
-    def __init__(self, data_dir: Path, capacity: int = 2):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: Path, analyzer: Analyzer, capacity: int = 2):
+        self.data_dir, self.analyzer = Path(data_dir), analyzer
         self._tables: RecentlyUsed[FiringTable] = RecentlyUsed(capacity)
 
     def table(self, sae: Sae) -> FiringTable:
@@ -33,7 +34,7 @@ class CoFiring:
 
     def _build(self, sae: Sae) -> FiringTable:
         cache = open_precompute_cache(self.data_dir, sae)
-        return FiringTable.from_cache(load_sae(self.data_dir / "saes" / sae.key / "sae")[0], cache, MAX_IMAGES)
+        return FiringTable.from_cache(self.analyzer.sae(sae), cache, MAX_IMAGES)
 
     def of(self, session: Session, sae: Sae, idx: int, k: int = 8, strip: int = 4) -> dict[str, Any]:
         """Feature ``idx``'s ``k`` partners with their labels, automatic names and top images."""

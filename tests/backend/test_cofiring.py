@@ -48,3 +48,20 @@ def test_without_the_activation_cache_the_section_says_what_to_copy(web_data, tm
         assert r.status_code == 503 and "activation cache is not on this server" in r.json()["detail"] and "activations/" in r.json()["detail"]
         fragment = client.get(f"/saes/{key}/features/3/cofiring")
         assert fragment.status_code == 200 and "activation cache is not on this server" in fragment.text
+
+
+def test_the_table_is_encoded_with_the_sae_the_analysis_keeps(web_data, tmp_path, monkeypatch):
+    """The weights are read once for co-firing and the pages that encode with the analysis' SAE (an image of
+    the set): one copy in memory, not one per feature of the explorer."""
+    import clipscope.sae.io as sae_io
+
+    reads = []
+    real = sae_io.load_file
+    monkeypatch.setattr(sae_io, "load_file", lambda path, *a, **kw: reads.append(path) or real(path, *a, **kw))
+    settings, key = web_data
+    with TestClient(private_app(web_data, tmp_path)) as client:
+        busiest = client.get(f"/api/saes/{key}/features", params={"sort": "frequency", "order": "desc", "per_page": 1}).json()["features"][0]
+        assert client.get(f"/api/saes/{key}/features/{busiest['index']}/cofiring").json()["partners"]
+        image = busiest["examples"][0]["image_id"]
+        assert client.get(f"/api/saes/{key}/images/{image}").json()["ranked"] is not None
+    assert len([r for r in reads if key in str(r)]) == 1, reads

@@ -113,6 +113,27 @@ def test_the_overlap_of_two_dictionaries_on_the_gpu_is_the_cpus():
     assert torch.allclose(on_cpu[0], on_gpu[0], atol=1e-5) and torch.allclose(on_cpu[1], on_gpu[1], atol=1e-5)
 
 
+def test_the_firing_table_encoded_on_the_gpu_is_the_cpus(tmp_path):
+    """The explorer builds a feature's co-firing table with the analysis' SAE, which a GPU server keeps on
+    its device: the table answers on the CPU, with the same firing but where the two products' rounding
+    reorders an image's k-th and (k+1)-th latents (at most a few of the 4,800 entries)."""
+    from clipscope.cofiring import FiringTable
+    from tests.conftest import array_cache
+
+    cache = array_cache(tmp_path, np.random.default_rng(1).standard_normal((300, 1, D_IN)).astype(np.float16))
+    sae = TopKSAE(D_IN, D_SAE, K)
+    sae.init_weights(generator=torch.Generator().manual_seed(0))
+    on_cpu = FiringTable.from_cache(sae.eval(), cache, batch=64)
+    on_gpu = FiringTable.from_cache(sae.to(CUDA).eval(), cache, batch=64)
+    assert on_gpu.image_features.device.type == "cpu" and on_gpu.n_images == 300
+
+    def entries(table):
+        images = torch.repeat_interleave(torch.arange(table.n_images), table.image_offsets.diff())
+        return set(zip(images.tolist(), table.image_features.tolist()))
+
+    assert len(entries(on_cpu)) == 300 * K and len(entries(on_cpu) ^ entries(on_gpu)) <= 10
+
+
 def test_the_notebook_encodes_a_precompute_set_on_the_gpu_as_on_the_cpu(tmp_path):
     import types
 
