@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def chance_level(n: int, d: int) -> float:
@@ -22,7 +23,7 @@ def pair_versions(mine: dict | None, theirs: dict | None) -> dict:
     return {"sae": (mine or {}).get("key"), "other": (theirs or {}).get("key")}
 
 
-def best_bytes(best, live: np.ndarray, d_sae: int) -> bytes:
+def best_bytes(best: ArrayLike, live: np.ndarray, d_sae: int) -> bytes:
     """``SaeOverlap.best``: the live features' best cosines (an array or a CPU tensor, one per ``live``
     index) at their indices, NaN elsewhere, float16 little-endian."""
     out = np.full(d_sae, np.nan, dtype="<f2")
