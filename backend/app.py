@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi.templating import Jinja2Templates
 
 import clipscope
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from backend import charts, errors
 from backend.assets import ImmutableFiles, static_url
@@ -30,7 +32,7 @@ from backend.services.matches import Matches
 from backend.services.recently_used import RecentlyUsed
 from backend.services.feature_order import FeatureOrders
 from backend.services.class_support import ClassesSupported
-from backend.services.analyze import Analyzer
+from backend.services.lazy_analyzer import LazyAnalyzer
 from backend.services.concepts import ConceptSearch
 from backend.services.labels import CATEGORY_NAMES
 from clipscope.db import migrate
@@ -72,7 +74,9 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.classes_supported = ClassesSupported()
     app.state.sae_rows = SaeRows()
     app.state.reads_in_event_loop = settings.resolved_reads_in_event_loop  # decided once, not per request
-    analyzer = Analyzer(settings.data_dir, settings.resolved_device())
+    if settings.device != "auto":
+        settings.resolved_device()  # a GPU asked for must be there at the start, not at the first upload
+    analyzer = LazyAnalyzer(settings.data_dir, settings.resolved_device)  # torch is imported with the first model
     app.state.analysis = AnalysisPool(analyzer, settings.analyze_queue, settings.analyze_batch)
     app.state.concepts = ConceptSearch(analyzer, settings.data_dir)  # shares the loaded CLIP
     app.state.kept_uploads = KeptUploads(settings.analyze_kept)
@@ -110,14 +114,35 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     return app
 
 
-def serve_app() -> FastAPI:
-    """The factory ``clipscope serve`` gives uvicorn: ``create_app()``, then ``gc.freeze()``.
+class FreezeAfterImports:
+    """After a request in whose time modules were imported, one full collection, then ``gc.freeze()``.
 
-    Start-up leaves ~280,000 objects alive for good (torch, open_clip, the app), and every full
-    collection of the garbage collector would walk them all: a ~120 ms pause of the whole server
-    every few seconds under load, the feature list's p99. Frozen, they are left out of collections,
-    which then walk only what requests allocate (docs/benchmarks.md, Serving).
+    The first request that needs a model imports torch and open_clip (~200,000 objects that live as
+    long as the server); frozen like what start-up left, full collections do not walk them either.
+    Modules imported by a request still running are frozen after the next one ends."""
+
+    def __init__(self, app: ASGIApp):
+        self.app, self.modules = app, len(sys.modules)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] != "lifespan" and len(sys.modules) != self.modules:
+            self.modules = len(sys.modules)
+            gc.collect()  # the garbage of requests so far, not frozen with the rest
+            gc.freeze()
+
+
+def serve_app() -> FastAPI:
+    """The factory ``clipscope serve`` gives uvicorn: ``create_app()``, then ``gc.freeze()``, again
+    after the request that brings torch (:class:`FreezeAfterImports`).
+
+    Start-up leaves objects alive for good (the app and its libraries; with the first model, torch and
+    open_clip: ~280,000 in all), and every full collection of the garbage collector would walk them
+    all: a ~120 ms pause of the whole server every few seconds under load, the feature list's p99.
+    Frozen, they are left out of collections, which then walk only what requests allocate
+    (docs/benchmarks.md, Serving).
     """
     app = create_app()
+    app.add_middleware(FreezeAfterImports)
     gc.freeze()
     return app

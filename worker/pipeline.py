@@ -17,7 +17,7 @@ from clipscope.clip.zeroshot import template_set
 from clipscope.config import RunConfig
 from clipscope.errors import ClipScopeError
 from clipscope.sae.io import load_sae
-from clipscope.steering import EDIT_SYNTAX, Edit, EditError, parse_edits
+from clipscope.feature_edits import EDIT_SYNTAX, Edit, EditError, parse_edits
 from worker.context import Context
 from worker.evaluate import EvalResult, evaluate, format_table
 from worker.steer import SteerResult, format_steer, steer_dataset

@@ -19,7 +19,8 @@ from clipscope.clip.loading import LoadedClip
 from clipscope.clip.zeroshot import correct_at_k, zero_shot_logits
 from clipscope.config import DatasetSpec, RunConfig
 from clipscope.sae.model import TopKSAE
-from clipscope.steering import Edit, edit_stream
+from clipscope.feature_edits import Edit
+from clipscope.steering import edit_stream
 from worker.batches import autocast
 from worker.context import Context
 from worker.evaluate import per_class

@@ -18,13 +18,13 @@ from backend.services.concepts import ConceptsUnavailable
 from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.analysis_pool import AnalysisInterrupted, PoolClosed, PoolFull
-from backend.services.analyze import Analysis, rank_features
+from backend.services.firing import Analysis, rank_features
 from backend.services.prediction import (
     MAX_CLASS_CHARS, MAX_CLASSES, MAX_MEASURED, MEASURED, BadQuestion, Question, prediction_dict, question_for, steering_dict,
 )
 from backend.uploads import BadUpload, decode_upload
 from clipscope.errors import ClipScopeError
-from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
+from clipscope.feature_edits import EDIT_SYNTAX, MAX_EDITS
 from backend.services.classes import class_coverage
 from backend.services.csv_export import csv_text
 from backend.services.dataset_images import NotInSet

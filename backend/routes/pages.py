@@ -22,7 +22,7 @@ from backend.security import CsrfForm
 from backend.routes.common import ImageId, require_feature, require_ready
 from backend.services import labels as label_service
 from backend.services.labels import CATEGORIES
-from backend.services.analyze import rank_features
+from backend.services.firing import rank_features
 from backend.services.image_sets import features_of_set
 from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
@@ -34,7 +34,7 @@ from backend.services.saes import (
 from clipscope.accounts import authenticate
 from clipscope.db.models import SaeStatus
 from clipscope.errors import ClipScopeError
-from clipscope.steering import EDIT_SYNTAX, MAX_EDITS
+from clipscope.feature_edits import EDIT_SYNTAX, MAX_EDITS
 from clipscope.thumbnails import png_data_uri
 
 router = APIRouter(include_in_schema=False)

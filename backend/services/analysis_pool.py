@@ -11,12 +11,15 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from backend.services.analyze import Analyzer
 from backend.services.prediction import Question
 from clipscope.db.models import Sae
+
+if TYPE_CHECKING:  # the analyzer, or the app's LazyAnalyzer standing for it: torch is imported with it
+    from backend.services.analyze import Analyzer
 
 
 class PoolFull(Exception):
@@ -50,7 +53,7 @@ class AnalysisPool:
         self._stop = threading.Event()
 
     def submit(self, sae: Sae, image: Image.Image, occlude: bool = False, question: Question | None = None) -> Future:
-        """A future of the image's :class:`~backend.services.analyze.Analysis`; raises :class:`PoolFull` at once when full."""
+        """A future of the image's :class:`~backend.services.firing.Analysis`; raises :class:`PoolFull` at once when full."""
         job = _Job(sae, image, occlude, question)
         try:
             self._queue.put_nowait(job)

@@ -1,14 +1,15 @@
-"""Live analysis: run CLIP to the SAE's hook site and the SAE on an uploaded image."""
+"""Live analysis: run CLIP to the SAE's hook site and the SAE on an uploaded image.
+
+This module imports torch and open_clip; the app imports it with its first model
+(:class:`backend.services.lazy_analyzer.LazyAnalyzer`), not at its start."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy.orm import Session
 
 from clipscope.attribution import Explanation, explain
 from clipscope.clip.classifiers import kept_classifier
@@ -23,58 +24,9 @@ from clipscope.sae.model import SparseCode, TopKSAE
 from clipscope.steering import Steering, steer
 from clipscope.token_maps import firing_entries, occlusions
 
-from backend.services.features import label_dict, labels_of, maxima_of, top_examples
+from backend.services.firing import Analysis, Firing
 from backend.services.prediction import Question
 from backend.services.recently_used import RecentlyUsed
-
-
-@dataclass
-class Firing:
-    """The features that fire on one image, and where."""
-
-    activations: dict[int, float]
-    """``{feature: activation}`` of the features that fire (max over the SAE's tokens)."""
-    token_maps: torch.Tensor | None = None
-    """``[len(activations), tokens]``, rows in the order of ``activations``: each firing feature's
-    activation on every token the SAE reads; None for a CLS-only SAE."""
-    _rows: dict[int, int] = field(default_factory=dict, init=False, repr=False)
-
-    def _row(self, feature: int) -> int:
-        if not self._rows:
-            self._rows = {f: i for i, f in enumerate(self.activations)}
-        return self._rows[feature]
-
-    def token_map(self, feature: int) -> list[float] | None:
-        """``feature``'s activation on each token as fractions of its activation on the image (as stored for top examples)."""
-        if self.token_maps is None or feature not in self.activations:
-            return None
-        return (self.token_maps[self._row(feature)] / self.activations[feature]).tolist()
-
-    def occlusion_map(self, feature: int) -> list[float] | None:
-        """How much greying out each patch lowers ``feature`` (see :class:`Analysis`); None: not measured."""
-        return None
-
-
-@dataclass
-class Analysis(Firing):
-    """One analysed image: the features that fire, where they fire, and the model input it became."""
-
-    model_view: Image.Image | None = None
-    """What CLIP saw: the resized, cropped image (normalisation undone)."""
-    occluded: torch.Tensor | None = None
-    """With occlusion asked for, ``[len(activations), patches]``: each firing feature's activation on
-    the image with one patch greyed out (``clipscope.token_maps.occlusions``, row-major); else None."""
-    explanation: Explanation | None = None
-    """With an explanation asked for, the zero-shot prediction and the features it rests on."""
-    steering: Steering | None = None
-    """With edits asked for, the zero-shot prediction before and after them."""
-
-    def occlusion_map(self, feature: int) -> list[float] | None:
-        """How much greying out each patch lowers ``feature``, as fractions of its activation (negative: it rises)."""
-        if self.occluded is None or feature not in self.activations:
-            return None
-        act = self.activations[feature]
-        return ((act - self.occluded[self._row(feature)].double()) / act).tolist()
 
 
 class _Loaded:
@@ -155,6 +107,13 @@ class Analyzer:
         loaded = self._get(sae)
         return build_classifier(loaded.clip.model, loaded.model_cfg.name, [text], templates, self.device)[:, 0].float().cpu()
 
+    @torch.inference_mode()
+    def firing(self, sae: Sae, inputs: np.ndarray) -> Firing:
+        """The features one image fires, with token maps, from the SAE's inputs ``[tokens, d]`` as its
+        precompute stored them (a row of the activation cache): the precompute's own numbers."""
+        _, feat, val, maps = firing_entries(self.sae(sae), torch.from_numpy(inputs)[None].to(self.device), maps=True)
+        return Firing(dict(zip(feat.tolist(), val.tolist())), maps)
+
     def _explain(self, sae: Sae, loaded: _Loaded, resid: torch.Tensor, code: SparseCode, question: Question) -> Explanation:
         classifier = self._classifier(sae, loaded, question.classes)
         with torch.inference_mode(False):  # one backward pass, from a stream that is not an inference tensor
@@ -189,25 +148,3 @@ class Analyzer:
             out.append(Analysis(dict(zip(feat[mine].tolist(), val[mine].tolist())), maps[mine] if maps is not None else None,
                                 model_view=view, occluded=occluded, explanation=explanation, steering=steering))
         return out
-
-
-def rank_features(session: Session, sae: Sae, analysis: Firing, limit: int = 30, strip: int = 6) -> dict[str, Any]:
-    """The firing features ranked by activation and by activation relative to the feature's own maximum,
-    each with where on the image it fires (``token_map``, None for a CLS-only SAE) and, when occlusion
-    was asked for, how much greying out each patch lowers it (``occlusion_map``)."""
-    acts = analysis.activations
-    stats = maxima_of(session, sae.id, list(acts))  # plain rows, no JSON columns
-    entries = []
-    for f, a in acts.items():
-        mx = stats[f].max_activation if f in stats else 0.0
-        entries.append({"index": f, "activation": a, "relative": a / mx if mx > 0 else None, "max_activation": mx})
-    by_act = sorted(entries, key=lambda e: (-e["activation"], e["index"]))[:limit]
-    by_rel = sorted((e for e in entries if e["relative"] is not None), key=lambda e: (-e["relative"], e["index"]))[:limit]
-    shown = {e["index"]: e for e in by_act + by_rel}  # a feature in both rankings is one dict: filled once, and only these
-    ids = sorted(shown)
-    labels, strips = labels_of(session, sae.id, ids), top_examples(session, sae.id, ids, limit=strip)
-    for f, e in shown.items():
-        e.update(frequency=stats[f].frequency if f in stats else None, label=label_dict(labels.get(f)),
-                 auto_name=stats[f].auto_name if f in stats else None, examples=strips.get(f, []),
-                 token_map=analysis.token_map(f), occlusion_map=analysis.occlusion_map(f))
-    return {"n_active": len(entries), "by_activation": by_act, "by_relative": by_rel}

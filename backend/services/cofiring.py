@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from backend.services.analyze import Analyzer
 from backend.services.features import feature_cards
 from backend.services.recently_used import RecentlyUsed
 from clipscope.activation_cache import open_precompute_cache
-from clipscope.cofiring import FiringTable
 from clipscope.db.models import Sae
+
+if TYPE_CHECKING:  # imported with the first table: they need torch
+    from backend.services.analyze import Analyzer
+    from clipscope.cofiring import FiringTable
 
 MAX_IMAGES = 10_000
 """Images of the precompute set the table is built over (the first ones; the study's precompute set
@@ -33,6 +35,8 @@ class CoFiring:
         return self._tables.get((sae.key, sae.updated_at), lambda: self._build(sae))
 
     def _build(self, sae: Sae) -> FiringTable:
+        from clipscope.cofiring import FiringTable
+
         cache = open_precompute_cache(self.data_dir, sae)
         return FiringTable.from_cache(self.analyzer.sae(sae), cache, MAX_IMAGES)
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend.services.analyze import Analyzer
 from backend.services.recently_used import RecentlyUsed
 from clipscope.db.models import Sae
 from clipscope.errors import ClipScopeError
+
+if TYPE_CHECKING:  # the analyzer, or the app's LazyAnalyzer standing for it: torch is imported with it
+    from backend.services.analyze import Analyzer
 
 
 class ConceptsUnavailable(Exception):

@@ -5,15 +5,14 @@ example of. The way back from a feature's top image to everything else that imag
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from backend.services.analyze import Analyzer, Firing, rank_features
+from backend.services.firing import Firing, rank_features
 from backend.services.features import label_dict, labels_of, maxima_of
 from backend.services.recently_used import RecentlyUsed
 from clipscope.activation_cache import ActivationCache, open_precompute_cache
@@ -23,7 +22,9 @@ from clipscope.db.models import FeatureExample, Image, Sae
 from clipscope.errors import ClipScopeError
 from clipscope.storage import DataLayout
 from clipscope.thumbnails import content_hash
-from clipscope.token_maps import firing_entries
+
+if TYPE_CHECKING:
+    from backend.services.analyze import Analyzer
 
 
 class NotInSet(LookupError):
@@ -37,7 +38,7 @@ def _not_in_set(sae: Sae, image: Image) -> NotInSet:
 class DatasetImages:
     """Reads the SAE's inputs for an image from its precompute's activation cache (kept open, with its
     dataset indices, for the ``capacity`` most recently asked caches) and encodes them with the SAE
-    the analysis keeps (:meth:`Analyzer.sae`), on the analysis device; reads the image itself from the
+    the analysis keeps (:meth:`Analyzer.firing`), on the analysis device; reads the image itself from the
     precompute's dataset when it is to be analysed."""
 
     def __init__(self, data_dir: Path, analyzer: Analyzer, capacity: int = 4):
@@ -66,10 +67,7 @@ class DatasetImages:
         rows = np.flatnonzero(indices == image.index)
         if not len(rows):
             raise _not_in_set(sae, image)
-        x = torch.from_numpy(np.asarray(cache.activations()[int(rows[0])], dtype=np.float32)).reshape(1, cache.tokens_per_image, cache.d)
-        with torch.inference_mode():
-            _, feat, val, maps = firing_entries(self.analyzer.sae(sae), x.to(self.analyzer.device), maps=True)
-        return Firing(dict(zip(feat.tolist(), val.tolist())), maps)
+        return self.analyzer.firing(sae, np.asarray(cache.activations()[int(rows[0])], dtype=np.float32).reshape(cache.tokens_per_image, cache.d))
 
     def pixels(self, sae: Sae, image: Image) -> PILImage.Image:
         """The image itself, read again from the SAE's precompute dataset on this server, to analyse it as an

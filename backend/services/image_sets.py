@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from backend.services.analyze import Firing
+from backend.services.firing import Firing
 from backend.services.features import label_dict, labels_of, maxima_of, top_examples
 from clipscope.db.models import Sae
 from clipscope.image_sets import rank_set

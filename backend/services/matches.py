@@ -4,9 +4,8 @@ weights, same block), by decoder cosine (:mod:`clipscope.matching`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,9 +13,10 @@ from backend.services.features import feature_cards
 from backend.services.recently_used import RecentlyUsed
 from clipscope.db.models import Sae, SaeStatus
 from clipscope.errors import ClipScopeError
-from clipscope.matching import best_matches, unit_atoms
 from clipscope.overlap_rows import chance_level
-from clipscope.sae.io import load_sae
+
+if TYPE_CHECKING:
+    import torch
 
 _SAME_SITE = select(Sae).where(Sae.status == SaeStatus.READY).order_by(Sae.created_at.desc(), Sae.id.desc())
 
@@ -30,6 +30,9 @@ class Matches:
         self._atoms: RecentlyUsed[torch.Tensor] = RecentlyUsed(capacity)
 
     def atoms(self, sae: Sae) -> torch.Tensor:
+        from clipscope.matching import unit_atoms  # torch, imported with the first match
+        from clipscope.sae.io import load_sae
+
         load = lambda: unit_atoms(load_sae(self.data_dir / "saes" / sae.key / "sae")[0].W_dec)  # noqa: E731
         return self._atoms.get((sae.key, sae.updated_at), load)
 
@@ -46,6 +49,8 @@ class Matches:
         others = self.others(session, sae)
         if not others:
             return out
+        from clipscope.matching import best_matches
+
         atom = self.atoms(sae)[idx]
         for other in others:
             entry = {"sae": other.key, "name": other.name, "recipe": other.recipe, "tokens": other.tokens, "d_sae": other.d_sae,

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
 from backend.services.features import feature_cards
-from clipscope.attribution import Explanation
 from clipscope.db.models import Sae
-from clipscope.steering import Edit, EditError, Steering, parse_edits
+from clipscope.feature_edits import Edit, EditError, parse_edits
+
+if TYPE_CHECKING:  # the answers' types: computed with torch, which this module does not import
+    from clipscope.attribution import Explanation
+    from clipscope.steering import Steering
 
 MAX_CLASSES = 100
 """Most classes a request may name: each is encoded by CLIP's text tower with every prompt template
@@ -59,7 +62,7 @@ def question_for(sae: Sae, explain: bool, edits: str | None, classes: str | None
                  measure: int = MEASURED) -> Question | None:
     """The question from the request's fields, None when it asks neither an explanation nor edits.
 
-    ``edits`` as :func:`clipscope.steering.parse_edits` reads them; ``classes`` separated by commas or new lines
+    ``edits`` as :func:`clipscope.feature_edits.parse_edits` reads them; ``classes`` separated by commas or new lines
     (default: the precompute dataset's classes), ``target`` one of them (default: CLIP's top class),
     ``contrast`` another one (default: none). Raises :class:`BadQuestion`.
     """

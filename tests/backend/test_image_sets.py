@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from backend.services.analyze import Firing
+from backend.services.firing import Firing
 from backend.services.image_sets import features_of_set
 from clipscope.db.models import Feature, Sae
 from clipscope.db.session import session_scope

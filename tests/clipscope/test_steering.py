@@ -6,7 +6,8 @@ import torch
 
 from clipscope.attribution import explain
 from clipscope.clip.hooks import residual_at, token_slice
-from clipscope.steering import Edit, steer
+from clipscope.feature_edits import Edit
+from clipscope.steering import steer
 from tests.clipscope.stream import CLASSES, LAYER, hooked_logits, sae_for
 
 
@@ -98,7 +99,7 @@ def test_a_batch_is_edited_as_each_image_alone(random_clip, tokens):
 
 
 def test_edits_are_read_from_text():
-    from clipscope.steering import EditError, parse_edits
+    from clipscope.feature_edits import EditError, parse_edits
 
     assert parse_edits("12=0, #7*2.5\n 3 x 1e-1, 4×2, 5 = -1.5", 64) == (
         Edit(12, 0.0), Edit(7, 2.5, scale=True), Edit(3, 0.1, scale=True), Edit(4, 2.0, scale=True), Edit(5, -1.5))

@@ -44,7 +44,7 @@ def _per_image(settings, key, edits):
 def test_the_edited_accuracy_over_a_set_is_the_per_image_steering_s(web_data):  # noqa: F811
     """Strong edits (two features set far above their largest activations) move most predictions:
     the set's per-class tallies, clean and edited, are those of the images steered one at a time."""
-    from clipscope.steering import Edit, parse_edits
+    from clipscope.feature_edits import Edit, parse_edits
     from worker.evaluate import per_class
 
     settings, key = web_data
