@@ -2,7 +2,9 @@
 
 Building it imports torch and open_clip (about 4 s and 0.6 GB on 2 CPU cores), so the explorer
 answers about a second after its start, and a server that is only browsed never holds them. What
-needs a model (an upload, a co-firing table, an image of the set, a concept search) builds it, once.
+needs a model (an upload, a co-firing table, an image of the set, a concept search) builds it, once;
+an upload form starts building it in the background (:meth:`LazyAnalyzer.prepare`), so that the
+upload after it does not wait for the import.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class LazyAnalyzer:
         self.data_dir, self._device = Path(data_dir), device
         self._analyzer: Analyzer | None = None
         self._lock = threading.Lock()
+        self._preparing = False
 
     def get(self) -> Analyzer:
         """The analyzer, built on the first call (the others wait for it)."""
@@ -34,6 +37,18 @@ class LazyAnalyzer:
 
                 self._analyzer = Analyzer(self.data_dir, self._device())
             return self._analyzer
+
+    def prepare(self) -> None:
+        """Build the analyzer in a background thread, unless it is built or being built."""
+        if self._analyzer is None and not self._preparing:
+            self._preparing = True  # two racing calls start two threads at worst: get() builds once
+            threading.Thread(target=self._build_quietly, name="clipscope-analyzer", daemon=True).start()
+
+    def _build_quietly(self) -> None:
+        try:
+            self.get()
+        except Exception:  # the request that needs the analyzer builds it again, and reports why
+            pass
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # not the analyzer's interface (and never recurses before __init__ ran)

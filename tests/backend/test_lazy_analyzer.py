@@ -1,8 +1,10 @@
-"""The app's analyzer is built once, by the first request that needs a model, and never to be closed."""
+"""The app's analyzer is built once: by the first request that needs a model, or in the background when an upload form is opened."""
 
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from backend.services import analyze
 from backend.services.lazy_analyzer import LazyAnalyzer
@@ -39,3 +41,28 @@ def test_concurrent_first_requests_build_one_analyzer_on_the_device_asked_then(m
     assert lazy.get() is lazy.get() and lazy.data_dir == tmp_path and lazy.loaded() == 2
     lazy.close()
     assert lazy.get().closed
+
+
+def test_prepare_builds_it_in_the_background_once_and_a_failed_build_is_the_next_requests_to_report(monkeypatch, tmp_path):
+    monkeypatch.setattr(analyze, "Analyzer", SlowAnalyzer)
+    monkeypatch.setattr(SlowAnalyzer, "built", 0)
+    lazy = LazyAnalyzer(tmp_path, lambda: "cpu")
+    lazy.prepare()
+    lazy.prepare()  # a second form opened while the first build runs
+    assert lazy._analyzer is None, "prepare returns before the build ends"
+    assert sum(t.name == "clipscope-analyzer" for t in threading.enumerate()) == 1
+    deadline = time.monotonic() + 10
+    while lazy._analyzer is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert SlowAnalyzer.built == 1 and lazy.loaded() == 2
+
+    def no_gpu():
+        raise RuntimeError("no GPU")
+
+    failing = LazyAnalyzer(tmp_path, no_gpu)
+    failing.prepare()
+    deadline = time.monotonic() + 10
+    while any(t.name == "clipscope-analyzer" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="no GPU"):
+        failing.get()
