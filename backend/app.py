@@ -47,8 +47,11 @@ SWAGGER_UI = "vendor/swagger-ui-5.35.0"
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    """At shutdown the analysis worker ends and the loaded models go with it (a test process builds
-    many apps: each one's CLIP would otherwise stay in memory until the process ends)."""
+    """Once the app serves, torch and open_clip are imported in the background (``LazyAnalyzer.prepare``:
+    the pages answer meanwhile, and the first co-firing table or upload finds them imported). At
+    shutdown the analysis worker ends and the loaded models go with it (a test process builds many
+    apps: each one's CLIP would otherwise stay in memory until the process ends)."""
+    app.state.analysis.analyzer.prepare()
     yield
     app.state.analysis.close()
 
@@ -76,7 +79,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.reads_in_event_loop = settings.resolved_reads_in_event_loop  # decided once, not per request
     if settings.device != "auto":
         settings.resolved_device()  # a GPU asked for must be there at the start, not at the first upload
-    analyzer = LazyAnalyzer(settings.data_dir, settings.resolved_device)  # torch is imported with the first model
+    analyzer = LazyAnalyzer(settings.data_dir, settings.resolved_device)  # torch: imported once the app serves (_lifespan)
     app.state.analysis = AnalysisPool(analyzer, settings.analyze_queue, settings.analyze_batch)
     app.state.concepts = ConceptSearch(analyzer, settings.data_dir)  # shares the loaded CLIP
     app.state.kept_uploads = KeptUploads(settings.analyze_kept)

@@ -259,7 +259,6 @@ def analyze_form(request: Request, sae: SaeDep, session: SessionDep, edits: str 
     """The upload form; ``edits`` fills its edits field (a feature page's "steer an image with it"), ``image``
     offers an image of the precompute set instead of an upload (an image page's "analyse it")."""
     require_ready(sae)
-    request.app.state.analysis.analyzer.prepare()  # torch is imported while the file is chosen
     return render(request, "analyze.html", sae=sae_summary(sae), result=None, asked=_asked(sae, edits=edits),
                   image=_set_image(request, session, sae, image))
 
@@ -277,7 +276,6 @@ def _set_page(request: Request, sae, status_code: int = 200, headers: dict | Non
 def analyze_set_form(request: Request, sae: SaeDep):
     """The form of "which features do these images share"."""
     require_ready(sae)
-    request.app.state.analysis.analyzer.prepare()
     return _set_page(request, sae, result=None)
 
 

@@ -1,7 +1,7 @@
 """Live analysis: run CLIP to the SAE's hook site and the SAE on an uploaded image.
 
-This module imports torch and open_clip; the app imports it with its first model
-(:class:`backend.services.lazy_analyzer.LazyAnalyzer`), not at its start."""
+This module imports torch and open_clip; the app imports it once it serves
+(:class:`backend.services.lazy_analyzer.LazyAnalyzer`), not before."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 An upload's :class:`Analysis` comes from :class:`backend.services.analyze.Analyzer`; an image of the
 precompute set's :class:`Firing` from its activation cache. This module imports no torch: the
-explorer's pages import it at start, and torch is imported with the first model.
+app imports it before it serves, and torch after (:mod:`backend.services.lazy_analyzer`).
 """
 
 from __future__ import annotations

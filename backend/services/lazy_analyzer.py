@@ -1,10 +1,9 @@
-"""The app's analyzer, built by the first request that needs a model.
+"""The app's analyzer, built in the background once the app serves, or by the first request that
+needs it, whichever comes first.
 
-Building it imports torch and open_clip (about 4 s and 0.6 GB on 2 CPU cores), so the explorer
-answers about a second after its start, and a server that is only browsed never holds them. What
-needs a model (an upload, a co-firing table, an image of the set, a concept search) builds it, once;
-an upload form starts building it in the background (:meth:`LazyAnalyzer.prepare`), so that the
-upload after it does not wait for the import.
+Building it imports torch and open_clip (about 3.5 s and 0.7 GB on 2 CPU cores): importing them
+before the app serves made the explorer's first answer wait for them. What needs a model (an upload,
+a co-firing table, an image of the set, a concept search) waits for the rest of the build, once.
 """
 
 from __future__ import annotations
