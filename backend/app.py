@@ -120,9 +120,9 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
 class FreezeAfterImports:
     """After a request in whose time modules were imported, one full collection, then ``gc.freeze()``.
 
-    The first request that needs a model imports torch and open_clip (~200,000 objects that live as
-    long as the server); frozen like what start-up left, full collections do not walk them either.
-    Modules imported by a request still running are frozen after the next one ends."""
+    torch and open_clip, imported once the app serves (``_lifespan``), leave ~200,000 objects that
+    live as long as the server; frozen like what start-up left, full collections do not walk them
+    either. Modules still being imported when a request ends are frozen after a later one."""
 
     def __init__(self, app: ASGIApp):
         self.app, self.modules = app, len(sys.modules)
@@ -137,10 +137,10 @@ class FreezeAfterImports:
 
 def serve_app() -> FastAPI:
     """The factory ``clipscope serve`` gives uvicorn: ``create_app()``, then ``gc.freeze()``, again
-    after the request that brings torch (:class:`FreezeAfterImports`).
+    once torch is in (:class:`FreezeAfterImports`).
 
-    Start-up leaves objects alive for good (the app and its libraries; with the first model, torch and
-    open_clip: ~280,000 in all), and every full collection of the garbage collector would walk them
+    Start-up leaves objects alive for good (the app and its libraries, then torch and open_clip:
+    ~280,000 in all), and every full collection of the garbage collector would walk them
     all: a ~120 ms pause of the whole server every few seconds under load, the feature list's p99.
     Frozen, they are left out of collections, which then walk only what requests allocate
     (docs/benchmarks.md, Serving).
