@@ -1,4 +1,4 @@
-"""The app's analyzer is built once: by the first request that needs a model, or in the background when an upload form is opened."""
+"""The app's analyzer is built once: in the background once the app serves, or by the first request that needs it."""
 
 import threading
 import time
