@@ -2,9 +2,10 @@
 page draws its top images and interval samples, the list 300), a label's badge, and the feature
 list's rows. A Jinja loop spent two macro calls and ~10 escapes on each thumbnail (the feature page
 1.64 -> 1.17 ms of server CPU, in-process), and ~1,400 generator steps and escapes on a list page
-of 50 rows (4.6 -> 3.6 ms). Templates call them as globals (``backend/app.py``); strips through the
-``thumbs`` macro (``frontend/templates/_macros.html``). What a value holds is escaped; numbers are
-formatted as the templates' ``format`` filter formats them."""
+of 50 rows (4.6 -> 3.6 ms). Templates call strips and badges as globals (``backend/app.py``), strips
+through the ``thumbs`` macro (``frontend/templates/_macros.html``); the list's rows are written by
+``services/list_rows.py``, from the database or from the pieces it keeps, with the same functions.
+What a value holds is escaped; numbers are formatted as the templates' ``format`` filter formats them."""
 
 from __future__ import annotations
 
@@ -34,13 +35,23 @@ def figures(examples: Iterable[dict[str, Any]], tokens: str | None = None, link:
     out, href = [], escape(link) if link else None
     for e in examples:
         veil = veil_data_uri(e["token_map"], tokens) if tokens and e["token_map"] else None
-        img = f'<img src="{_escaped(e["thumbnail"])}" alt="{_escaped(e["class_name"] or "image")} #{e["index"]}" loading="lazy">'
+        img = image_tag(e["thumbnail"], e["class_name"], e["index"])
         if veil:
             img += _VEIL.format(escape(veil))
         if href:
             img = f'<a class="to-image" href="{href}{e["image_id"]}" title="what else this image fires">{img}</a>'
-        out.append(f'<figure{_MAPPED if veil else ""}>{img}<figcaption>{"%.3g" % e["activation"]}</figcaption></figure>')
+        out.append(figure(img, e["activation"], mapped=bool(veil)))
     return Markup("\n".join(out))
+
+
+def image_tag(thumbnail: str, class_name: str | None, index: int) -> str:
+    """A thumbnail's ``<img>``, its alt text the image's class and index in its dataset."""
+    return f'<img src="{_escaped(thumbnail)}" alt="{_escaped(class_name or "image")} #{index}" loading="lazy">'
+
+
+def figure(img: str, activation: float, mapped: bool = False) -> str:
+    """One example's ``<figure>``: its image markup captioned with its activation."""
+    return f'<figure{_MAPPED if mapped else ""}>{img}<figcaption>{"%.3g" % activation}</figcaption></figure>'
 
 
 def label_badge(label: dict[str, Any] | None) -> Markup:
@@ -56,8 +67,9 @@ def percent(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else "%.*f %%" % (digits, 100 * x)
 
 
-def _facts(r: dict[str, Any], concept: str, matched_in: str) -> str:
-    """A list row's line of numbers and flags: frequency, maximum, and what the row has of the rest."""
+def facts(r: dict[str, Any]) -> str:
+    """A list row's line of numbers and flags, what only a precompute changes: frequency, maximum, and
+    what the row has of the rest (the list's rows kept per process hold it: ``services/list_rows.py``)."""
     out = [f"freq {percent(r['frequency'], 3)} · max {'%.3g' % r['max_activation']}"]
     if r["is_dead"]:
         out.append(' · <span class="flag">dead</span>')
@@ -69,6 +81,12 @@ def _facts(r: dict[str, Any], concept: str, matched_in: str) -> str:
         out.append(f' · auto: <span class="auto-name">{_escaped(r["auto_name"])}</span>')
     if r["coherence"] is not None:
         out.append(f" · coherence {'%.2f' % r['coherence']}")
+    return "".join(out)
+
+
+def ranked_facts(r: dict[str, Any], concept: str, matched_in: str) -> str:
+    """The end of a ranked list's row line: its ``concept_score`` or ``match_cosine``, if it has one."""
+    out = []
     if "concept_score" in r:
         out.append(f' · <span class="concept-score" title="how much more its top images match “{escape(concept)}” than the average image does">'
                    f"match {'%+.3f' % r['concept_score']}</span>")
@@ -82,15 +100,26 @@ def _facts(r: dict[str, Any], concept: str, matched_in: str) -> str:
 def feature_rows(rows: Iterable[dict[str, Any]], sae_key: str, concept: str = "", matched_in: str = "") -> Markup:
     """The feature list's ``<li>`` rows (``list_features``' rows): index, label, numbers, six thumbnails;
     ``concept`` and ``matched_in`` name what the rows' ``concept_score`` or ``match_cosine`` were measured against."""
-    href = f"/saes/{escape(sae_key)}/features/"
+    href = feature_href(sae_key)
     return Markup("\n".join(
-        f"""  <li class="feature-row">
-    <a class="idx" href="{href}{r['index']}">#{r['index']}</a>
+        feature_row(href, r["index"], label_badge(r["label"]), facts(r) + ranked_facts(r, concept, matched_in), figures(r["examples"]))
+        for r in rows))
+
+
+def feature_href(sae_key: str) -> str:
+    """The start of an SAE's feature pages' addresses, escaped: append an index."""
+    return f"/saes/{escape(sae_key)}/features/"
+
+
+def feature_row(href: str, index: int, label: str, line: str, strip: str) -> str:
+    """One ``<li>`` of the feature list: its index linked to its page, its label's badge, its line of numbers, its strip."""
+    return f"""  <li class="feature-row">
+    <a class="idx" href="{href}{index}">#{index}</a>
     <div class="meta">
-      <div class="label">{label_badge(r['label'])}</div>
-      <div class="small muted">{_facts(r, concept, matched_in)}</div>
+      <div class="label">{label}</div>
+      <div class="small muted">{line}</div>
     </div>
     <div class="thumbs small">
-  {figures(r['examples'])}
+  {strip}
   </div>
-  </li>""" for r in rows))
+  </li>"""

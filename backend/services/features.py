@@ -130,15 +130,18 @@ def ranking_of(concepts: "ConceptSearch", session: Session, sae: Sae, query: Fea
     return None
 
 
+STRIP = 6
+"""How many top images a row of the feature list shows."""
+
+
 def list_features(
-    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = 6, ranking: Ranking | None = None
+    session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, strip: int = STRIP, ranking: Ranking | None = None
 ) -> tuple[list[dict[str, Any]], int]:
     """One page of features (with their label and first ``strip`` top images) and the total matching;
     with a ``ranking``, ranked by it and each row carries its score (under ``ranking.field``)."""
-    order = orders.get(session, sae, query, ranking)
-    ids = [int(i) for i in order[(query.page - 1) * query.per_page : query.page * query.per_page]]
+    ids, total = page_of(session, sae, query, orders, ranking)
     if not ids:
-        return [], len(order)
+        return [], total
     rows = {r.idx: r for r in _rows(session, _FEATURE_ROWS, sae=sae.id, features=ids)}
     labels = labels_of(session, sae.id, ids)
     strips = top_examples(session, sae.id, ids, limit=strip)
@@ -146,7 +149,13 @@ def list_features(
     if ranking is not None:
         for row in out:
             row[ranking.field] = float(ranking.scores[row["index"]])
-    return out, len(order)
+    return out, total
+
+
+def page_of(session: Session, sae: Sae, query: FeatureQuery, orders: FeatureOrders, ranking: Ranking | None = None) -> tuple[list[int], int]:
+    """The indices of the features on ``query``'s page, and how many features match in all."""
+    order = orders.get(session, sae, query, ranking)
+    return [int(i) for i in order[(query.page - 1) * query.per_page : query.page * query.per_page]], len(order)
 
 
 def table_fields(ranking: Ranking | None = None) -> tuple[str, ...]:
