@@ -21,7 +21,7 @@ from backend import charts, errors
 from backend.assets import ImmutableFiles, static_url
 from backend.auth import SESSION_COOKIE, LoginGate, current_user
 from backend.deps import SaeRows
-from backend.figures import feature_rows, figures, label_badge
+from backend.figures import figures, label_badge
 from backend.security import CSRF_FIELD, CsrfMiddleware
 from backend.services.analysis_pool import AnalysisPool
 from backend.services.kept_uploads import KeptUploads
@@ -31,6 +31,7 @@ from backend.services.dataset_images import DatasetImages
 from backend.services.matches import Matches
 from backend.services.recently_used import RecentlyUsed
 from backend.services.feature_order import FeatureOrders
+from backend.services.list_rows import ListRows
 from backend.services.class_support import ClassesSupported
 from backend.services.lazy_analyzer import LazyAnalyzer
 from backend.services.concepts import ConceptSearch
@@ -49,10 +50,11 @@ SWAGGER_UI = "vendor/swagger-ui-5.35.0"
 async def _lifespan(app: FastAPI):
     """Once the app serves, torch and open_clip are imported in the background (``LazyAnalyzer.prepare``:
     the pages answer meanwhile, and the first co-firing table or upload finds them imported). At
-    shutdown the analysis worker ends and the loaded models go with it (a test process builds many
+    shutdown a build of the feature list's kept rows is waited for, the analysis worker ends and the loaded models go with it (a test process builds many
     apps: each one's CLIP would otherwise stay in memory until the process ends)."""
     app.state.analysis.analyzer.prepare()
     yield
+    app.state.list_rows.wait(timeout=30)
     app.state.analysis.close()
 
 
@@ -74,6 +76,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     app.state.settings = settings
     app.state.database_url = url
     app.state.feature_orders = FeatureOrders()
+    app.state.list_rows = ListRows(url)
     app.state.classes_supported = ClassesSupported()
     app.state.sae_rows = SaeRows()
     app.state.reads_in_event_loop = settings.resolved_reads_in_event_loop  # decided once, not per request
@@ -93,7 +96,7 @@ def create_app(settings: Settings | None = None, check_schema: bool = True) -> F
     templates = Jinja2Templates(env=env)
     templates.env.globals.update(
         version=clipscope.__version__, static=partial(static_url, FRONTEND / "static"), htmx=HTMX, swagger_ui=SWAGGER_UI, csrf_field=CSRF_FIELD, current_user=current_user, auth=settings.auth, line_chart=charts.line_chart, histogram=charts.histogram, scatter=charts.scatter, category_names=CATEGORY_NAMES,
-        veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri, figures=figures, feature_rows=feature_rows, label_badge=label_badge,
+        veil=veil_data_uri, occlusion_veil=occlusion_veil_data_uri, figures=figures, label_badge=label_badge,
     )
     app.state.templates = templates
     errors.install(app)

@@ -26,7 +26,7 @@ from backend.services.firing import rank_features
 from backend.services.image_sets import features_of_set
 from backend.services.collages import feature_collage
 from backend.services.prediction import MAX_CLASS_CHARS, MAX_CLASSES, BadQuestion, dataset_classes, question_for
-from backend.services.features import FeatureQuery, feature_detail, list_features, random_feature, ranking_of
+from backend.services.features import FeatureQuery, feature_detail, random_feature, ranking_of
 from backend.services.saes import (
     NotShared, by_set, comparison_columns, evaluation_table, frontier, list_saes, matchable, sae_summary,
     shared_features, training_curve,
@@ -131,10 +131,10 @@ async def features_page(request: Request, sae: str, orders: FeatureOrdersDep, qu
         except (ConceptsUnavailable, NotShared) as exc:  # the list without that ranking, and why
             asked, ranking = asked.model_copy(update={"concept": "", "matched_in": ""}), None
             errors.append(str(exc))
-        rows, total = list_features(session, sae, asked, orders, ranking=ranking)
+        rows, shown, total = request.app.state.list_rows.page(session, sae, asked, orders, ranking)
         pages = max(1, -(-total // query.per_page))
         params = query.model_dump(exclude_defaults=True, exclude={"page"})
-        return render(request, "features.html", sae=sae_summary(sae), rows=rows, total=total, query=query, pages=pages,
+        return render(request, "features.html", sae=sae_summary(sae), rows=rows, shown=shown, total=total, query=query, pages=pages,
                       params=params, categories=CATEGORIES, error=" ".join(errors), ranked_by=asked.concept, matched_in=asked.matched_in,
                       matchable=matchable(session, sae), csv_params=asked.model_dump(exclude_defaults=True, exclude={"page", "per_page"}))
 

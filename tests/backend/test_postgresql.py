@@ -116,3 +116,20 @@ def test_the_features_a_set_of_images_shares_are_the_same(engines):
         files.append(("files", (f"{seed}.png", buf.getvalue(), "image/png")))
     a, b = _both(engines, "post", f"/api/saes/{key}/analyze-set", files=files)
     assert a.status_code == 200 and a.json() == b.json() and a.json()["images"] == 3
+
+
+def test_the_feature_list_from_its_kept_rows_answers_the_same(engines):
+    from sqlalchemy import select
+
+    from clipscope.db.models import Sae
+    from clipscope.db.session import session_scope
+
+    lite, pg, key = engines
+    for client in (lite, pg):
+        client.get(f"/saes/{key}/features")  # starts the build (backend/services/list_rows.py)
+        client.app.state.list_rows.wait()
+        with session_scope(client.app.state.database_url) as s:
+            assert client.app.state.list_rows.find(s.scalars(select(Sae).where(Sae.key == key)).one()) is not None
+    for query in ("", "?sort=frequency&order=desc&per_page=500", "?labelled=yes&sort=label"):
+        a, b = _both(engines, "get", f"/saes/{key}/features{query}")
+        assert a.status_code == 200 and a.text == b.text, query
