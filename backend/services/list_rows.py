@@ -138,7 +138,7 @@ class ListRows:
                 # Read last: if the SAE is still at this version, no precompute committed before any of the reads above began.
                 current = session.scalar(select(Sae.updated_at).where(Sae.id == sae_id))
             if current == version:
-                self._kept.get(key, lambda: kept)
+                self._kept.put(key, kept)
         except Exception:
             logger.exception("the feature list's rows of SAE %s could not be kept; its list reads them from the database", sae_id)
             with self._lock:

@@ -26,11 +26,16 @@ class RecentlyUsed(Generic[V]):
                 self._items.move_to_end(key)
                 return self._items[key]
         value = make()
+        self.put(key, value)
+        return value
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Keep ``value`` for ``key`` as the most recently used (made elsewhere: in a background thread)."""
         with self._lock:
             self._items[key] = value
+            self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
-        return value
 
     def find(self, key: Hashable) -> V | None:
         """The value kept for ``key`` (now the most recently used), or None."""
