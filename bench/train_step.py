@@ -1,6 +1,10 @@
 """Training-step throughput: ClipScope's sparse TopK SAE step against a straightforward dense PyTorch
 implementation of the same maths (dense code and decoder, autograd everywhere, default Adam),
 measured alternately in the same process on the same data. Prints steps/s and the ratio.
+
+Measured in the same rounds: the encoder's dense product alone (``[batch, 768] x [768, d_sae]`` in
+fp32, what every exact step computes to find its top k), and the reference over it, the ratio that
+no step computing that product can exceed (``ceiling_for_an_exact_encoder_product``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from clipscope import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402
+from clipscope.sae.sparse_ops import _ENCODE_ROWS, on_cpu  # noqa: E402
 from worker.train.graphed import GraphedStep  # noqa: E402
 from worker.train.step import adam, train_step  # noqa: E402
 from worker.train.recipes import make_recipe  # noqa: E402
@@ -45,8 +50,21 @@ def build(kind: str, recipe_name: str, d: int, d_sae: int, k: int, device: str, 
     return sae, recipe, optimizer, tracker
 
 
+def encoder_product(sae: TopKSAE):
+    """``run(x, step)``: the encoder's dense product alone, taken as ClipScope's step takes it (on the
+    CPU by chunks of rows, each discarded while in cache)."""
+    @torch.no_grad()
+    def run(x: torch.Tensor, step: int) -> None:
+        chunked = on_cpu(x) and x.shape[0] > 2 * _ENCODE_ROWS
+        for rows in x.split(_ENCODE_ROWS) if chunked else (x,):
+            sae.pre_activations(rows)
+    return run
+
+
 def stepper(kind: str, parts, batch: int):
-    """``run(x, step)``: one training step of that side."""
+    """``run(x, step)``: one training step of that side, or for "product" the encoder's product alone."""
+    if kind == "product":
+        return encoder_product(parts[0])
     if kind == "graphed":
         graphed = GraphedStep(*parts, batch_size=batch)
         return lambda x, step: graphed(x, step, parts[1].base_lr)
@@ -91,13 +109,14 @@ def main() -> None:
     kinds = ("dense", "sparse", "graphed") if on_gpu else ("dense", "sparse")  # graphs need CUDA
     parts = {kind: build(kind, a.recipe, d, a.d_sae, a.k, a.device, a.dead_fraction) for kind in kinds}
     runs = {kind: stepper(kind, parts[kind], a.batch) for kind in kinds}
+    runs["product"] = stepper("product", parts["sparse"], a.batch)
     for run in runs.values():
         time_steps(run, xs[:2], 0, a.device)  # warm-up (a graph is captured at its second step)
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    times: dict[str, list[float]] = {kind: [] for kind in runs}
     for r in range(a.rounds):
         for kind, run in runs.items():
             times[kind].append(time_steps(run, xs, 2 + r * a.steps, a.device))
-    dense, sparse = statistics.median(times["dense"]), statistics.median(times["sparse"])
+    dense, sparse, product = (statistics.median(times[kind]) for kind in ("dense", "sparse", "product"))
     graphed = statistics.median(times["graphed"]) if on_gpu else None
     syncs = host_syncs(runs["sparse"], xs[:3], 2 + a.rounds * a.steps) if on_gpu else None
     print(json.dumps({
@@ -106,6 +125,8 @@ def main() -> None:
         "dense_reference_steps_per_s": 1 / dense,
         "clipscope_steps_per_s": 1 / sparse,
         "speedup": dense / sparse,
+        "encoder_product_ms": 1000 * product,
+        "ceiling_for_an_exact_encoder_product": dense / product,
         "seed_run_estimate_s": 17_760 * sparse,
         **({"clipscope_cuda_graph_steps_per_s": 1 / graphed, "cuda_graph_speedup": dense / graphed,
             "clipscope_host_syncs": syncs} if on_gpu else {}),
