@@ -25,7 +25,7 @@ from clipscope import gemm  # noqa: E402
 from clipscope.sae.dense_reference import DenseTopKSAE  # noqa: E402
 from clipscope.sae.metrics import FiringTracker  # noqa: E402
 from clipscope.sae.model import TopKSAE  # noqa: E402
-from clipscope.sae.sparse_ops import _ENCODE_ROWS, on_cpu  # noqa: E402
+from clipscope.sae.sparse_ops import encoder_chunks  # noqa: E402
 from worker.train.graphed import GraphedStep  # noqa: E402
 from worker.train.step import adam, train_step  # noqa: E402
 from worker.train.recipes import make_recipe  # noqa: E402
@@ -55,8 +55,7 @@ def encoder_product(sae: TopKSAE):
     CPU by chunks of rows, each discarded while in cache)."""
     @torch.no_grad()
     def run(x: torch.Tensor, step: int) -> None:
-        chunked = on_cpu(x) and x.shape[0] > 2 * _ENCODE_ROWS
-        for rows in x.split(_ENCODE_ROWS) if chunked else (x,):
+        for rows in encoder_chunks(x):
             sae.pre_activations(rows)
     return run
 

@@ -82,6 +82,11 @@ the whole ``[batch, d_sae]`` matrix never exists (800 MB at batch 4,096, where t
 of the encoder's time on 2 threads). On a GPU the batch is one product."""
 
 
+def encoder_chunks(xc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The row chunks the encoder takes its product and top-k over (see ``_ENCODE_ROWS``)."""
+    return xc.split(_ENCODE_ROWS) if on_cpu(xc) and xc.shape[0] > 2 * _ENCODE_ROWS else (xc,)
+
+
 def _encode(xc, weight, b_enc, k: int, aux_mask, aux_columns, k_aux: int) -> tuple[torch.Tensor, ...]:
     """``(values, indices, aux_values, aux_indices)`` before the ReLU; the aux pair is empty without a mask."""
     pre = gemm.linear(xc, weight, b_enc)
@@ -96,11 +101,8 @@ class _TopKEncode(torch.autograd.Function):
     def forward(ctx, x, weight, b_enc, b_dec, k: int, aux_mask, k_aux: int, sink):
         xc = x - b_dec
         aux_columns = _aux_columns(aux_mask, k_aux) if aux_mask is not None and k_aux > 0 else None
-        if on_cpu(xc) and xc.shape[0] > 2 * _ENCODE_ROWS:
-            chunks = (_encode(rows, weight, b_enc, k, aux_mask, aux_columns, k_aux) for rows in xc.split(_ENCODE_ROWS))
-            values, indices, aux_values, aux_indices = (torch.cat(p) for p in zip(*chunks))
-        else:
-            values, indices, aux_values, aux_indices = _encode(xc, weight, b_enc, k, aux_mask, aux_columns, k_aux)
+        chunks = [_encode(rows, weight, b_enc, k, aux_mask, aux_columns, k_aux) for rows in encoder_chunks(xc)]
+        values, indices, aux_values, aux_indices = chunks[0] if len(chunks) == 1 else (torch.cat(p) for p in zip(*chunks))
         values = values.clamp_min(0)
         if aux_values.shape[1]:
             aux_values = torch.where(torch.isfinite(aux_values), aux_values.clamp_min(0), torch.zeros_like(aux_values))
