@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from clipscope import gemm
-from clipscope.sae.sparse_ops import sparse_decode, topk_encode
+from clipscope.sae.sparse_ops import csr_product_into, sparse_decode, topk_encode
 
 
 @dataclass
@@ -130,12 +130,12 @@ class TopKSAE(nn.Module):
         """
         param = getattr(self, name)
         if param.grad is not None:
-            param.grad.addmm_(by_sample, dense)
+            csr_product_into(param.grad, by_sample, dense, accumulate=True)
             return
         buffer = self._grad_buffers.get(name)
         if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype or buffer.device != param.device:
             buffer = torch.zeros_like(param)  # zeros, not empty: beta=0 must never meet a NaN of fresh memory
-        param.grad = buffer.addmm_(by_sample, dense, beta=0)
+        param.grad = csr_product_into(buffer, by_sample, dense)
 
     def zero_grad_(self) -> None:
         """``optimizer.zero_grad(set_to_none=True)``, keeping the dense gradients of ``encoder_weight``

@@ -40,6 +40,24 @@ def paths(request, monkeypatch):
     yield request.param, ran
 
 
+def _bagged_products(monkeypatch, samples: int, latents: int) -> list[int]:
+    """Makes :func:`sparse_ops.csr_product_into` take its embedding_bag path from ``samples`` samples on,
+    ``latents`` rows a block; returns the list its blocks are recorded in (their numbers of rows).
+    Told apart from the decode's bags by their table: the product's is the dense operand, not a
+    ``[D_SAE, D_IN]`` dictionary."""
+    monkeypatch.setattr(sparse_ops, "_BAG_PRODUCT_SAMPLES", samples)
+    monkeypatch.setattr(sparse_ops, "_BAG_PRODUCT_BYTES", latents * D_IN * 4)
+    blocks, real = [], torch.nn.functional.embedding_bag
+
+    def recorded(indices, weight, *args, offsets=None, **kwargs):
+        if weight.shape[0] != D_SAE:
+            blocks.append(len(offsets))
+        return real(indices, weight, *args, offsets=offsets, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", recorded)
+    return blocks
+
+
 def _tracker(dead_every: int):
     tracker = FiringTracker(D_SAE, dead_after=1)
     tracker.since_fired.zero_()
@@ -51,12 +69,14 @@ def _tracker(dead_every: int):
 def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk_rows, paths, monkeypatch):
     """``auxk_k`` 200 asks for more latents than are dead (128): the slots past them hold nothing.
     ``chunk_rows`` 5: the CPU encoder takes the batch of 32 five rows at a time (the last chunk two),
-    and the CPU decode sums it in passes over 50 latents (the last one short); a GPU takes it whole."""
+    the CPU decode sums it in passes over 50 latents (the last one short), and the weight gradients
+    are summed by embedding_bag 50 latents at a time; a GPU takes it whole."""
     kind, ran = paths
     if chunk_rows:
         monkeypatch.setattr(sparse_ops, "_ENCODE_ROWS", chunk_rows)
         monkeypatch.setattr(sparse_ops, "_DECODE_BLOCKED_ROWS", 8)
         monkeypatch.setattr(sparse_ops, "_DECODE_LATENTS", 50)
+        bags = _bagged_products(monkeypatch, samples=8, latents=50)
         calls, blocked = [], []
         monkeypatch.setattr(sparse_ops, "_encode", lambda xc, *a, real=sparse_ops._encode: calls.append(len(xc)) or real(xc, *a))  # noqa: E731
         monkeypatch.setattr(sparse_ops, "_decode_by_blocks", lambda i, *a, real=sparse_ops._decode_by_blocks: blocked.append(len(i)) or real(i, *a))  # noqa: E731
@@ -86,6 +106,8 @@ def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk
         assert calls == ([5] * 6 + [2] if kind == "cpu" else [32]), "the CPU encoder runs in chunks, a GPU's whole"
         # the TopK code, and with topk AuxK's and the encoder's rows for b_dec's gradient
         assert blocked == ([32, 32, 32] if recipe == "topk" and kind == "cpu" else [32] if kind == "cpu" else [])
+        products = 2 if recipe == "topk" else 1  # the encoder's and the decoder's weight gradients; seed's decoder is frozen
+        assert bags == (([50] * 7 + [34]) * products if kind == "cpu" else []), "on the CPU, blocks of 50 latents (the last one short)"
     assert set(ran) == {"_decode_sddmm" if kind == "cpu" else "_decode_embedding_bag"}
 
 
@@ -120,7 +142,10 @@ def test_training_steps_stay_equal_to_the_dense_reference(recipe, paths):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_the_kept_gradient_buffer_is_overwritten_not_added_to():
+@pytest.mark.parametrize("bagged", [False, True])
+def test_the_kept_gradient_buffer_is_overwritten_not_added_to(bagged, monkeypatch):
+    """Through MKL's CSR product and through embedding_bag in blocks (its path for many samples)."""
+    bags = _bagged_products(monkeypatch, samples=8, latents=100) if bagged else []
     sparse, dense = pair(use_b_dec=True)
     x1, x2 = torch.randn(2, 16, D_IN, generator=torch.Generator().manual_seed(6))
     sparse.decode(sparse.encode(x1)).pow(2).sum().backward()
@@ -134,6 +159,26 @@ def test_the_kept_gradient_buffer_is_overwritten_not_added_to():
         torch.testing.assert_close(getattr(sparse, name).grad, getattr(dense, name).grad, rtol=1e-4, atol=1e-6, msg=name)
     sparse.decode(sparse.encode(x2)).pow(2).sum().backward()  # without zero_grad_: accumulates, as autograd does
     torch.testing.assert_close(sparse.W_dec.grad, 2 * dense.W_dec.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sparse.encoder_weight.grad, 2 * dense.encoder_weight.grad, rtol=1e-4, atol=1e-6)
+    assert len(bags) == (3 * 2 * 4 if bagged else 0), "three backward passes, two products, four blocks of latents"
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("bagged", [False, True])
+def test_the_csr_product_is_written_into_its_output(bagged, accumulate, monkeypatch):
+    """``csr_product_into`` on both CPU paths: rows with no entry, a block of 7 rows with none (rows 7-13),
+    the last block short; without ``accumulate`` the output's old values (NaN here) count for nothing."""
+    bags = _bagged_products(monkeypatch, samples=20, latents=7) if bagged else []
+    g = torch.Generator().manual_seed(7)
+    by_sample = torch.randn(D_SAE, 20, generator=g) * (torch.rand(D_SAE, 20, generator=g) < 0.2)
+    by_sample[5:16] = 0
+    dense = torch.randn(20, D_IN, generator=g)
+    old = torch.randn(D_SAE, D_IN, generator=g)
+    out = old.clone() if accumulate else torch.full((D_SAE, D_IN), float("nan"))
+    got = sparse_ops.csr_product_into(out, by_sample.to_sparse_csr(), dense, accumulate=accumulate)
+    assert got is out
+    torch.testing.assert_close(out, by_sample @ dense + (old if accumulate else 0), rtol=1e-5, atol=1e-5)
+    assert bags == ([7] * 54 + [6] if bagged else [])
 
 
 @pytest.mark.parametrize("latents", [7, 50, 383])
