@@ -255,7 +255,7 @@ _BAG_PRODUCT_SAMPLES = 2048
 """On the CPU, from this many samples (rows of the dense operand) on, :func:`csr_product_into` sums
 by ``embedding_bag`` instead of MKL's CSR product, whose time grows faster than its work: at
 ``[49152, n] x [n, 768]`` with 500 entries a sample (2 threads, AMD EPYC with AVX2), 0.14-0.25 s
-against 0.43-1.36 s at 4,096 samples and 0.45-0.54 s against 1.3-2.2 s at 8,192 (the topk recipe's
+against 0.43-1.36 s at 4,096 samples and 0.45-0.54 s against 1.3-2.9 s at 8,192 (the topk recipe's
 stacked AuxK samples), about equal at 1,024, and MKL's faster below (0.01 against 0.02-0.03 s at 64)."""
 _BAG_PRODUCT_BYTES = 24 << 20
 """Rows of the product :func:`csr_product_into` sums per ``embedding_bag`` call, in bytes of its
@@ -281,7 +281,10 @@ def csr_product_into(out: torch.Tensor, by_sample: torch.Tensor, dense: torch.Te
     for r0, begin, end in zip(starts, bounds, bounds[1:]):
         r1 = min(r0 + block, rows)
         part = F.embedding_bag(cols[begin:end], dense, offsets=crow[r0:r1] - begin, per_sample_weights=values[begin:end], mode="sum")
-        out[r0:r1].add_(part) if accumulate else out[r0:r1].copy_(part)
+        if accumulate:
+            out[r0:r1].add_(part)
+        else:
+            out[r0:r1].copy_(part)
     return out
 
 
