@@ -124,9 +124,9 @@ class TopKSAE(nn.Module):
         """``param.grad += by_sample @ dense`` for ``encoder_weight`` or ``W_dec`` (``by_sample`` sparse CSR).
 
         When the gradient is unset (after :meth:`zero_grad_`) the product is written straight into
-        the buffer kept from the last step (``beta=0``: every row written once, old values never
-        read), so a step neither allocates a ``[d_sae, d_in]`` tensor (150 MB at the study's shape)
-        nor spends a pass zeroing one.
+        the buffer kept from the last step (:func:`csr_product_into` without ``accumulate``: every row
+        written once, old values never read), so a step neither allocates a ``[d_sae, d_in]`` tensor
+        (150 MB at the study's shape) nor spends a pass zeroing one.
         """
         param = getattr(self, name)
         if param.grad is not None:
@@ -134,7 +134,7 @@ class TopKSAE(nn.Module):
             return
         buffer = self._grad_buffers.get(name)
         if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype or buffer.device != param.device:
-            buffer = torch.zeros_like(param)  # zeros, not empty: beta=0 must never meet a NaN of fresh memory
+            buffer = torch.zeros_like(param)  # zeros, not empty: a gradient never starts from fresh memory's NaN
         param.grad = csr_product_into(buffer, by_sample, dense)
 
     def zero_grad_(self) -> None:
