@@ -194,6 +194,75 @@ def test_the_decode_by_latent_blocks_gives_embedding_bags_sums(latents, monkeypa
     torch.testing.assert_close(sparse_ops._decode_by_blocks(indices, values, W), expected, rtol=1e-5, atol=1e-5)
 
 
+def _plain_layout(codes: list[torch.Tensor], d_sae: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The by-latent layout by its definition: every slot as (latent, stacked sample, flattened slot), sorted."""
+    triples, offset, slot = [], 0, 0
+    for code in codes:
+        for sample, row in enumerate(code.tolist()):
+            for latent in row:
+                triples.append((latent, offset + sample, slot))
+                slot += 1
+        offset += code.shape[0]
+    triples.sort()
+    counts = torch.zeros(d_sae + 1, dtype=torch.long)
+    for latent, _, _ in triples:
+        counts[latent + 1] += 1
+    return counts.cumsum(0), torch.tensor([t[1] for t in triples]), torch.tensor([t[2] for t in triples])
+
+
+def _codes(batch: int, widths: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.stack([torch.randperm(D_SAE, generator=g)[:w] for _ in range(batch)]) for w in widths]
+
+
+@pytest.mark.parametrize("kind", ["cpu", "accelerator"])
+@pytest.mark.parametrize("widths", [(K,), (K, 5), (K, 0)])
+@pytest.mark.parametrize("batch", [8, 3000])
+def test_the_by_latent_layout_lists_each_latents_samples_in_order(batch, widths, kind, monkeypatch):
+    """One code, a TopK code stacked with a narrower AuxK code, and with an empty one; 3,000 samples
+    (36,000 slots) take torch's radix sort, 8 its comparison sort; row pointers by counting (the
+    CPU) and by binary search (a GPU)."""
+    if kind == "accelerator":
+        monkeypatch.setattr(sparse_ops, "on_cpu", lambda t: False)
+    codes = _codes(batch, widths, seed=batch + sum(widths))
+    for got, expected, name in zip(sparse_ops._latent_layout(codes, D_SAE), _plain_layout(codes, D_SAE), ("crow", "cols", "order")):
+        assert got.dtype == torch.long, name
+        assert torch.equal(got, expected), name
+
+
+def test_two_backward_passes_over_the_same_codes_share_one_layout(monkeypatch):
+    """The second request for the same index tensors takes the kept layout; a third, other tensors
+    of the same values, or the same tensors changed in place get one built anew."""
+    built = []
+    monkeypatch.setattr(sparse_ops, "_latent_layout", lambda *a, real=sparse_ops._latent_layout: built.append(1) or real(*a))
+    codes = _codes(6, (K, 5), seed=9)
+    first = sparse_ops._shared_layout(codes, D_SAE)
+    assert sparse_ops._shared_layout(codes, D_SAE) is first and len(built) == 1
+    sparse_ops._shared_layout(codes, D_SAE)
+    assert len(built) == 2, "a layout is taken once"
+    sparse_ops._shared_layout([c.clone() for c in codes], D_SAE)
+    assert len(built) == 3, "tensors are matched by identity, not by value"
+    sparse_ops._shared_layout(codes, D_SAE)  # kept for these very tensors
+    codes[0][0, 0] = next(latent for latent in range(D_SAE) if latent not in codes[0][0].tolist())
+    layout = sparse_ops._shared_layout(codes, D_SAE)
+    assert len(built) == 5, "a tensor changed in place gets a new layout"
+    for got, expected in zip(layout, _plain_layout(codes, D_SAE)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("recipe", ["seed", "topk"])
+def test_a_training_step_sorts_its_slots_by_latent_once(recipe, paths, monkeypatch):
+    """The decoder's backward pass and the encoder's share the layout of the same codes (with AuxK's in
+    the topk recipe); off the CPU seed's frozen decoder needs none, and the encoder builds it."""
+    built = []
+    monkeypatch.setattr(sparse_ops, "_latent_layout", lambda *a, real=sparse_ops._latent_layout: built.append(len(a[0])) or real(*a))
+    sparse, _ = pair(use_b_dec=recipe == "topk")
+    r = make_recipe(TrainConfig(recipe=recipe, auxk_k=20), 50, D_IN, D_SAE)
+    r.prepare(sparse)
+    train_step(sparse, r, torch.optim.Adam(r.parameters(sparse), lr=1e-3), _tracker(3), torch.randn(16, D_IN), 0, 1e-3)
+    assert built == [2 if recipe == "topk" else 1]
+
+
 @pytest.mark.parametrize(("batch", "width", "k"), [(16, 4096, 50), (3, 800, 100), (5, 1000, 7), (4, 96, 10)])
 def test_topk_unsorted_gives_torch_topk_values_with_ties_and_infinities(batch, width, k):
     g = torch.Generator().manual_seed(width)
