@@ -131,7 +131,7 @@ class _TopKEncode(torch.autograd.Function):
             # number on the host (a GPU stall); in the stacked layout no pair repeats.
             crow, cols, order = _shared_layout(codes, weight.shape[0])
             rows = xc if len(codes) == 1 else xc.repeat(2, 1)
-            by_sample = _csr(crow, cols, torch.cat([c.reshape(-1) for c in grads]).index_select(0, order), weight.shape[0], rows.shape[0])
+            by_sample = _by_latent(crow, cols, order, grads, weight.shape[0], rows.shape[0])
             if ctx.sink is not None:  # accumulate into the kept buffer; autograd gets None for the weight
                 ctx.sink.accumulate_grad("encoder_weight", by_sample, rows)
             else:
@@ -166,7 +166,7 @@ class _DecoderWeightGrad(torch.autograd.Function):
         codes = ctx.saved_tensors
         crow, cols, order = _shared_layout(codes[::2], ctx.d_sae)
         g_out = torch.cat(g_outs)
-        by_sample = _csr(crow, cols, torch.cat([v.reshape(-1) for v in codes[1::2]]).index_select(0, order), ctx.d_sae, g_out.shape[0])
+        by_sample = _by_latent(crow, cols, order, codes[1::2], ctx.d_sae, g_out.shape[0])
         return (_write_decoder_grad(ctx.sink, by_sample, g_out), *(None,) * (1 + len(codes)))
 
 
@@ -241,7 +241,7 @@ class _SparseDecodeCPU(torch.autograd.Function):
                 grads[3 + 2 * i] = flat[start : start + v.numel()].view_as(v)
                 start += v.numel()
         if ctx.needs_input_grad[0]:
-            by_sample = _csr(crow, cols, torch.cat([v.reshape(-1) for v in values]).index_select(0, order), d_sae, g_out.shape[0])
+            by_sample = _by_latent(crow, cols, order, values, d_sae, g_out.shape[0])
             grads[0] = _write_decoder_grad(ctx.sink, by_sample, g_out)
         return tuple(grads)
 
@@ -394,6 +394,14 @@ def _crow(sorted_latents: torch.Tensor, d_sae: int) -> torch.Tensor:
     crow = torch.zeros(d_sae + 1, dtype=torch.long)
     crow[1:] = torch.bincount(sorted_latents, minlength=d_sae).cumsum(0)
     return crow
+
+
+def _by_latent(
+    crow: torch.Tensor, cols: torch.Tensor, order: torch.Tensor, per_slot: list[torch.Tensor], d_sae: int, n_samples: int
+) -> torch.Tensor:
+    """The CSR ``[d_sae, n_samples]`` of a layout whose values are ``per_slot`` (one tensor per code, shaped as
+    its indices), taken in the layout's order."""
+    return _csr(crow, cols, torch.cat([t.reshape(-1) for t in per_slot]).index_select(0, order), d_sae, n_samples)
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, d_sae: int, n_samples: int) -> torch.Tensor:
