@@ -136,9 +136,16 @@ class _TopKEncode(torch.autograd.Function):
                 ctx.sink.accumulate_grad("encoder_weight", by_sample, rows)
             else:
                 grad_w = csr_product_into(torch.zeros_like(weight), by_sample, rows)
-        if need_benc:
-            grad_benc = torch.zeros(weight.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
-        if need_x or need_bdec:
+        # b_dec's gradient is minus the input's summed over samples; without the input's, and with
+        # more slots than latents, it is minus one product of each latent's summed gradient (b_enc's)
+        # with the weight, which reads each row once where the decode reads one per slot (batch
+        # 4,096, k = 500: 23 against 230-560 ms on 2 threads; at batch 64 the decode's 11 ms win).
+        bdec_by_latent = need_bdec and not need_x and flat_idx.numel() >= weight.shape[0]
+        if need_benc or bdec_by_latent:
+            per_latent = torch.zeros(weight.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
+            grad_benc = per_latent if need_benc else None
+            grad_bdec = -(per_latent @ weight) if bdec_by_latent else None
+        if need_x or (need_bdec and not bdec_by_latent):
             grad_xc = _bag_decode(idx, g, weight)  # the encoder's rows, read as a decoder's
             grad_x = grad_xc if need_x else None
             grad_bdec = -grad_xc.sum(0) if need_bdec else None

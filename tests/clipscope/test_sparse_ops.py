@@ -104,11 +104,30 @@ def test_loss_and_every_gradient_equal_the_dense_reference(recipe, auxk_k, chunk
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     if chunk_rows:
         assert calls == ([5] * 6 + [2] if kind == "cpu" else [32]), "the CPU encoder runs in chunks, a GPU's whole"
-        # the TopK code, and with topk AuxK's and the encoder's rows for b_dec's gradient
-        assert blocked == ([32, 32, 32] if recipe == "topk" and kind == "cpu" else [32] if kind == "cpu" else [])
+        # the TopK code, and with topk AuxK's (b_dec's gradient through the encoder is no decode here: more slots than latents)
+        assert blocked == ([32, 32] if recipe == "topk" and kind == "cpu" else [32] if kind == "cpu" else [])
         products = 2 if recipe == "topk" else 1  # the encoder's and the decoder's weight gradients; seed's decoder is frozen
         assert bags == (([50] * 7 + [34]) * products if kind == "cpu" else []), "on the CPU, blocks of 50 latents (the last one short)"
     assert set(ran) == {"_decode_sddmm" if kind == "cpu" else "_decode_embedding_bag"}
+
+
+@pytest.mark.parametrize("batch", [8, 64])
+def test_b_dec_gradient_through_the_encoder_equals_the_dense_reference(batch, paths, monkeypatch):
+    """b_dec's gradient from the encoder's input: a decode of the encoder's rows summed over samples
+    while the slots (8 x 12) are fewer than the latents (384), one product of b_enc's gradient with
+    the encoder weight when they are more (64 x 12)."""
+    decoded = []
+    monkeypatch.setattr(sparse_ops, "_bag_decode", lambda i, v, w, real=sparse_ops._bag_decode: decoded.append(w.data_ptr()) or real(i, v, w))
+    sparse, dense = pair(use_b_dec=True)
+    x = torch.randn(batch, D_IN, generator=torch.Generator().manual_seed(7)) * 2 + 0.5
+    for sae in (sparse, dense):
+        (sae.decode(sae.encode(x)) - x).pow(2).sum().backward()
+    for name in ("b_dec", "b_enc"):
+        assert getattr(dense, name).grad.abs().sum() > 0, name
+        torch.testing.assert_close(getattr(sparse, name).grad, getattr(dense, name).grad, rtol=1e-4, atol=1e-5, msg=name)
+    by_encoder = decoded.count(sparse.encoder_weight.data_ptr())
+    assert by_encoder == (1 if batch * K < D_SAE else 0)
+    assert decoded.count(sparse.W_dec.data_ptr()) == (1 if paths[0] == "cpu" else 0), "the CPU's forward decode"
 
 
 def test_input_gradient_equals_the_dense_reference():
