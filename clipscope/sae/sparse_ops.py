@@ -144,8 +144,9 @@ class _TopKEncode(torch.autograd.Function):
         if need_benc or bdec_by_latent:
             per_latent = torch.zeros(weight.shape[0], dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g.reshape(-1))
             grad_benc = per_latent if need_benc else None
-            grad_bdec = -(per_latent @ weight) if bdec_by_latent else None
-        if need_x or (need_bdec and not bdec_by_latent):
+        if bdec_by_latent:
+            grad_bdec = -(per_latent @ weight)
+        elif need_x or need_bdec:
             grad_xc = _bag_decode(idx, g, weight)  # the encoder's rows, read as a decoder's
             grad_x = grad_xc if need_x else None
             grad_bdec = -grad_xc.sum(0) if need_bdec else None
